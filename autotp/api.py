@@ -1,0 +1,37 @@
+"""The public functions of shared/DESIGN.md. Thin: they make the group and the plan and
+hand both to autotp.sharding."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from autotp.comm import TPGroup, init_distributed
+from autotp.plan import Plan, Style
+from autotp.policies import build_plan
+from autotp.sharding.apply import apply_plan, check_not_sharded
+
+
+def plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style] | None = None,
+         strict: bool = True) -> Plan:
+    """The tensor-parallel plan of ``model`` for ``world_size`` ranks, without any process group.
+
+    ``overrides`` maps module-name patterns (``*`` for any layer index) to a style
+    ('column', 'row', 'replicate' or Hugging Face's 'colwise' / 'rowwise'); with
+    ``strict=False`` a Linear inside a decoder layer that cannot stay sharded is replicated
+    instead of raising.
+    """
+    check_not_sharded(model)
+    return build_plan(model, world_size, overrides, strict)
+
+
+def shard(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style] | None = None,
+          strict: bool = True, process_group: Any = None) -> nn.Module:
+    """Shard ``model`` in place for ``world_size`` ranks and return it; this process's rank
+    comes from torch.distributed. Every rank's forward returns the full logits."""
+    check_not_sharded(model)
+    group = TPGroup.from_torch(world_size, process_group)
+    return apply_plan(model, build_plan(model, world_size, overrides, strict), group)
+
+
+__all__ = ["init_distributed", "plan", "shard", "Plan", "Style"]

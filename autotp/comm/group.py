@@ -1,0 +1,71 @@
+"""The tensor-parallel group: rank, size and the collectives the parallel layers need.
+
+One TPGroup is made at the entry point (``autotp.shard``) and handed to every parallel
+layer; nothing below reads environment variables or global state.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> None:
+    """Bring up torch.distributed from torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT); gloo on CPU. A no-op when a process group already exists."""
+    if dist.is_initialized():
+        return
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"autotp.init_distributed: environment variables {missing} are not set; start the "
+            "script with torchrun (or autotp-run), or call torch.distributed.init_process_group yourself")
+    dist.init_process_group(backend=backend or "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+@dataclass
+class TPGroup:
+    """Rank and size of one tensor-parallel group, and its collectives."""
+
+    tp_rank: int
+    tp_size: int
+    process_group: Any = None
+
+    @classmethod
+    def from_torch(cls, world_size: int, process_group: Any = None) -> "TPGroup":
+        """The group of the running process, checked against the world size the caller expects."""
+        if world_size == 1 and not dist.is_initialized():
+            return cls(0, 1, None)
+        if not dist.is_initialized():
+            raise RuntimeError(
+                f"autotp.shard(world_size={world_size}) needs a torch.distributed process group; "
+                "call autotp.init_distributed() first (under torchrun or autotp-run)")
+        size = dist.get_world_size(process_group)
+        if size != world_size:
+            raise ValueError(
+                f"autotp.shard was asked for world_size={world_size} but the process group has "
+                f"{size} ranks; pass world_size={size} or launch {world_size} processes")
+        return cls(dist.get_rank(process_group), size, process_group)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the group in place and return it."""
+        if self.tp_size == 1:
+            return tensor
+        dist.all_reduce(tensor, group=self.process_group)
+        return tensor
+
+    def all_gather_last_dim(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Concatenate each rank's ``tensor`` along the last dim; rank r holds ``sizes[r]``
+        columns (uneven sizes are padded for the collective and trimmed after)."""
+        if self.tp_size == 1:
+            return tensor
+        width = max(sizes)
+        pad = width - tensor.shape[-1]
+        send = torch.nn.functional.pad(tensor, (0, pad)) if pad else tensor.contiguous()
+        parts = [torch.empty_like(send) for _ in range(self.tp_size)]
+        dist.all_gather(parts, send, group=self.process_group)
+        return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)

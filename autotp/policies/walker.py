@@ -1,0 +1,148 @@
+"""The graph walker: classifies every Linear from the data flow of one real forward.
+
+The model runs once on a tiny input under a TorchFunctionMode that labels each tensor either
+replicated (no label) or column-sharded (a label naming the column-parallel layers it came
+from). A Linear reading a replicated tensor is column-parallel and its output is sharded; a
+Linear reading a sharded tensor is row-parallel, its output is summed by an all-reduce and is
+replicated again. Any other op passes the labels of its inputs on to its outputs. Shapes seen
+along the way tell how a column layer's output is cut into heads (a view [.., D] -> [.., n, D/n]).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from autotp.plan import Style
+
+_LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
+
+
+@dataclass
+class Trace:
+    """What one forward showed about each Linear."""
+
+    styles: dict[str, Style] = field(default_factory=dict)
+    row_sources: dict[str, set[str]] = field(default_factory=dict)  # row layer -> columns feeding it
+    heads: dict[str, int] = field(default_factory=dict)             # column layer -> heads in its output
+    escaped: dict[str, str] = field(default_factory=dict)           # column layer -> why it cannot stay sharded
+    conflicts: dict[str, str] = field(default_factory=dict)         # Linear -> why it has no single style
+
+
+class _Labeler(TorchFunctionMode):
+    def __init__(self, linears: dict[int, str], out_features: dict[str, int],
+                 forced: dict[str, Style], vocab_head: str | None, trace: Trace) -> None:
+        super().__init__()
+        self.linears, self.out_features, self.forced = linears, out_features, forced
+        self.vocab_head, self.trace = vocab_head, trace
+        self.labels: dict[int, frozenset[str]] = {}
+        self.alive: list[torch.Tensor] = []  # keeps labelled tensors alive so ids stay unique
+
+    def label(self, t: Any) -> frozenset[str] | None:
+        return self.labels.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def set_label(self, t: torch.Tensor, sources: frozenset[str]) -> None:
+        self.labels[id(t)] = self.labels.get(id(t), frozenset()) | sources
+        self.alive.append(t)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        if func in _LINEAR_FUNCS and id(weight) in self.linears:
+            x = args[0] if args else kwargs["input"]
+            self._linear(self.linears[id(weight)], self.label(x), out)
+        elif func is torch.Tensor.__setitem__:
+            src = self.label(args[2]) if len(args) > 2 else None
+            if src:
+                self.set_label(args[0], src)
+        else:
+            self._propagate(args, kwargs, out)
+        return out
+
+    def _linear(self, name: str, sources: frozenset[str] | None, out: torch.Tensor) -> None:
+        style = self.forced.get(name)
+        if name == self.vocab_head:
+            style = Style.VOCAB
+        if style in (Style.REPLICATE, Style.VOCAB):
+            if sources:
+                for s in sources:
+                    self.trace.escaped.setdefault(s, f"its sharded output is read by '{name}', which is {style.value}")
+            self.trace.styles.setdefault(name, style)
+            return
+        if style is None:
+            style = Style.ROW if sources else Style.COLUMN
+        seen = self.trace.styles.setdefault(name, style)
+        if seen != style:
+            self.trace.conflicts[name] = f"it is called both as {seen.value} and as {style.value}"
+        if style == Style.COLUMN:
+            self.set_label(out, frozenset({name}))
+        else:
+            self.trace.row_sources.setdefault(name, set()).update(sources or ())
+
+    def _propagate(self, args: tuple, kwargs: dict, out: Any) -> None:
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        sharded = [t for t in inputs if id(t) in self.labels]
+        if not sharded:
+            return
+        sources = frozenset().union(*(self.labels[id(t)] for t in sharded))
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        for t in outputs:
+            self.set_label(t, sources)
+        if len(sharded) == 1:
+            for t in outputs:
+                self._note_heads(sharded[0], t)
+
+    def _note_heads(self, src: torch.Tensor, out: torch.Tensor) -> None:
+        """[.., D] viewed as [.., n, ...] with the trailing dims multiplying to D: n heads."""
+        d, nd = src.shape[-1] if src.dim() else 0, src.dim()
+        if out.dim() <= nd or tuple(out.shape[: nd - 1]) != tuple(src.shape[:-1]):
+            return
+        if math.prod(out.shape[nd - 1:]) != d:
+            return
+        for name in self.labels[id(src)]:
+            if self.out_features.get(name) == d and name not in self.trace.heads:
+                self.trace.heads[name] = int(out.shape[nd - 1])
+
+
+def sample_inputs(model: nn.Module, seq_len: int = 6) -> dict[str, torch.Tensor]:
+    """A tiny, fixed batch for the trace: batch 1, ``seq_len`` tokens inside the vocabulary."""
+    vocab = int(getattr(model.config, "vocab_size", 32) or 32)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, max(1, min(vocab, 1000)), (1, seq_len), generator=gen)
+    device = next(model.parameters()).device
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def walk(model: nn.Module, forced: dict[str, Style], vocab_head: str | None) -> Trace:
+    """Run one forward and classify every Linear that it calls."""
+    linears = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    out_features = {name: m.out_features for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    trace = Trace()
+    labeler = _Labeler(linears, out_features, forced, vocab_head, trace)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), labeler:
+            result = model(**sample_inputs(model), use_cache=False)
+    finally:
+        model.train(was_training)
+    for t in _leaves(result):
+        for name in labeler.label(t) or ():
+            trace.escaped.setdefault(name, "its sharded output reaches the model's output")
+    fed = set().union(*trace.row_sources.values()) if trace.row_sources else set()
+    for name, style in trace.styles.items():
+        if style == Style.COLUMN and name not in fed and name not in forced:
+            trace.escaped.setdefault(name, "its sharded output is never read by a row-parallel layer")
+    return trace
+
+
+def _leaves(result: Any) -> Iterator[torch.Tensor]:
+    values = result.values() if hasattr(result, "values") else result
+    return (t for t in tree_leaves(list(values)) if isinstance(t, torch.Tensor))

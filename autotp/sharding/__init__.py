@@ -1,0 +1,1 @@
+"""Shard math, the parallel layers, and applying a plan to a model."""

@@ -1,0 +1,116 @@
+"""The parallel layers. Each owns its shard of the weight and its collective.
+
+With Y = X A^T + b and A of shape [out, in]:
+  ColumnParallelLinear keeps rows of A (a slice of the outputs): Y_r = X A_r^T + b_r, no
+    communication; the output stays sharded for the row-parallel layer that reads it.
+  RowParallelLinear keeps columns of A (a slice of the inputs): Y = sum_r X_r A_r^T, one
+    all-reduce, then + b once (after the sum, so the bias is not counted tp_size times).
+  Vocab-parallel embedding / lm_head keep rows of the vocabulary; the embedding all-reduces
+    (each token's row lives on one rank), the lm_head all-gathers full logits.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autotp.comm import TPGroup
+from autotp.plan import Ranges
+
+
+def take(tensor: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
+    """Concatenate the [start, stop) blocks of ``tensor`` along ``dim`` into a new tensor."""
+    parts = [tensor.narrow(dim, start, stop - start) for start, stop in ranges]
+    return torch.cat(parts, dim=dim).contiguous() if len(parts) != 1 else parts[0].clone().contiguous()
+
+
+class ParallelLayer:
+    """Marker base of every module autotp creates; a model holding one is already sharded."""
+
+    group: TPGroup
+
+
+class ColumnParallelLinear(nn.Linear, ParallelLayer):
+    """Output features split: Y_r = X A_r^T + b_r. The output is this rank's slice."""
+
+    def __init__(self, source: nn.Linear, ranges: Ranges, group: TPGroup) -> None:
+        nn.Module.__init__(self)
+        self.group = group
+        self.weight = nn.Parameter(take(source.weight.data, 0, ranges), requires_grad=False)
+        self.bias = (nn.Parameter(take(source.bias.data, 0, ranges), requires_grad=False)
+                     if source.bias is not None else None)
+        self.in_features = source.in_features
+        self.out_features = self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Linear, ParallelLayer):
+    """Input features split: Y = all_reduce(X_r A_r^T) + b. ``x`` is this rank's slice."""
+
+    def __init__(self, source: nn.Linear, ranges: Ranges, group: TPGroup) -> None:
+        nn.Module.__init__(self)
+        self.group = group
+        self.weight = nn.Parameter(take(source.weight.data, 1, ranges), requires_grad=False)
+        self.bias = (nn.Parameter(source.bias.data.clone(), requires_grad=False)
+                     if source.bias is not None else None)
+        self.in_features = self.weight.shape[1]
+        self.out_features = source.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.group.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelLMHead(nn.Linear, ParallelLayer):
+    """Vocabulary rows split: each rank computes its slice of the logits, then an all-gather
+    gives every rank the full logits. ``sizes[r]`` is rank r's vocabulary slice."""
+
+    def __init__(self, source: nn.Linear, ranges: Ranges, sizes: list[int], group: TPGroup,
+                 weight: nn.Parameter | None = None) -> None:
+        nn.Module.__init__(self)
+        self.group = group
+        self.sizes = sizes
+        self.weight = weight if weight is not None else nn.Parameter(
+            take(source.weight.data, 0, ranges), requires_grad=False)
+        self.bias = (nn.Parameter(take(source.bias.data, 0, ranges), requires_grad=False)
+                     if source.bias is not None else None)
+        self.in_features = source.in_features
+        self.out_features = self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.all_gather_last_dim(F.linear(x, self.weight, self.bias), self.sizes)
+
+
+class VocabParallelEmbeddingMixin(ParallelLayer):
+    """Mixed in front of the model's own embedding class, so that class's forward (scaling,
+    say) still runs: tokens outside [vocab_start, vocab_end) look up row 0 and are zeroed,
+    then the all-reduce fills every token from the rank that owns it."""
+
+    vocab_start: int
+    vocab_end: int
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+        local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
+        out = super().forward(local_ids)  # type: ignore[misc]
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.group.all_reduce(out)
+
+
+@functools.cache
+def _vocab_parallel_class(cls: type) -> type:
+    return type(f"VocabParallel{cls.__name__}", (VocabParallelEmbeddingMixin, cls), {})
+
+
+def make_vocab_parallel_embedding(module: nn.Embedding, start: int, stop: int, group: TPGroup) -> nn.Embedding:
+    """Turn ``module`` in place into its vocab-parallel form holding rows [start, stop)."""
+    module.__class__ = _vocab_parallel_class(type(module))
+    module.weight = nn.Parameter(module.weight.data[start:stop].clone(), requires_grad=False)
+    module.num_embeddings = stop - start
+    module.padding_idx = None  # only steers gradients; a global index means nothing locally
+    module.vocab_start, module.vocab_end, module.group = start, stop, group
+    return module

@@ -1,0 +1,89 @@
+"""The one helper for multi-rank tests: spawn ranks, gloo on a free loopback port, one thread
+each; every rank's result or traceback comes back to the parent, and a rank that hangs or
+dies fails the test instead of hanging it."""
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        import autotp
+        autotp.init_distributed(timeout_s=TIMEOUT_S)
+        results.put((rank, "ok", fn(rank, world_size, *args)))
+    except BaseException:  # sent to the parent, which fails the test with it
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return results by rank.
+
+    ``fn`` must be importable (a module-level function) and return picklable values."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, results), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    collected: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        _collect(procs, results, collected, errors)
+    finally:
+        for p in procs:
+            p.join(timeout=0 if errors else 30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [collected[r] for r in range(world_size)]
+
+
+def _collect(procs: list, results: Any, collected: dict[int, Any], errors: list[str]) -> None:
+    """Wait for every rank's report; a rank that died without one, or a run past the timeout,
+    is an error. Once one rank failed the others may be stuck in a collective: stop soon."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(collected) + len(errors) < len(procs):
+        if errors:
+            deadline = min(deadline, time.monotonic() + 10)
+        try:
+            rank, status, value = results.get(timeout=1)
+        except queue.Empty:
+            reported = set(collected) | {int(e.split()[1].rstrip(":")) for e in errors}
+            dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in reported]
+            if dead:
+                time.sleep(0.5)  # a report sent just before exit may still be in flight
+                if results.empty():
+                    errors.append(f"rank {dead[0]}: died with exit code {procs[dead[0]].exitcode}")
+            elif time.monotonic() > deadline:
+                errors.append(f"rank {len(collected)}: timed out after {TIMEOUT_S}s")
+                return
+            continue
+        if status == "ok":
+            collected[rank] = value
+        else:
+            errors.append(f"rank {rank}:\n{value}")

@@ -1,0 +1,55 @@
+"""Tiny random decoder models of many families, built from transformers configs (no downloads).
+
+Sizes are chosen so that splits are uneven on 3 and 4 ranks: 8 heads, vocabulary 130,
+MLP width 100.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+COMMON = dict(vocab_size=130, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=8),
+    "llama_kv2": dict(model_type="llama", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True),
+    "gptj": dict(model_type="gptj", n_embd=64, n_head=8, n_layer=2, n_inner=100, rotary_dim=4),
+    "bloom": dict(model_type="bloom", hidden_size=64, n_head=8, n_layer=2, tie_word_embeddings=True),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=4, head_dim=8),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=4),
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=8),
+    "gemma": dict(model_type="gemma", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True),
+    "opt": dict(model_type="opt", hidden_size=64, ffn_dim=100, num_hidden_layers=2,
+                num_attention_heads=8, word_embed_proj_dim=64, max_position_embeddings=64),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                     num_attention_heads=8, rotary_pct=0.5),
+    "starcoder2": dict(model_type="starcoder2", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=4),
+}
+
+# the families of the acceptance criteria first, then the others the walker handles unaided
+FAMILIES = list(CONFIGS)
+
+
+def build(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **extra) -> torch.nn.Module:
+    """A tiny random model of ``family``; the same seed gives the same weights in every process."""
+    kwargs = {**COMMON, **CONFIGS[family], **extra}
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.to(dtype).eval()
+
+
+def batch(vocab: int = 130) -> dict[str, torch.Tensor]:
+    """Batch 2, left-padded: the second row has 3 pad tokens in front."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (2, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask}
