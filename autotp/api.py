@@ -13,25 +13,29 @@ from autotp.sharding.apply import apply_plan, check_not_sharded
 
 
 def plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style] | None = None,
-         strict: bool = True) -> Plan:
+         strict: bool = True, verify: bool = True) -> Plan:
     """The tensor-parallel plan of ``model`` for ``world_size`` ranks, without any process group.
 
     ``overrides`` maps module-name patterns (``*`` for any layer index) to a style
     ('column', 'row', 'replicate' or Hugging Face's 'colwise' / 'rowwise'); with
     ``strict=False`` a Linear inside a decoder layer that cannot stay sharded is replicated
-    instead of raising.
+    instead of raising. With ``verify`` (the default) the plan is checked numerically on
+    simulated ranks of one decoder layer, and a plan that would change the model's output
+    raises ShardingError instead of being returned.
     """
     check_not_sharded(model)
-    return build_plan(model, world_size, overrides, strict)
+    return build_plan(model, world_size, overrides, strict, verify)
 
 
 def shard(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style] | None = None,
-          strict: bool = True, process_group: Any = None) -> nn.Module:
+          strict: bool = True, verify: bool = True, process_group: Any = None) -> nn.Module:
     """Shard ``model`` in place for ``world_size`` ranks and return it; this process's rank
-    comes from torch.distributed. Every rank's forward returns the full logits."""
+    comes from torch.distributed (``process_group``, or the default group). Every rank's
+    forward returns the full logits. ``overrides``, ``strict`` and ``verify`` are as in
+    :func:`plan`."""
     check_not_sharded(model)
     group = TPGroup.from_torch(world_size, process_group)
-    return apply_plan(model, build_plan(model, world_size, overrides, strict), group)
+    return apply_plan(model, build_plan(model, world_size, overrides, strict, verify), group)
 
 
 __all__ = ["init_distributed", "plan", "shard", "Plan", "Style"]

@@ -5,7 +5,6 @@ import torch
 import torch.distributed as dist
 
 import autotp
-from autotp.sharding.layers import ParallelLayer
 import zoo
 
 NEW_TOKENS = 8
@@ -23,22 +22,41 @@ def compare_family(rank: int, world_size: int, family: str, beams: int = 1) -> d
     with torch.no_grad():
         ref_logits = model(**inputs).logits
     ref_tokens = _generate(model, inputs, num_beams=beams)
-    linear_total = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layer_total = _layer_linear_numel(model)
+    shape = _kv_shape(model)
     autotp.shard(model, world_size)
     with torch.no_grad():
         logits = model(**inputs).logits
     tokens = _generate(model, inputs, num_beams=beams)
-    local = [m for m in model.modules() if isinstance(m, ParallelLayer)]
     return {
         "max_abs_diff": (logits - ref_logits).abs().max().item(),
+        "ref_logits_std": ref_logits.std().item(),
         "logits_shape_ok": logits.shape == ref_logits.shape,
         "tokens_equal": torch.equal(tokens, ref_tokens),
         "new_tokens": tokens.shape[1] - inputs["input_ids"].shape[1],
         "tokens": tokens.tolist(),
-        "local_linear_numel": sum(m.weight.numel() for m in local if isinstance(m, torch.nn.Linear)
-                                  and m is not model.get_output_embeddings()),
-        "linear_total": linear_total,
+        "layer_linear_total": layer_total,
+        "local_layer_linear": _layer_linear_numel(model),
+        "embedding_rows": model.get_input_embeddings().weight.shape[0],
+        **shape,
     }
+
+
+def _layer_linear_numel(model) -> int:
+    """Weights of the Linear layers in the decoder blocks, as held by this process (row-parallel
+    biases are replicated by design, so biases are left out)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)
+               and m is not model.get_output_embeddings())
+
+
+def _kv_shape(model) -> dict:
+    """Head counts from the config, and the parameter count of one KV head in all layers (k and v)."""
+    c = model.config
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    per_head = 2 * head_dim * c.hidden_size * c.num_hidden_layers
+    return {"heads": heads, "kv_heads": kv, "kv_head_numel": per_head}
 
 
 def compare_all(rank: int, world_size: int, families: list[str]) -> dict:
@@ -81,3 +99,37 @@ def count_collectives(rank: int, world_size: int, family: str) -> dict:
         for name, fn in real.items():
             setattr(dist, name, fn)
     return {"counts": counts, "per_layer": plan.collectives_per_layer}
+
+
+def corrupted_plan(rank: int, world_size: int, family: str) -> float:
+    """Negative control: swap two ranks' slices of every row layer; logits must change."""
+    from autotp.comm import TPGroup
+    from autotp.sharding.apply import apply_plan
+
+    inputs = zoo.batch()
+    model = zoo.build(family)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    plan = autotp.plan(model, world_size)
+    for entry in plan.entries.values():
+        if entry.style.value == "row":
+            entry.ranges = entry.ranges[::-1]
+    apply_plan(model, plan, TPGroup.from_torch(world_size))
+    with torch.no_grad():
+        return (model(**inputs).logits - ref).abs().max().item()
+
+
+def shard_errors(rank: int, world_size: int) -> dict:
+    """The errors shard() raises inside a real process group; messages returned for checking."""
+    messages = {}
+    model = zoo.build("llama")
+    try:
+        autotp.shard(model, world_size + 1)
+    except ValueError as exc:
+        messages["wrong_world_size"] = str(exc)
+    autotp.shard(model, world_size)
+    try:
+        autotp.shard(model, world_size)
+    except ValueError as exc:
+        messages["twice"] = str(exc)
+    return messages

@@ -31,6 +31,23 @@ CONFIGS: dict[str, dict] = {
                      num_attention_heads=8, rotary_pct=0.5),
     "starcoder2": dict(model_type="starcoder2", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
                        num_attention_heads=8, num_key_value_heads=4),
+    "stablelm": dict(model_type="stablelm", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=4),
+    "granite": dict(model_type="granite", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=4),
+    "phi": dict(model_type="phi", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                num_attention_heads=8),
+    "cohere": dict(model_type="cohere", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                   num_attention_heads=8, num_key_value_heads=4),
+}
+
+# families the walker must refuse (the plan would be wrong or there is nothing to shard)
+UNSUPPORTED: dict[str, dict] = {
+    "olmo2": dict(model_type="olmo2", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=4),
+    "codegen": dict(model_type="codegen", n_embd=64, n_head=8, n_layer=2, rotary_dim=4),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_head=8, n_layer=2),
+    "falcon": dict(model_type="falcon", hidden_size=64, num_attention_heads=8, num_hidden_layers=2),
 }
 
 # the families of the acceptance criteria first, then the others the walker handles unaided
@@ -39,7 +56,7 @@ FAMILIES = list(CONFIGS)
 
 def build(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **extra) -> torch.nn.Module:
     """A tiny random model of ``family``; the same seed gives the same weights in every process."""
-    kwargs = {**COMMON, **CONFIGS[family], **extra}
+    kwargs = {**COMMON, **{**CONFIGS, **UNSUPPORTED}[family], **extra}
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -9,15 +9,17 @@ from torch import nn
 
 from autotp.plan import AttrEdit, Entry, HeadSlice, Plan, ShardingError, Style
 from autotp.policies import overrides as table
-from autotp.policies.walker import Trace, walk
+from autotp.policies.verify import verify_plan
+from autotp.policies.walker import Trace, sample_inputs, walk
 from autotp.sharding.math import assign_heads, contiguous, split_sizes, unit_ranges
 
 _OVERRIDE_HINT = "pass overrides={{'{pattern}': 'replicate'}} (or 'column' / 'row') to autotp.plan / autotp.shard"
 
 
 def build_plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style] | None = None,
-               strict: bool = True) -> Plan:
-    """Classify every Linear of ``model`` from its data flow and split it for ``world_size`` ranks."""
+               strict: bool = True, verify: bool = True) -> Plan:
+    """Classify every Linear of ``model`` from its data flow and split it for ``world_size`` ranks;
+    with ``verify``, check the result on simulated ranks of one decoder layer."""
     if world_size < 1:
         raise ShardingError(f"world_size must be at least 1, got {world_size}")
     modules = dict(model.named_modules())
@@ -36,10 +38,19 @@ def build_plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | 
     for name, module in modules.items():
         if isinstance(module, nn.Linear) and name not in plan.entries:
             if strict and _layer_of(name, layers) is not None and name not in forced:
-                reason = trace.conflicts.get(name, "the trace never called it")
+                reason = trace.conflicts.get(name, "the trace never saw it run through "
+                                            "torch.nn.functional.linear (a custom forward?)")
                 raise ShardingError(f"autotp cannot place Linear '{name}': {reason}; "
                                     + _OVERRIDE_HINT.format(pattern=_pattern(name, layers)))
             plan.entries[name] = Entry(name, Style.REPLICATE, _layer_of(name, layers))
+    if strict and not any(e.style in (Style.COLUMN, Style.ROW) for e in plan.entries.values()):
+        kinds = sorted({type(m).__name__ for m in model.modules()
+                        if any(p.dim() == 2 for p in m.parameters(recurse=False))})
+        raise ShardingError(
+            f"autotp found no nn.Linear layer to shard in the decoder layers of {arch} "
+            f"(its weights sit in {kinds[:8]}); layers such as GPT-2's Conv1D are not supported")
+    if verify and layers is not None and next(model.parameters()).device.type != "meta":
+        verify_plan(model, plan, layers, sample_inputs(model))
     return plan
 
 
@@ -56,10 +67,13 @@ def _walk_to_fixpoint(model: nn.Module, forced: dict[str, Style], vocab_out: str
         new = {n: why for n, why in trace.escaped.items() if n not in forced}
         if not new:
             return trace
-        for name, why in new.items():
-            if strict and _layer_of(name, layers) is not None:
-                raise ShardingError(f"autotp cannot place Linear '{name}': {why}; "
-                                    + _OVERRIDE_HINT.format(pattern=_pattern(name, layers)))
+        stuck = sorted(n for n in new if _layer_of(n, layers) is not None)
+        if strict and stuck:
+            first = stuck[0]
+            others = f" (and {len(stuck) - 1} more: {stuck[1:4]})" if len(stuck) > 1 else ""
+            raise ShardingError(f"autotp cannot place Linear '{first}'{others}: {new[first]}; "
+                                + _OVERRIDE_HINT.format(pattern=_pattern(first, layers)))
+        for name in new:
             forced[name] = Style.REPLICATE
     raise ShardingError("autotp: the walker did not settle after 8 passes; pass explicit overrides")
 

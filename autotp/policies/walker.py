@@ -68,7 +68,7 @@ class _Labeler(TorchFunctionMode):
 
     def _linear(self, name: str, sources: frozenset[str] | None, out: torch.Tensor) -> None:
         style = self.forced.get(name)
-        if name == self.vocab_head:
+        if name == self.vocab_head and style is None:
             style = Style.VOCAB
         if style in (Style.REPLICATE, Style.VOCAB):
             if sources:

@@ -1,0 +1,116 @@
+"""Plans without processes: the walker's classification on every supported family, the
+collectives it promises, the table, JSON round trip, overrides and errors."""
+import pytest
+import torch
+
+import autotp
+from autotp.plan import Plan, ShardingError, Style
+import zoo
+
+ATTENTION_AND_MLP_ROWS = {"o_proj", "out_proj", "dense", "down_proj", "fc_out", "fc2", "dense_4h_to_h", "c_proj"}
+
+
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_walker_classifies_from_data_flow(family):
+    model = zoo.build(family)
+    plan = autotp.plan(model, 2)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    in_layers = [n for n in linears if plan.entries[n].layer is not None]
+    assert in_layers and all(plan.entries[n].style in (Style.COLUMN, Style.ROW) for n in in_layers)
+    # the leaf names are only read here, by the test, to check what the data flow decided
+    rows = {n for n in in_layers if plan.entries[n].style == Style.ROW}
+    assert {n.rsplit(".", 1)[1] for n in rows} <= ATTENTION_AND_MLP_ROWS
+    assert plan.collectives_per_layer == {0: 2, 1: 2}
+    assert plan.entries[model_name(model, model.get_input_embeddings())].style == Style.VOCAB
+
+
+def model_name(model, module):
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def test_llama_plan_uneven_gqa_and_table():
+    plan = autotp.plan(zoo.build("llama"), 3)
+    q, k = plan.entries["model.layers.0.self_attn.q_proj"], plan.entries["model.layers.0.self_attn.k_proj"]
+    assert q.heads == [4, 2, 2] and k.heads == [2, 1, 1]  # 4 KV groups of 2 on 3 ranks
+    assert [q.local_size(r) for r in range(3)] == [32, 16, 16]
+    down = plan.entries["model.layers.1.mlp.down_proj"]
+    assert down.style == Style.ROW and down.all_reduce and [down.local_size(r) for r in range(3)] == [34, 33, 33]
+    text = str(plan)
+    assert "model.layers.*.self_attn.q_proj" in text and "all-reduces per decoder layer: 2" in text
+
+
+def test_bloom_fused_qkv_is_split_on_whole_interleaved_heads():
+    plan = autotp.plan(zoo.build("bloom"), 3)
+    qkv = plan.entries["transformer.h.0.self_attention.query_key_value"]
+    assert qkv.unit == 3 * 8 and qkv.heads == [3, 3, 2]  # one head = its q, k and v rows together
+    assert qkv.ranges[1] == [(72, 144)]
+    assert plan.head_slices and plan.head_slices[0].kwarg == "alibi"
+    assert plan.entries["lm_head"].tied_to == "transformer.word_embeddings"
+
+
+def test_plan_json_round_trip():
+    plan = autotp.plan(zoo.build("llama_kv2"), 3)
+    again = Plan.from_dict(plan.to_dict())
+    assert again.to_dict() == plan.to_dict()
+    assert again.collectives_per_layer == plan.collectives_per_layer
+
+
+def test_world_size_larger_than_heads_is_an_error():
+    with pytest.raises(ShardingError, match="larger than the 8 attention heads"):
+        autotp.plan(zoo.build("llama"), 9)
+
+
+@pytest.mark.parametrize("family,message", [
+    ("olmo2", "does not reproduce|plan fails"),  # q_norm normalises across all heads
+    ("codegen", "does not reproduce|plan fails"),  # mp_num-blocked fused qkv
+    ("gpt2", "no nn.Linear layer"),  # Conv1D
+    ("falcon", "never saw it run"),  # FalconLinear computes x @ W.T in its own forward
+])
+def test_families_the_walker_cannot_handle_raise(family, message):
+    with pytest.raises(ShardingError, match=message):
+        autotp.plan(zoo.build(family), 2)
+
+
+def test_unplaceable_linear_names_module_and_override():
+    model = zoo.build("llama")
+    # o_proj forced whole while it reads the sharded heads: q/k/v have nowhere to go
+    with pytest.raises(ShardingError) as info:
+        autotp.plan(model, 2, overrides={"model.layers.*.self_attn.o_proj": "replicate"})
+    message = str(info.value)
+    assert "Linear 'model.layers.0.self_attn.k_proj'" in message and "self_attn.q_proj" in message
+    assert "read by 'model.layers.0.self_attn.o_proj'" in message
+    assert "overrides={'model.layers.*.self_attn.k_proj': 'replicate'}" in message
+
+
+def test_non_strict_replicates_what_cannot_stay_sharded():
+    plan = autotp.plan(zoo.build("llama"), 2, overrides={"model.layers.*.self_attn.o_proj": "replicate"},
+                       strict=False)
+    attn = [e for n, e in plan.entries.items() if ".self_attn." in n]
+    assert attn and all(e.style == Style.REPLICATE for e in attn)
+    assert plan.entries["model.layers.0.mlp.down_proj"].style == Style.ROW
+    assert plan.collectives_per_layer == {0: 1, 1: 1}
+
+
+def test_overrides_accept_hf_names_and_reject_unknown_patterns():
+    plan = autotp.plan(zoo.build("llama"), 2, overrides={"lm_head": "replicated"})
+    assert plan.entries["lm_head"].style == Style.REPLICATE
+    with pytest.raises(ShardingError, match="matches no Linear"):
+        autotp.plan(zoo.build("llama"), 2, overrides={"model.nothing.*": "colwise"})
+    with pytest.raises(ValueError, match="unknown sharding style"):
+        Style.parse("diagonal")
+
+
+def test_verify_catches_a_wrong_plan(monkeypatch):
+    """Negative control for the verifier: corrupt the head layout, verification must fail."""
+    from autotp.policies import build as build_module
+
+    original = build_module.assign_heads
+
+    def shifted(n_q, n_kv, ws):
+        a = original(n_q, n_kv, ws)
+        return type(a)(a.q_heads[::-1], a.kv_heads, a.groups)  # queries paired with wrong KV heads
+
+    autotp.plan(zoo.build("llama"), 2)  # the unmodified plan verifies
+    monkeypatch.setattr(build_module, "assign_heads", shifted)
+    with pytest.raises(ShardingError, match="does not reproduce"):
+        autotp.plan(zoo.build("llama"), 2)
