@@ -45,8 +45,8 @@ def compare_family(rank: int, world_size: int, family: str, beams: int = 1) -> d
 def _layer_linear_numel(model) -> int:
     """Weights of the Linear layers in the decoder blocks, as held by this process (row-parallel
     biases are replicated by design, so biases are left out)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)
-               and m is not model.get_output_embeddings())
+    layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+    return sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
 
 
 def _kv_shape(model) -> dict:
@@ -122,6 +122,9 @@ def corrupted_plan(rank: int, world_size: int, family: str) -> float:
 def shard_errors(rank: int, world_size: int) -> dict:
     """The errors shard() raises inside a real process group; messages returned for checking."""
     messages = {}
+    group_before = dist.group.WORLD
+    autotp.init_distributed()  # already up (the helper called it): must be a no-op
+    messages["init_noop"] = dist.group.WORLD is group_before and dist.get_world_size() == world_size
     model = zoo.build("llama")
     try:
         autotp.shard(model, world_size + 1)

@@ -48,6 +48,15 @@ def test_bloom_fused_qkv_is_split_on_whole_interleaved_heads():
     assert plan.entries["lm_head"].tied_to == "transformer.word_embeddings"
 
 
+def test_projections_outside_the_layers_are_replicated():
+    """OPT-350m projects embeddings 32 -> 64 before the layers: a column split there would
+    reach a LayerNorm, so the walker keeps project_in / project_out whole."""
+    plan = autotp.plan(zoo.build("opt_proj"), 3)
+    assert plan.entries["model.decoder.project_in"].style == Style.REPLICATE
+    assert plan.entries["model.decoder.project_out"].style == Style.REPLICATE
+    assert plan.entries["model.decoder.layers.0.fc1"].style == Style.COLUMN
+
+
 def test_plan_json_round_trip():
     plan = autotp.plan(zoo.build("llama_kv2"), 3)
     again = Plan.from_dict(plan.to_dict())
@@ -61,7 +70,7 @@ def test_world_size_larger_than_heads_is_an_error():
 
 
 @pytest.mark.parametrize("family,message", [
-    ("olmo2", "does not reproduce|plan fails"),  # q_norm normalises across all heads
+    ("olmo2", "reduced across its whole width by mean"),  # q_norm normalises across all heads
     ("codegen", "does not reproduce|plan fails"),  # mp_num-blocked fused qkv
     ("gpt2", "no nn.Linear layer"),  # Conv1D
     ("falcon", "never saw it run"),  # FalconLinear computes x @ W.T in its own forward
@@ -114,3 +123,15 @@ def test_verify_catches_a_wrong_plan(monkeypatch):
     monkeypatch.setattr(build_module, "assign_heads", shifted)
     with pytest.raises(ShardingError, match="does not reproduce"):
         autotp.plan(zoo.build("llama"), 2)
+
+
+def test_init_distributed_without_torchrun_says_what_to_do(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        autotp.init_distributed()
+
+
+def test_shard_without_process_group_is_an_error():
+    with pytest.raises(RuntimeError, match="init_distributed"):
+        autotp.shard(zoo.build("llama"), 2)

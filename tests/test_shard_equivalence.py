@@ -74,5 +74,6 @@ def test_negative_control_a_wrong_split_is_detected():
 
 def test_shard_errors_inside_a_process_group():
     for messages in run_ranks(rank_checks.shard_errors, 2):
+        assert messages["init_noop"]
         assert "process group has 2 ranks" in messages["wrong_world_size"]
         assert "already sharded" in messages["twice"]

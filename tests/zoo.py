@@ -27,6 +27,8 @@ CONFIGS: dict[str, dict] = {
                   num_attention_heads=8, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True),
     "opt": dict(model_type="opt", hidden_size=64, ffn_dim=100, num_hidden_layers=2,
                 num_attention_heads=8, word_embed_proj_dim=64, max_position_embeddings=64),
+    "opt_proj": dict(model_type="opt", hidden_size=64, ffn_dim=100, num_hidden_layers=2,  # OPT-350m shape
+                     num_attention_heads=8, word_embed_proj_dim=32, max_position_embeddings=64),
     "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
                      num_attention_heads=8, rotary_pct=0.5),
     "starcoder2": dict(model_type="starcoder2", hidden_size=64, intermediate_size=100, num_hidden_layers=2,

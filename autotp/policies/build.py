@@ -67,8 +67,12 @@ def _walk_to_fixpoint(model: nn.Module, forced: dict[str, Style], vocab_out: str
         new = {n: why for n, why in trace.escaped.items() if n not in forced}
         if not new:
             return trace
-        stuck = sorted(n for n in new if _layer_of(n, layers) is not None)
-        if strict and stuck:
+        outside = [n for n in new if _layer_of(n, layers) is None]
+        if outside:  # fix what feeds the layers first: escapes inside may only follow from it
+            forced.update({n: Style.REPLICATE for n in outside})
+            continue
+        stuck = sorted(new)
+        if strict:
             first = stuck[0]
             others = f" (and {len(stuck) - 1} more: {stuck[1:4]})" if len(stuck) > 1 else ""
             raise ShardingError(f"autotp cannot place Linear '{first}'{others}: {new[first]}; "

@@ -22,6 +22,14 @@ from torch.utils._pytree import tree_leaves
 from autotp.plan import Style
 
 _LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
+# ops that combine values across a dim: over the whole sharded width they need every rank's part
+_REDUCTIONS = {
+    torch.mean, torch.Tensor.mean, torch.sum, torch.Tensor.sum, torch.var, torch.Tensor.var,
+    torch.std, torch.Tensor.std, torch.norm, torch.Tensor.norm, torch.linalg.vector_norm,
+    torch.amax, torch.Tensor.amax, torch.logsumexp, torch.Tensor.logsumexp, torch.softmax,
+    torch.Tensor.softmax, F.softmax, F.normalize,
+}
+_NORMS = {F.layer_norm, F.rms_norm, F.group_norm}
 
 
 @dataclass
@@ -63,7 +71,7 @@ class _Labeler(TorchFunctionMode):
             if src:
                 self.set_label(args[0], src)
         else:
-            self._propagate(args, kwargs, out)
+            self._propagate(func, args, kwargs, out)
         return out
 
     def _linear(self, name: str, sources: frozenset[str] | None, out: torch.Tensor) -> None:
@@ -86,12 +94,29 @@ class _Labeler(TorchFunctionMode):
         else:
             self.trace.row_sources.setdefault(name, set()).update(sources or ())
 
-    def _propagate(self, args: tuple, kwargs: dict, out: Any) -> None:
+    def _check_reduction(self, func, args: tuple, kwargs: dict) -> None:
+        """A norm or reduction over the last dim of a column layer's un-split output needs the
+        whole width: that layer cannot stay sharded."""
+        if func not in _REDUCTIONS and func not in _NORMS or not args or id(args[0]) not in self.labels:
+            return
+        x = args[0]
+        if func in _REDUCTIONS:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], torch.Tensor) else None)
+            dims = range(x.dim()) if dim is None else (dim if isinstance(dim, (tuple, list)) else (dim,))
+            if not any(isinstance(d, int) and d % max(x.dim(), 1) == x.dim() - 1 for d in dims):
+                return
+        for name in self.labels[id(x)]:
+            if self.out_features.get(name) == x.shape[-1]:
+                why = f"its sharded output is reduced across its whole width by {getattr(func, '__name__', func)}"
+                self.trace.escaped.setdefault(name, why)
+
+    def _propagate(self, func, args: tuple, kwargs: dict, out: Any) -> None:
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         sharded = [t for t in inputs if id(t) in self.labels]
         if not sharded:
             return
         sources = frozenset().union(*(self.labels[id(t)] for t in sharded))
+        self._check_reduction(func, args, kwargs)
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         for t in outputs:
             self.set_label(t, sources)
