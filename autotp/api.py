@@ -13,7 +13,7 @@ from autotp.sharding.apply import apply_plan, check_not_sharded
 
 
 def plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style] | None = None,
-         strict: bool = True, verify: bool = True) -> Plan:
+         strict: bool = True, verify: bool = True, fuse_allreduce: bool = True) -> Plan:
     """The tensor-parallel plan of ``model`` for ``world_size`` ranks, without any process group.
 
     ``overrides`` maps module-name patterns (``*`` for any layer index) to a style
@@ -21,21 +21,26 @@ def plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style]
     ``strict=False`` a Linear inside a decoder layer that cannot stay sharded is replicated
     instead of raising. With ``verify`` (the default) the plan is checked numerically on
     simulated ranks of one decoder layer, and a plan that would change the model's output
-    raises ShardingError instead of being returned.
+    raises ShardingError instead of being returned. With ``fuse_allreduce`` (the default),
+    row-parallel layers whose partial sums are added together before anything reads them
+    (attention and MLP of a parallel-residual block) share one all-reduce; pass False to
+    give every row-parallel layer its own, for comparison or debugging.
     """
     check_not_sharded(model)
-    return build_plan(model, world_size, overrides, strict, verify)
+    return build_plan(model, world_size, overrides, strict, verify, fuse_allreduce)
 
 
 def shard(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style] | None = None,
-          strict: bool = True, verify: bool = True, process_group: Any = None) -> nn.Module:
+          strict: bool = True, verify: bool = True, fuse_allreduce: bool = True,
+          process_group: Any = None) -> nn.Module:
     """Shard ``model`` in place for ``world_size`` ranks and return it; this process's rank
     comes from torch.distributed (``process_group``, or the default group). Every rank's
-    forward returns the full logits. ``overrides``, ``strict`` and ``verify`` are as in
-    :func:`plan`."""
+    forward returns the full logits. ``overrides``, ``strict``, ``verify`` and
+    ``fuse_allreduce`` are as in :func:`plan`."""
     check_not_sharded(model)
     group = TPGroup.from_torch(world_size, process_group)
-    return apply_plan(model, build_plan(model, world_size, overrides, strict, verify), group)
+    the_plan = build_plan(model, world_size, overrides, strict, verify, fuse_allreduce)
+    return apply_plan(model, the_plan, group)
 
 
 __all__ = ["init_distributed", "plan", "shard", "Plan", "Style"]

@@ -51,7 +51,9 @@ class Entry:
 
     ``ranges[r]`` lists the blocks of the split dimension that rank r keeps (out features for
     COLUMN and VOCAB, in features for ROW); blocks may repeat when KV heads are replicated.
-    ``all_reduce`` marks a ROW entry whose output is summed across ranks.
+    ``all_reduce`` marks a ROW entry whose output is summed across ranks. In a block whose
+    attention and MLP outputs are added before anything reads them, the earlier row layer is
+    ``deferred_to`` the later one, which lists it in ``fuses`` and all-reduces both at once.
     """
 
     name: str
@@ -63,6 +65,8 @@ class Entry:
     ranges: list[Ranges] = field(default_factory=list)
     all_reduce: bool = False
     tied_to: str | None = None
+    deferred_to: str | None = None
+    fuses: list[str] = field(default_factory=list)
 
     def local_size(self, rank: int) -> int:
         return sum(stop - start for start, stop in self.ranges[rank])

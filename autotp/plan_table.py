@@ -18,11 +18,24 @@ def _fold(module: str) -> str:
     return re.sub(r"\.\d+(\.|$)", r".*\1", module, count=1)
 
 
+def _short(name: str, beside: str) -> str:
+    """``name`` without the module path it shares with ``beside``."""
+    a, b = name.split("."), beside.split(".")
+    common = 0
+    while common < min(len(a), len(b)) - 1 and a[common] == b[common]:
+        common += 1
+    return ".".join(a[common:])
+
+
 def _row(entry: "Entry", world_size: int) -> list[str]:
     sizes = "/".join(str(entry.local_size(r)) for r in range(world_size)) if entry.ranges else "-"
     heads = "/".join(str(h) for h in entry.heads) if entry.heads else ""
     note = f"tied to {entry.tied_to}" if entry.tied_to else ""
     reduce = "all-reduce" if entry.all_reduce else ("all-gather" if entry.group == "lm_head" else "")
+    if entry.fuses:
+        reduce += " of " + " + ".join(_short(n, entry.name) for n in entry.fuses + [entry.name])
+    if entry.deferred_to:
+        reduce = f"summed into {_short(entry.deferred_to, entry.name)}"
     return [_pattern(entry), entry.style.value, sizes, heads, reduce, note]
 
 

@@ -15,7 +15,7 @@ def _generate(model, inputs, **kw) -> torch.Tensor:
         return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **kw)
 
 
-def compare_family(rank: int, world_size: int, family: str, beams: int = 1) -> dict:
+def compare_family(rank: int, world_size: int, family: str, beams: int = 1, fuse: bool = True) -> dict:
     """Unsharded reference and sharded model in the same rank: logits and greedy tokens."""
     inputs = zoo.batch()
     model = zoo.build(family)
@@ -24,7 +24,7 @@ def compare_family(rank: int, world_size: int, family: str, beams: int = 1) -> d
     ref_tokens = _generate(model, inputs, num_beams=beams)
     layer_total = _layer_linear_numel(model)
     shape = _kv_shape(model)
-    autotp.shard(model, world_size)
+    autotp.shard(model, world_size, fuse_allreduce=fuse)
     with torch.no_grad():
         logits = model(**inputs).logits
     tokens = _generate(model, inputs, num_beams=beams)
@@ -59,8 +59,8 @@ def _kv_shape(model) -> dict:
     return {"heads": heads, "kv_heads": kv, "kv_head_numel": per_head}
 
 
-def compare_all(rank: int, world_size: int, families: list[str]) -> dict:
-    return {f: compare_family(rank, world_size, f) for f in families}
+def compare_all(rank: int, world_size: int, families: list[str], fuse: bool = True) -> dict:
+    return {f: compare_family(rank, world_size, f, fuse=fuse) for f in families}
 
 
 def compare_bf16(rank: int, world_size: int, family: str) -> dict:
@@ -76,11 +76,11 @@ def compare_bf16(rank: int, world_size: int, family: str) -> dict:
             "sharded_err": (sharded - ref)[mask].abs().max().item()}
 
 
-def count_collectives(rank: int, world_size: int, family: str) -> dict:
+def count_collectives(rank: int, world_size: int, family: str, fuse: bool = True) -> dict:
     """Count the all-reduces and all-gathers one forward actually issues."""
     model = zoo.build(family)
-    plan = autotp.plan(model, world_size)
-    autotp.shard(model, world_size)
+    plan = autotp.plan(model, world_size, fuse_allreduce=fuse)
+    autotp.shard(model, world_size, fuse_allreduce=fuse)
     counts = {"all_reduce": 0, "all_gather": 0}
     real = {name: getattr(dist, name) for name in counts}
 

@@ -20,7 +20,8 @@ def test_walker_classifies_from_data_flow(family):
     # the leaf names are only read here, by the test, to check what the data flow decided
     rows = {n for n in in_layers if plan.entries[n].style == Style.ROW}
     assert {n.rsplit(".", 1)[1] for n in rows} <= ATTENTION_AND_MLP_ROWS
-    assert plan.collectives_per_layer == {0: 2, 1: 2}
+    per_layer = 1 if family in zoo.PARALLEL_RESIDUAL else 2
+    assert plan.collectives_per_layer == {0: per_layer, 1: per_layer}
     assert plan.entries[model_name(model, model.get_input_embeddings())].style == Style.VOCAB
 
 
@@ -135,3 +136,25 @@ def test_init_distributed_without_torchrun_says_what_to_do(monkeypatch):
 def test_shard_without_process_group_is_an_error():
     with pytest.raises(RuntimeError, match="init_distributed"):
         autotp.shard(zoo.build("llama"), 2)
+
+
+@pytest.mark.parametrize("family", zoo.PARALLEL_RESIDUAL)
+def test_parallel_residual_blocks_fuse_their_all_reduces(family):
+    plan = autotp.plan(zoo.build(family), 3)
+    reducers = [e for e in plan.entries.values() if e.fuses]
+    assert len(reducers) == 2  # one per decoder layer
+    for reducer in reducers:
+        (deferred,) = reducer.fuses
+        assert plan.entries[deferred].deferred_to == reducer.name and not plan.entries[deferred].all_reduce
+        assert plan.entries[deferred].layer == reducer.layer
+    assert "all-reduce of " in str(plan) and "summed into " in str(plan)
+    off = autotp.plan(zoo.build(family), 3, fuse_allreduce=False)
+    assert off.collectives_per_layer == {0: 2, 1: 2}
+    assert not any(e.fuses or e.deferred_to for e in off.entries.values())
+
+
+def test_fusion_follows_the_data_flow_not_the_architecture():
+    """GPT-NeoX with use_parallel_residual=False adds attention to the residual before the MLP
+    reads it: same classes, different data flow, two all-reduces."""
+    assert autotp.plan(zoo.build("gpt_neox"), 2).collectives_per_layer == {0: 1, 1: 1}
+    assert autotp.plan(zoo.build("gpt_neox_sequential"), 2).collectives_per_layer == {0: 2, 1: 2}

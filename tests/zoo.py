@@ -35,6 +35,10 @@ CONFIGS: dict[str, dict] = {
                        num_attention_heads=8, num_key_value_heads=4),
     "stablelm": dict(model_type="stablelm", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
                      num_attention_heads=8, num_key_value_heads=4),
+    "stablelm_parallel": dict(model_type="stablelm", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                              num_attention_heads=8, num_key_value_heads=4, use_parallel_residual=True),
+    "gpt_neox_sequential": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                                num_attention_heads=8, rotary_pct=0.5, use_parallel_residual=False),
     "granite": dict(model_type="granite", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
                     num_attention_heads=8, num_key_value_heads=4),
     "phi": dict(model_type="phi", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
@@ -42,6 +46,10 @@ CONFIGS: dict[str, dict] = {
     "cohere": dict(model_type="cohere", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
                    num_attention_heads=8, num_key_value_heads=4),
 }
+
+# blocks whose attention and MLP read the same input and are added to the residual together:
+# one all-reduce per layer
+PARALLEL_RESIDUAL = ["gptj", "gpt_neox", "phi", "cohere", "stablelm_parallel"]
 
 # families the walker must refuse (the plan would be wrong or there is nothing to shard)
 UNSUPPORTED: dict[str, dict] = {

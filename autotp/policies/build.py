@@ -17,9 +17,10 @@ _OVERRIDE_HINT = "pass overrides={{'{pattern}': 'replicate'}} (or 'column' / 'ro
 
 
 def build_plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style] | None = None,
-               strict: bool = True, verify: bool = True) -> Plan:
+               strict: bool = True, verify: bool = True, fuse_allreduce: bool = True) -> Plan:
     """Classify every Linear of ``model`` from its data flow and split it for ``world_size`` ranks;
-    with ``verify``, check the result on simulated ranks of one decoder layer."""
+    with ``fuse_allreduce``, row layers whose partial sums are added before anything reads them
+    share one all-reduce; with ``verify``, check the result on simulated ranks of one decoder layer."""
     if world_size < 1:
         raise ShardingError(f"world_size must be at least 1, got {world_size}")
     modules = dict(model.named_modules())
@@ -33,6 +34,8 @@ def build_plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | 
     _add_vocab(plan, modules, vocab_in, vocab_out, trace)
     for cols, rows in _groups(trace):
         _add_group(plan, modules, trace, sorted(cols), sorted(rows), layers)
+    if fuse_allreduce:
+        _fuse_reductions(plan, trace)
     order = {name: i for i, name in enumerate(modules)}
     plan.entries = dict(sorted(plan.entries.items(), key=lambda kv: order[kv[0]]))
     for name, module in modules.items():
@@ -93,6 +96,27 @@ def _groups(trace: Trace) -> list[tuple[set[str], set[str]]]:
             merged[1].update(g[1])
         groups.append(merged)
     return groups
+
+
+def _fuse_reductions(plan: Plan, trace: Trace) -> None:
+    """Row layers of one decoder layer whose partial sums always meet in the same additions
+    (parallel attention and MLP) get one all-reduce, issued by the last of them to run."""
+    places: dict[str, set[frozenset[str]]] = {}
+    for rows in trace.reductions:
+        for row in rows:
+            places.setdefault(row, set()).add(rows)
+    for rows in set(trace.reductions):
+        entries = [plan.entries.get(r) for r in rows]
+        if (len(rows) < 2 or any(len(places[r]) != 1 for r in rows)
+                or any(e is None or e.style != Style.ROW for e in entries)
+                or len({e.layer for e in entries}) != 1):
+            continue
+        order = sorted(rows, key=trace.row_order.index)
+        last = order[-1]
+        plan.entries[last].fuses = order[:-1]
+        for row in order[:-1]:
+            plan.entries[row].all_reduce = False
+            plan.entries[row].deferred_to = last
 
 
 def _add_group(plan: Plan, modules: dict[str, nn.Module], trace: Trace, cols: list[str],

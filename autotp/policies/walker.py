@@ -30,6 +30,11 @@ _REDUCTIONS = {
     torch.Tensor.softmax, F.softmax, F.normalize,
 }
 _NORMS = {F.layer_norm, F.rms_norm, F.group_norm}
+# ops through which a partial sum stays a partial sum: sums (with replicated tensors too) and
+# dropout, an identity at inference
+_SUMS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
+         torch.Tensor.__iadd__}
+_IDENTITIES = {F.dropout}
 
 
 @dataclass
@@ -41,6 +46,9 @@ class Trace:
     heads: dict[str, int] = field(default_factory=dict)             # column layer -> heads in its output
     escaped: dict[str, str] = field(default_factory=dict)           # column layer -> why it cannot stay sharded
     conflicts: dict[str, str] = field(default_factory=dict)         # Linear -> why it has no single style
+    row_order: list[str] = field(default_factory=list)              # row layers in order of first call
+    reductions: list[frozenset[str]] = field(default_factory=list)  # row layers whose partial sums meet
+                                                                    # before the first op that needs the total
 
 
 class _Labeler(TorchFunctionMode):
@@ -50,6 +58,7 @@ class _Labeler(TorchFunctionMode):
         self.linears, self.out_features, self.forced = linears, out_features, forced
         self.vocab_head, self.trace = vocab_head, trace
         self.labels: dict[int, frozenset[str]] = {}
+        self.pending: dict[int, frozenset[str]] = {}  # tensor -> row layers whose unreduced sums it holds
         self.alive: list[torch.Tensor] = []  # keeps labelled tensors alive so ids stay unique
 
     def label(self, t: Any) -> frozenset[str] | None:
@@ -62,6 +71,8 @@ class _Labeler(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.pending and self._carry_partial_sums(func, args, kwargs, out):
+            return out
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
         if func in _LINEAR_FUNCS and id(weight) in self.linears:
             x = args[0] if args else kwargs["input"]
@@ -93,6 +104,29 @@ class _Labeler(TorchFunctionMode):
             self.set_label(out, frozenset({name}))
         else:
             self.trace.row_sources.setdefault(name, set()).update(sources or ())
+            if name not in self.trace.row_order:
+                self.trace.row_order.append(name)
+            self.pending[id(out)] = frozenset({name})
+            self.alive.append(out)
+
+    def _carry_partial_sums(self, func, args: tuple, kwargs: dict, out: Any) -> bool:
+        """Sums keep partial sums pending; any other op reading one is where the total is
+        needed: record which row layers' sums meet there, and from then on the tensor counts
+        as reduced (replicated). Returns True when ``out`` was labelled here."""
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        pending = [t for t in inputs if id(t) in self.pending]
+        if not pending:
+            return False
+        rows = frozenset().union(*(self.pending[id(t)] for t in pending))
+        plain_sum = (func in _SUMS and kwargs.get("alpha", 1) == 1) or func in _IDENTITIES
+        if plain_sum and not any(id(t) in self.labels for t in inputs) and isinstance(out, torch.Tensor):
+            self.pending[id(out)] = rows
+            self.alive.append(out)
+            return True
+        self.trace.reductions.append(rows)
+        for t in pending:
+            del self.pending[id(t)]
+        return False
 
     def _check_reduction(self, func, args: tuple, kwargs: dict) -> None:
         """A norm or reduction over the last dim of a column layer's un-split output needs the
@@ -159,6 +193,8 @@ def walk(model: nn.Module, forced: dict[str, Style], vocab_head: str | None) -> 
     finally:
         model.train(was_training)
     for t in _leaves(result):
+        if id(t) in labeler.pending:
+            trace.reductions.append(labeler.pending.pop(id(t)))
         for name in labeler.label(t) or ():
             trace.escaped.setdefault(name, "its sharded output reaches the model's output")
     fed = set().union(*trace.row_sources.values()) if trace.row_sources else set()

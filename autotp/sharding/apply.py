@@ -8,7 +8,7 @@ from torch import nn
 
 from autotp.comm import TPGroup
 from autotp.plan import HeadSlice, Plan, ShardingError, Style
-from autotp.sharding.layers import (ColumnParallelLinear, ParallelLayer, RowParallelLinear,
+from autotp.sharding.layers import (ColumnParallelLinear, ParallelLayer, PartialSums, RowParallelLinear,
                                     VocabParallelLMHead, make_vocab_parallel_embedding)
 
 
@@ -27,6 +27,7 @@ def apply_plan(model: nn.Module, plan: Plan, group: TPGroup) -> nn.Module:
                             f"{group.tp_size} ranks; make the plan with world_size={group.tp_size}")
     rank = group.tp_rank
     modules = dict(model.named_modules())
+    fused = {name: PartialSums() for name, e in plan.entries.items() if e.fuses}
     for entry in plan.entries.values():
         source = modules.get(entry.name)
         if source is None:
@@ -36,7 +37,9 @@ def apply_plan(model: nn.Module, plan: Plan, group: TPGroup) -> nn.Module:
         if entry.style == Style.COLUMN:
             model.set_submodule(entry.name, ColumnParallelLinear(source, ranges, group))
         elif entry.style == Style.ROW:
-            model.set_submodule(entry.name, RowParallelLinear(source, ranges, group))
+            sums = fused.get(entry.deferred_to or entry.name)
+            layer = RowParallelLinear(source, ranges, group, sums, defer=entry.deferred_to is not None)
+            model.set_submodule(entry.name, layer)
         elif entry.style == Style.VOCAB and isinstance(source, nn.Embedding):
             make_vocab_parallel_embedding(source, ranges[0][0], ranges[0][1], group)
         elif entry.style == Style.VOCAB:

@@ -49,9 +49,16 @@ class ColumnParallelLinear(nn.Linear, ParallelLayer):
 
 
 class RowParallelLinear(nn.Linear, ParallelLayer):
-    """Input features split: Y = all_reduce(X_r A_r^T) + b. ``x`` is this rank's slice."""
+    """Input features split: Y = all_reduce(X_r A_r^T) + b. ``x`` is this rank's slice.
 
-    def __init__(self, source: nn.Linear, ranges: Ranges, group: TPGroup) -> None:
+    With ``partial_sums`` the layer is one of several whose outputs are only ever added
+    together (parallel attention and MLP): a ``defer`` layer leaves its X_r A_r^T there and
+    returns zeros; the last layer adds those to its own, all-reduces once, and adds every
+    member's bias once: Y_a + Y_b = all_reduce(X_a A_a^T + X_b A_b^T) + b_a + b_b.
+    """
+
+    def __init__(self, source: nn.Linear, ranges: Ranges, group: TPGroup,
+                 partial_sums: "PartialSums | None" = None, defer: bool = False) -> None:
         nn.Module.__init__(self)
         self.group = group
         self.weight = nn.Parameter(take(source.weight.data, 1, ranges), requires_grad=False)
@@ -59,10 +66,40 @@ class RowParallelLinear(nn.Linear, ParallelLayer):
                      if source.bias is not None else None)
         self.in_features = self.weight.shape[1]
         self.out_features = source.out_features
+        self.partial_sums, self.defer = partial_sums, defer
+        if partial_sums is not None and defer:
+            partial_sums.deferred.append(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.group.all_reduce(F.linear(x, self.weight))
-        return y + self.bias if self.bias is not None else y
+        y = F.linear(x, self.weight)
+        sums = self.partial_sums
+        if sums is None:
+            y = self.group.all_reduce(y)
+            return y + self.bias if self.bias is not None else y
+        if self.defer:
+            sums.parts[id(self)] = y
+            return torch.zeros_like(y)
+        for layer in sums.deferred:
+            part = sums.parts.pop(id(layer), None)
+            if part is None:
+                raise RuntimeError("autotp: a fused all-reduce ran before the layer whose partial sum it "
+                                   "adds; the block's order differs from the plan (re-plan with "
+                                   "fuse_allreduce=False)")
+            y = y + part
+        y = self.group.all_reduce(y)
+        for layer in sums.deferred + [self]:
+            if layer.bias is not None:
+                y = y + layer.bias
+        return y
+
+
+class PartialSums:
+    """What the row layers of one fused all-reduce share: the deferred layers and, during a
+    forward, their unreduced outputs."""
+
+    def __init__(self) -> None:
+        self.deferred: list[RowParallelLinear] = []
+        self.parts: dict[int, torch.Tensor] = {}
 
 
 class VocabParallelLMHead(nn.Linear, ParallelLayer):
