@@ -10,6 +10,8 @@ from autotp.comm import TPGroup, init_distributed
 from autotp.plan import Plan, Style
 from autotp.policies import build_plan
 from autotp.sharding.apply import apply_plan, check_not_sharded
+from autotp.sharding.loader import from_pretrained
+from autotp.sharding.writer import save_sharded
 
 
 def plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style] | None = None,
@@ -43,4 +45,4 @@ def shard(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style
     return apply_plan(model, the_plan, group)
 
 
-__all__ = ["init_distributed", "plan", "shard", "Plan", "Style"]
+__all__ = ["from_pretrained", "init_distributed", "plan", "save_sharded", "shard", "Plan", "Style"]

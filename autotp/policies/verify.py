@@ -1,7 +1,9 @@
 """Check a plan numerically before trusting it: simulate every rank of one decoder layer in
 threads, apply the plan to each copy, and compare the summed result with the unsharded layer.
 This catches what the walker cannot see in labels alone, such as a norm taken across all
-heads of a column-sharded activation."""
+heads of a column-sharded activation. The layer copy gets random weights and a random input,
+so the check needs only the model's structure (it works on a skeleton whose weights were never
+loaded) and cannot pass by accident on zero weights."""
 from __future__ import annotations
 
 import copy
@@ -24,7 +26,7 @@ def verify_plan(model: nn.Module, plan: Plan, layers_path: str, inputs: dict[str
     """Return the largest relative error over the simulated ranks of decoder layer 0; raise
     ShardingError when it exceeds TOLERANCE."""
     layer = model.get_submodule(layers_path)[0]
-    args, kwargs, expected = _capture(model, layer, inputs)
+    reference, args, kwargs, expected = _capture(model, layer, inputs)
     sub_plan = _sub_plan(plan, f"{layers_path}.0.")
     world = ThreadWorld(plan.world_size)
     outputs: list[Any] = [None] * plan.world_size
@@ -40,7 +42,7 @@ def verify_plan(model: nn.Module, plan: Plan, layers_path: str, inputs: dict[str
 
     shards = []
     for rank in range(plan.world_size):  # one copy at a time: the full copy is freed as it is cut
-        shards.append(apply_plan(copy.deepcopy(layer).float(), sub_plan, world.group(rank)))
+        shards.append(apply_plan(copy.deepcopy(reference), sub_plan, world.group(rank)))
     threads = [threading.Thread(target=run, args=(r, s)) for r, s in enumerate(shards)]
     for t in threads:
         t.start()
@@ -76,9 +78,22 @@ def _capture(model: nn.Module, layer: nn.Module, inputs: dict[str, torch.Tensor]
             model(**inputs, use_cache=False)
     finally:
         handle.remove()
+    gen = torch.Generator().manual_seed(0)
+    args, kwargs = _randomize_hidden(seen["args"], seen["kwargs"], gen)
+    reference = copy.deepcopy(layer).float()
     with torch.no_grad():
-        expected = copy.deepcopy(layer).float()(*seen["args"], **seen["kwargs"])
-    return seen["args"], seen["kwargs"], expected
+        for p in reference.parameters():  # weights ~ N(0, 1/fan_in), vectors ~ 1 + N(0, 0.1)
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(noise / p.shape[-1] ** 0.5 if p.dim() > 1 else 1 + 0.1 * noise)
+        expected = reference(*args, **kwargs)
+    return reference, args, kwargs, expected
+
+
+def _randomize_hidden(args: tuple, kwargs: dict, gen: torch.Generator) -> tuple[tuple, dict]:
+    """Replace the layer's hidden-state input (its first tensor) by N(0, 1) values."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (torch.randn(args[0].shape, generator=gen), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": torch.randn(kwargs["hidden_states"].shape, generator=gen)}
 
 
 def _first_tensor(value: Any) -> torch.Tensor:

@@ -1,0 +1,114 @@
+"""from_pretrained: build this rank's shard of a model without ever holding the whole model.
+
+A pre-sharded directory (autotp.json): the plan comes from the manifest and the weights are
+views of a memory map of this rank's file only. A Hugging Face directory: the walker plans on
+a skeleton of the model, and each weight is read as this rank's slice with positioned reads.
+Either way the skeleton's parameters are moved to the meta device before the plan is applied,
+so only this rank's tensors ever take memory.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import GenerationConfig
+
+from autotp.comm import TPGroup
+from autotp.plan import Plan, Style
+from autotp.policies import build_plan
+from autotp.sharding.apply import apply_plan
+from autotp.sharding.format import is_presharded, param_slice, read_manifest
+from autotp.sharding.skeleton import (build_skeleton, check_keys, parameters_to_meta, source_tensors,
+                                      stored_dtype)
+from autotp.sharding.stfile import CheckpointError, map_tensors, read_slice
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                    world_size: int | None = None, process_group: Any = None,
+                    overrides: Mapping[str, str | Style] | None = None, fuse_allreduce: bool = True,
+                    check_sha: bool = True) -> nn.Module:
+    """Load this rank's shard of a model, ready for ``generate()``.
+
+    ``path`` is a pre-sharded directory written by create_shard_model / save_sharded (only this
+    rank's file is read) or a Hugging Face checkpoint directory with safetensors (only this
+    rank's slice of each tensor is read). ``world_size`` defaults to the process group's size;
+    ``dtype`` defaults to the stored one. ``check_sha`` verifies this rank's file against the
+    manifest before use."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory; pass a Hugging Face checkpoint directory or one "
+                              "written by create_shard_model")
+    if world_size is None:
+        world_size = dist.get_world_size(process_group) if dist.is_initialized() else 1
+    group = TPGroup.from_torch(world_size, process_group)
+    want = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if is_presharded(directory):
+        model, plan, tensors = _presharded(directory, group, want, check_sha)
+    else:
+        model, plan, tensors = _from_hf(directory, group, want, overrides, fuse_allreduce)
+    _assign(model, plan, tensors, directory)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
+
+
+def _presharded(directory: Path, group: TPGroup, dtype: torch.dtype | None, check_sha: bool):
+    manifest = read_manifest(directory, group.tp_size, group.tp_rank, check_sha)
+    stored = manifest["dtype"]
+    if dtype is not None and stored != str(dtype).removeprefix("torch."):
+        raise CheckpointError(f"{directory} stores {stored} weights but dtype={dtype} was asked; load it "
+                              f"without dtype, or re-shard with create_shard_model --dtype {dtype}")
+    model = build_skeleton(directory, getattr(torch, stored) if stored != "mixed" else torch.float32)
+    plan = Plan.from_dict(manifest["plan"])
+    parameters_to_meta(model)
+    apply_plan(model, plan, group)
+    return model, plan, map_tensors(directory / manifest["files"][group.tp_rank]["name"])
+
+
+def _from_hf(directory: Path, group: TPGroup, dtype: torch.dtype | None, overrides, fuse_allreduce):
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} has neither autotp.json nor config.json: it is not a model directory")
+    model = build_skeleton(directory, dtype or stored_dtype(directory))
+    sources = source_tensors(directory, model)
+    plan = build_plan(model, group.tp_size, overrides, fuse_allreduce=fuse_allreduce)
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    parameters_to_meta(model)
+    apply_plan(model, plan, group)
+    wanted = [k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"]
+    handles: dict[Path, Any] = {}
+    tensors = {}
+    try:
+        for key in wanted:
+            found = key if key in sources else None
+            if found is None:  # a tied parameter is stored under one of its names only
+                found = next((a for group_ in aliases.values() if key in group_ for a in group_ if a in sources), None)
+            if found is None:
+                continue
+            path, info = sources[found]
+            handle = handles.setdefault(path, open(path, "rb"))
+            dim, ranges = param_slice(plan, key, group.tp_rank)
+            tensor = read_slice(handle, info, dim, ranges)
+            tensors[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return model, plan, tensors
+
+
+def _assign(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{directory} holds tensors this model does not have, e.g. "
+                              f"{result.unexpected_keys[:3]}; was it written for another architecture?")
+    for entry in plan.entries.values():
+        if entry.tied_to:
+            model.get_submodule(entry.name).weight = model.get_submodule(entry.tied_to).weight
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    check_keys(set(still_meta), set(), directory)
+    model.eval()

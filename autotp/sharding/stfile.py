@@ -1,0 +1,164 @@
+"""safetensors files, one tensor at a time.
+
+The format: 8 bytes of little-endian header length, a JSON header ({name: {dtype, shape,
+data_offsets}}, optional "__metadata__"), then the tensors' bytes back to back. We read
+headers ourselves so that a rank can (a) map its own file and use the tensors in place, with
+no copy, and (b) read only a slice of a source tensor with positioned reads, leaving no mapping
+of the rest resident; and we write rank files tensor by tensor, hashing as we go.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from autotp.plan import Ranges
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_MAX_HEADER = 100 * 2**20
+_CHUNK = 32 * 2**20  # bytes of source rows held at once while cutting columns
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors of a safetensors file (name -> TensorInfo) and its string metadata."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 0 or length > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path} is not a complete safetensors file (truncated or corrupt header); "
+                                  "re-create or re-download it")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            raise CheckpointError(f"{path} has an unreadable safetensors header; re-create it") from None
+    metadata = header.pop("__metadata__", None) or {}
+    infos = {}
+    for name, raw in header.items():
+        begin, end = raw["data_offsets"]
+        info = TensorInfo(name, DTYPES[raw["dtype"]], tuple(raw["shape"]), 8 + length + begin, 8 + length + end)
+        if info.end > size:
+            raise CheckpointError(f"{path} is truncated: tensor '{name}' ends at byte {info.end} of {size}; "
+                                  "re-create or re-download it")
+        infos[name] = info
+    return infos, metadata
+
+
+def map_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``path`` as a view of one private memory map: nothing is read until used."""
+    infos, _ = read_header(path)
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=os.path.getsize(path))
+    flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+    return {name: flat[i.start:i.end].view(i.dtype).reshape(i.shape) for name, i in infos.items()}
+
+
+def _read_into(f: BinaryIO, offset: int, out: torch.Tensor) -> None:
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    f.seek(offset)
+    if f.readinto(view) != len(view):
+        raise CheckpointError(f"{f.name} ended early while reading at byte {offset}; re-create it")
+
+
+def read_slice(f: BinaryIO, info: TensorInfo, dim: int | None, ranges: Ranges | None) -> torch.Tensor:
+    """Read the [start, stop) blocks of ``info`` along ``dim`` (all of it when ``dim`` is None),
+    concatenated, with positioned reads: no more than a chunk of rows beyond the result."""
+    shape = info.shape
+    if dim is None or not ranges:
+        out = torch.empty(shape, dtype=info.dtype)
+        _read_into(f, info.start, out)
+        return out
+    row_bytes = (info.end - info.start) // max(shape[0], 1)
+    if dim == 0:
+        rows = sum(b - a for a, b in ranges)
+        out = torch.empty((rows, *shape[1:]), dtype=info.dtype)
+        at = 0
+        for a, b in ranges:
+            _read_into(f, info.start + a * row_bytes, out[at:at + b - a])
+            at += b - a
+        return out
+    if dim != 1 or len(shape) != 2:
+        raise CheckpointError(f"cannot slice '{info.name}' of shape {shape} along dim {dim}")
+    cols = [torch.arange(a, b) for a, b in ranges]
+    index = torch.cat(cols)
+    out = torch.empty((shape[0], len(index)), dtype=info.dtype)
+    step = max(1, _CHUNK // max(row_bytes, 1))
+    for r in range(0, shape[0], step):
+        block = torch.empty((min(step, shape[0] - r), shape[1]), dtype=info.dtype)
+        _read_into(f, info.start + r * row_bytes, block)
+        out[r:r + len(block)] = block.index_select(1, index)
+    return out
+
+
+class ShardFileWriter:
+    """Writes one safetensors file whose tensors are known in advance, in that order, one call
+    per tensor; returns size and sha256 on close. Larger elements come first, so every tensor
+    starts aligned to its element size and can be used in place from a memory map."""
+
+    def __init__(self, path: str | Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str]) -> None:
+        self.specs = sorted(specs, key=lambda s: -torch.empty(0, dtype=s[1]).element_size())
+        header: dict = {"__metadata__": metadata}
+        offset = 0
+        for name, dtype, shape in self.specs:
+            nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+            header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path, self.next, self.sha = Path(path), 0, hashlib.sha256()
+        self.file = open(path, "wb")
+        self._emit(len(raw).to_bytes(8, "little") + raw)
+
+    @property
+    def order(self) -> list[str]:
+        return [name for name, _, _ in self.specs]
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected, dtype, shape = self.specs[self.next]
+        if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise AssertionError(f"writer expected {expected} {dtype} {shape}, got {name} {tensor.dtype} "
+                                 f"{tuple(tensor.shape)}")
+        self._emit(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self.next += 1
+
+    def close(self) -> tuple[int, str]:
+        if self.next != len(self.specs):
+            raise AssertionError(f"{self.path}: {len(self.specs) - self.next} tensors were never written")
+        self.file.close()
+        return self.path.stat().st_size, self.sha.hexdigest()
+
+    def abort(self) -> None:
+        self.file.close()
+
+
+def sha256_of(path: str | Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 2**20):
+            sha.update(chunk)
+    return sha.hexdigest()

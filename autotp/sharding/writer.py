@@ -1,0 +1,191 @@
+"""save_sharded: write one safetensors file per rank, reading the source tensor by tensor.
+
+The plan comes from the same walker as autotp.shard, run on a skeleton of the model (no
+weights loaded). Each source tensor is read once per rank as only that rank's slice, converted
+if asked, and appended to that rank's file, so the peak memory is about one tensor. Everything
+is written into a temporary sibling directory that is renamed into place at the end: an
+interrupted run never leaves a directory that looks finished.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from autotp.plan import Plan, Style
+from autotp.policies import build_plan
+from autotp.sharding.format import dtype_name, param_slice, rank_file, tied_keys, write_manifest
+from autotp.sharding.layers import take
+from autotp.sharding.skeleton import build_skeleton, check_keys, source_tensors, stored_dtype
+from autotp.sharding.stfile import CheckpointError, ShardFileWriter, read_slice
+
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+Reader = Callable[[str, int | None, list | None], torch.Tensor]
+
+
+def save_sharded(model_or_path: nn.Module | str | os.PathLike, save_dir: str | os.PathLike, world_size: int,
+                 dtype: torch.dtype | str | None = None, overwrite: bool = False,
+                 overrides: Mapping[str, str | Style] | None = None, fuse_allreduce: bool = True,
+                 progress: bool = True) -> Path:
+    """Write a pre-sharded checkpoint of ``model_or_path`` (a model in memory, or a Hugging Face
+    checkpoint directory with safetensors) for ``world_size`` ranks into ``save_dir``."""
+    target = Path(save_dir)
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"{target} already exists; choose another --save-path or pass overwrite=True "
+                              "(--overwrite)")
+    want = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if isinstance(model_or_path, nn.Module):
+        plan, specs, reader, copy_files = _from_model(model_or_path, world_size, want, overrides, fuse_allreduce)
+    else:
+        plan, specs, reader, copy_files = _from_directory(Path(model_or_path), world_size, want, overrides,
+                                                          fuse_allreduce)
+    stored = {dtype_name(d) for _, d in specs.values() if d.is_floating_point}
+    partial = target.parent / f".{target.name}.partial-{os.getpid()}"
+    _remove_stale_partials(target)
+    partial.mkdir(parents=True)
+    try:
+        files = _write_ranks(partial, plan, specs, reader, progress)
+        copy_files(partial)
+        write_manifest(partial, plan, stored.pop() if len(stored) == 1 else "mixed", files)
+        _move_into_place(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_ranks(directory: Path, plan: Plan, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 reader: Reader, progress: bool) -> list[dict]:
+    writers = []
+    for rank in range(plan.world_size):
+        rank_specs = []
+        for key, (shape, dtype) in specs.items():
+            dim, ranges = param_slice(plan, key, rank)
+            local = list(shape)
+            if dim is not None:
+                local[dim] = sum(b - a for a, b in ranges)
+            rank_specs.append((key, dtype, tuple(local)))
+        writers.append(ShardFileWriter(directory / rank_file(rank, plan.world_size), rank_specs,
+                                       {"format": "pt", "autotp_rank": str(rank)}))
+    try:
+        total = sum(torch.Size(s).numel() * torch.empty(0, dtype=d).element_size() for s, d in specs.values())
+        with tqdm(total=total, unit="B", unit_scale=True, desc="sharding", disable=not progress) as bar:
+            for key in writers[0].order:
+                whole = None
+                for rank, writer in enumerate(writers):
+                    dim, ranges = param_slice(plan, key, rank)
+                    if dim is None:
+                        whole = whole if whole is not None else reader(key, None, None)
+                        tensor = whole
+                    else:
+                        tensor = reader(key, dim, ranges)
+                    writer.write(key, tensor.to(specs[key][1]))
+                shape, dtype = specs[key]
+                bar.update(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size())
+        done = [w.close() for w in writers]
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    return [{"name": w.path.name, "size": size, "sha256": sha} for w, (size, sha) in zip(writers, done)]
+
+
+def _stored_keys(model: nn.Module, plan: Plan) -> list[str]:
+    """Parameters (under every name, minus the lm_head tied to a sharded embedding) and
+    persistent buffers: the tensors a rank file holds."""
+    params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    buffers = [n for n, _ in model.named_buffers(remove_duplicate=False) if n in model.state_dict()]
+    return [k for k in params + buffers if k not in tied_keys(plan)]
+
+
+def _from_model(model: nn.Module, world_size: int, dtype: torch.dtype | None, overrides, fuse_allreduce):
+    plan = build_plan(model, world_size, overrides, fuse_allreduce=fuse_allreduce)
+    state = model.state_dict(keep_vars=True)
+    specs = {}
+    for key in _stored_keys(model, plan):
+        t = state[key]
+        specs[key] = (tuple(t.shape), dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+    def reader(key: str, dim: int | None, ranges: list | None) -> torch.Tensor:
+        t = state[key].detach()
+        return t if dim is None else take(t, dim, ranges)
+
+    def copy_files(directory: Path) -> None:
+        model.config.save_pretrained(directory)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(directory)
+
+    return plan, specs, reader, copy_files
+
+
+def _from_directory(source: Path, world_size: int, dtype: torch.dtype | None, overrides, fuse_allreduce):
+    if not (source / "config.json").is_file():
+        raise CheckpointError(f"{source} is not a Hugging Face model directory (no config.json)")
+    skeleton = build_skeleton(source, dtype or stored_dtype(source))
+    tensors = source_tensors(source, skeleton)
+    plan = build_plan(skeleton, world_size, overrides, fuse_allreduce=fuse_allreduce)
+    keys = _stored_keys(skeleton, plan)
+    aliases = _tie_aliases(skeleton)
+    lookup = {k: k if k in tensors else next((a for a in aliases.get(k, ()) if a in tensors), k) for k in keys}
+    check_keys({k for k in keys if k in dict(skeleton.named_parameters(remove_duplicate=False))},
+               {k for k in keys if lookup[k] in tensors}, source)
+    keys = [k for k in keys if lookup[k] in tensors]  # persistent buffers absent from the source stay computed
+    specs = {}
+    for key in keys:
+        info = tensors[lookup[key]][1]
+        specs[key] = (info.shape, dtype if dtype is not None and info.dtype.is_floating_point else info.dtype)
+    handles = {path: open(path, "rb") for path in {tensors[lookup[k]][0] for k in keys}}
+
+    def reader(key: str, dim: int | None, ranges: list | None) -> torch.Tensor:
+        path, info = tensors[lookup[key]]
+        return read_slice(handles[path], info, dim, ranges)
+
+    def copy_files(directory: Path) -> None:
+        for handle in handles.values():
+            handle.close()
+        for item in source.iterdir():
+            if item.is_file() and not item.name.endswith(_WEIGHT_FILES) and item.name != "autotp.json":
+                shutil.copy2(item, directory / item.name)
+
+    return plan, specs, reader, copy_files
+
+
+def _tie_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> the other names of the same (tied) parameter."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n: [m for m in group if m != n] for group in names.values() for n in group}
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Temporary directories of earlier runs that were killed (their process is gone)."""
+    for stale in target.parent.glob(f".{target.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_into_place(partial: Path, target: Path) -> None:
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(old)
+        partial.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        partial.rename(target)
