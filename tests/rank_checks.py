@@ -136,3 +136,30 @@ def shard_errors(rank: int, world_size: int) -> dict:
     except ValueError as exc:
         messages["twice"] = str(exc)
     return messages
+
+
+def load_and_compare(rank: int, world_size: int, cases: list[tuple[str, str]]) -> list[dict]:
+    """For each (family, directory): from_pretrained on this rank against the unsharded model."""
+    inputs = zoo.batch()
+    out = []
+    for family, directory in cases:
+        reference = zoo.build(family)
+        with torch.no_grad():
+            ref_logits = reference(**inputs).logits
+        ref_tokens = _generate(reference, inputs)
+        model = autotp.from_pretrained(directory)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        tokens = _generate(model, inputs)
+        out.append({"case": (family, directory), "max_abs_diff": (logits - ref_logits).abs().max().item(),
+                    "tokens_equal": torch.equal(tokens, ref_tokens),
+                    "new_tokens": tokens.shape[1] - inputs["input_ids"].shape[1]})
+    return out
+
+
+def load_own_file_only(rank: int, world_size: int, family: str, per_rank_dirs: list[str]) -> float:
+    """Each rank loads from a directory that holds only its own rank file."""
+    inputs = zoo.batch()
+    with torch.no_grad():
+        ref = zoo.build(family)(**inputs).logits
+        return (autotp.from_pretrained(per_rank_dirs[rank])(**inputs).logits - ref).abs().max().item()

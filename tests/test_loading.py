@@ -1,0 +1,56 @@
+"""Multi-rank: from_pretrained on pre-sharded directories (written by create_shard_model) and
+on the original Hugging Face directories, against the unsharded model (float32, 1e-4)."""
+import shutil
+
+import pytest
+
+import rank_checks
+import zoo
+from autotp.cli import create_shard_model
+from dist_helper import run_ranks
+
+TOL = 1e-4
+FAMILIES = ["llama", "gptj", "bloom"]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Each family saved with save_pretrained as one file and as several files."""
+    root = tmp_path_factory.mktemp("sources")
+    dirs = {}
+    for family in FAMILIES:
+        model = zoo.build(family)
+        model.save_pretrained(root / f"{family}-one")
+        model.save_pretrained(root / f"{family}-many", max_shard_size="100KB")
+        assert len(list((root / f"{family}-many").glob("*.safetensors"))) > 1
+        dirs[family] = [root / f"{family}-one", root / f"{family}-many"]
+    return dirs
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_presharded_and_hf_directories_match_unsharded(sources, tmp_path, world_size):
+    cases = []
+    for family, hf_dirs in sources.items():
+        for hf in hf_dirs:
+            out = tmp_path / f"{hf.name}-tp{world_size}"
+            assert create_shard_model(["-m", str(hf), "--world-size", str(world_size), "--save-path", str(out),
+                                       "--quiet"]) == 0
+            cases += [(family, str(out)), (family, str(hf))]
+    for per_rank in run_ranks(rank_checks.load_and_compare, world_size, cases):
+        for r in per_rank:
+            assert r["max_abs_diff"] <= TOL, r
+            assert r["tokens_equal"] and r["new_tokens"] == rank_checks.NEW_TOKENS, r
+
+
+def test_a_rank_reads_only_its_own_file(sources, tmp_path):
+    out = tmp_path / "tp2"
+    assert create_shard_model(["-m", str(sources["llama"][0]), "--world-size", "2", "--save-path", str(out),
+                               "--quiet"]) == 0
+    per_rank = []
+    for rank in range(2):  # a copy per rank holding its own rank file only: the other is gone
+        mine = tmp_path / f"rank{rank}"
+        shutil.copytree(out, mine)
+        (mine / f"rank-{1 - rank:02d}-of-02.safetensors").unlink()
+        per_rank.append(str(mine))
+    diffs = run_ranks(rank_checks.load_own_file_only, 2, "llama", per_rank)
+    assert max(diffs) <= TOL
