@@ -110,7 +110,8 @@ def test_overrides_accept_hf_names_and_reject_unknown_patterns():
         Style.parse("diagonal")
 
 
-def test_verify_catches_a_wrong_plan(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verify_catches_a_wrong_plan(monkeypatch, dtype):
     """Negative control for the verifier: corrupt the head layout, verification must fail."""
     from autotp.policies import build as build_module
 
@@ -120,10 +121,10 @@ def test_verify_catches_a_wrong_plan(monkeypatch):
         a = original(n_q, n_kv, ws)
         return type(a)(a.q_heads[::-1], a.kv_heads, a.groups)  # queries paired with wrong KV heads
 
-    autotp.plan(zoo.build("llama"), 2)  # the unmodified plan verifies
+    autotp.plan(zoo.build("llama", dtype), 2)  # the unmodified plan verifies
     monkeypatch.setattr(build_module, "assign_heads", shifted)
     with pytest.raises(ShardingError, match="does not reproduce"):
-        autotp.plan(zoo.build("llama"), 2)
+        autotp.plan(zoo.build("llama", dtype), 2)
 
 
 def test_init_distributed_without_torchrun_says_what_to_do(monkeypatch):

@@ -19,8 +19,10 @@ def check_not_sharded(model: nn.Module) -> None:
                                 "autotp.shard must be called once, on the unsharded model")
 
 
-def apply_plan(model: nn.Module, plan: Plan, group: TPGroup) -> nn.Module:
-    """Replace every planned module of ``model`` by this rank's shard, in place."""
+def apply_plan(model: nn.Module, plan: Plan, group: TPGroup, share_weights: bool = False) -> nn.Module:
+    """Replace every planned module of ``model`` by this rank's shard, in place. With
+    ``share_weights`` the shards of Linear layers may be views of the original weights (for
+    simulations that keep the original alive anyway)."""
     check_not_sharded(model)
     if group.tp_size != plan.world_size:
         raise ShardingError(f"the plan is for world_size={plan.world_size} but the group has "
@@ -35,10 +37,11 @@ def apply_plan(model: nn.Module, plan: Plan, group: TPGroup) -> nn.Module:
                                 "was the plan made for another architecture?")
         ranges = entry.ranges[rank] if entry.ranges else []
         if entry.style == Style.COLUMN:
-            model.set_submodule(entry.name, ColumnParallelLinear(source, ranges, group))
+            model.set_submodule(entry.name, ColumnParallelLinear(source, ranges, group, not share_weights))
         elif entry.style == Style.ROW:
             sums = fused.get(entry.deferred_to or entry.name)
-            layer = RowParallelLinear(source, ranges, group, sums, defer=entry.deferred_to is not None)
+            layer = RowParallelLinear(source, ranges, group, sums, defer=entry.deferred_to is not None,
+                                      copy=not share_weights)
             model.set_submodule(entry.name, layer)
         elif entry.style == Style.VOCAB and isinstance(source, nn.Embedding):
             make_vocab_parallel_embedding(source, ranges[0][0], ranges[0][1], group)

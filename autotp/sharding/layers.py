@@ -20,10 +20,13 @@ from autotp.comm import TPGroup
 from autotp.plan import Ranges
 
 
-def take(tensor: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
-    """Concatenate the [start, stop) blocks of ``tensor`` along ``dim`` into a new tensor."""
+def take(tensor: torch.Tensor, dim: int, ranges: Ranges, copy: bool = True) -> torch.Tensor:
+    """Concatenate the [start, stop) blocks of ``tensor`` along ``dim`` into a new tensor (so the
+    rest can be freed); with ``copy=False`` a single block is returned as a view instead."""
     parts = [tensor.narrow(dim, start, stop - start) for start, stop in ranges]
-    return torch.cat(parts, dim=dim).contiguous() if len(parts) != 1 else parts[0].clone().contiguous()
+    if len(parts) == 1:
+        return parts[0].clone().contiguous() if copy else parts[0]
+    return torch.cat(parts, dim=dim).contiguous()
 
 
 class ParallelLayer:
@@ -35,11 +38,11 @@ class ParallelLayer:
 class ColumnParallelLinear(nn.Linear, ParallelLayer):
     """Output features split: Y_r = X A_r^T + b_r. The output is this rank's slice."""
 
-    def __init__(self, source: nn.Linear, ranges: Ranges, group: TPGroup) -> None:
+    def __init__(self, source: nn.Linear, ranges: Ranges, group: TPGroup, copy: bool = True) -> None:
         nn.Module.__init__(self)
         self.group = group
-        self.weight = nn.Parameter(take(source.weight.data, 0, ranges), requires_grad=False)
-        self.bias = (nn.Parameter(take(source.bias.data, 0, ranges), requires_grad=False)
+        self.weight = nn.Parameter(take(source.weight.data, 0, ranges, copy), requires_grad=False)
+        self.bias = (nn.Parameter(take(source.bias.data, 0, ranges, copy), requires_grad=False)
                      if source.bias is not None else None)
         self.in_features = source.in_features
         self.out_features = self.weight.shape[0]
@@ -58,11 +61,11 @@ class RowParallelLinear(nn.Linear, ParallelLayer):
     """
 
     def __init__(self, source: nn.Linear, ranges: Ranges, group: TPGroup,
-                 partial_sums: "PartialSums | None" = None, defer: bool = False) -> None:
+                 partial_sums: "PartialSums | None" = None, defer: bool = False, copy: bool = True) -> None:
         nn.Module.__init__(self)
         self.group = group
-        self.weight = nn.Parameter(take(source.weight.data, 1, ranges), requires_grad=False)
-        self.bias = (nn.Parameter(source.bias.data.clone(), requires_grad=False)
+        self.weight = nn.Parameter(take(source.weight.data, 1, ranges, copy), requires_grad=False)
+        self.bias = (nn.Parameter(source.bias.data.clone() if copy else source.bias.data, requires_grad=False)
                      if source.bias is not None else None)
         self.in_features = self.weight.shape[1]
         self.out_features = source.out_features

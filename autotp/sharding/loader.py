@@ -77,28 +77,46 @@ def _from_hf(directory: Path, group: TPGroup, dtype: torch.dtype | None, overrid
     plan = build_plan(model, group.tp_size, overrides, fuse_allreduce=fuse_allreduce)
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
+        aliases.setdefault(id(p), []).append(name)  # tied parameters are stored under one name
     parameters_to_meta(model)
     apply_plan(model, plan, group)
     wanted = [k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"]
-    handles: dict[Path, Any] = {}
+    by_name = {name: group_ for group_ in aliases.values() for name in group_}
     tensors = {}
-    try:
+    with _SourceReader() as reader:
         for key in wanted:
-            found = key if key in sources else None
-            if found is None:  # a tied parameter is stored under one of its names only
-                found = next((a for group_ in aliases.values() if key in group_ for a in group_ if a in sources), None)
-            if found is None:
+            found = key if key in sources else next((a for a in by_name.get(key, ()) if a in sources), None)
+            if found is None:  # left on meta: _assign reports it
                 continue
             path, info = sources[found]
-            handle = handles.setdefault(path, open(path, "rb"))
             dim, ranges = param_slice(plan, key, group.tp_rank)
-            tensor = read_slice(handle, info, dim, ranges)
-            tensors[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-    finally:
-        for handle in handles.values():
-            handle.close()
+            convert = dtype is not None and info.dtype.is_floating_point and info.dtype != dtype
+            tensors[key] = reader.read(path, info, dim, ranges, convert).to(dtype if convert else info.dtype)
     return model, plan, tensors
+
+
+class _SourceReader:
+    """This rank's slices of source tensors. Whole tensors and single row ranges are views of a
+    private memory map of the source file (no copy, pages read when first used); column cuts and
+    tensors to convert are read with positioned reads, which leave nothing mapped."""
+
+    def __init__(self) -> None:
+        self.maps: dict[Path, dict[str, torch.Tensor]] = {}
+        self.files: dict[Path, Any] = {}
+
+    def __enter__(self) -> "_SourceReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+    def read(self, path: Path, info, dim: int | None, ranges: list | None, convert: bool) -> torch.Tensor:
+        if not convert and (dim is None or (dim == 0 and len(ranges) == 1)):
+            tensor = self.maps.setdefault(path, map_tensors(path))[info.name]
+            return tensor if dim is None else tensor[ranges[0][0]:ranges[0][1]]
+        handle = self.files.setdefault(path, open(path, "rb"))
+        return read_slice(handle, info, dim, ranges)
 
 
 def _assign(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], directory: Path) -> None:

@@ -24,7 +24,6 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
-_CHUNK = 32 * 2**20  # bytes of source rows held at once while cutting columns
 
 
 class CheckpointError(ValueError):
@@ -74,15 +73,19 @@ def map_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _read_into(f: BinaryIO, offset: int, out: torch.Tensor) -> None:
+    """Fill ``out`` from byte ``offset`` of ``f`` with positioned reads straight into its memory."""
     view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    f.seek(offset)
-    if f.readinto(view) != len(view):
-        raise CheckpointError(f"{f.name} ended early while reading at byte {offset}; re-create it")
+    done = 0
+    while done < len(view):
+        got = os.preadv(f.fileno(), [view[done:]], offset + done)
+        if got <= 0:
+            raise CheckpointError(f"{f.name} ended early while reading at byte {offset + done}; re-create it")
+        done += got
 
 
 def read_slice(f: BinaryIO, info: TensorInfo, dim: int | None, ranges: Ranges | None) -> torch.Tensor:
     """Read the [start, stop) blocks of ``info`` along ``dim`` (all of it when ``dim`` is None),
-    concatenated, with positioned reads: no more than a chunk of rows beyond the result."""
+    concatenated, with positioned reads into the result: no temporary copies."""
     shape = info.shape
     if dim is None or not ranges:
         out = torch.empty(shape, dtype=info.dtype)
@@ -90,8 +93,7 @@ def read_slice(f: BinaryIO, info: TensorInfo, dim: int | None, ranges: Ranges | 
         return out
     row_bytes = (info.end - info.start) // max(shape[0], 1)
     if dim == 0:
-        rows = sum(b - a for a, b in ranges)
-        out = torch.empty((rows, *shape[1:]), dtype=info.dtype)
+        out = torch.empty((sum(b - a for a, b in ranges), *shape[1:]), dtype=info.dtype)
         at = 0
         for a, b in ranges:
             _read_into(f, info.start + a * row_bytes, out[at:at + b - a])
@@ -99,14 +101,19 @@ def read_slice(f: BinaryIO, info: TensorInfo, dim: int | None, ranges: Ranges | 
         return out
     if dim != 1 or len(shape) != 2:
         raise CheckpointError(f"cannot slice '{info.name}' of shape {shape} along dim {dim}")
-    cols = [torch.arange(a, b) for a, b in ranges]
-    index = torch.cat(cols)
-    out = torch.empty((shape[0], len(index)), dtype=info.dtype)
-    step = max(1, _CHUNK // max(row_bytes, 1))
-    for r in range(0, shape[0], step):
-        block = torch.empty((min(step, shape[0] - r), shape[1]), dtype=info.dtype)
-        _read_into(f, info.start + r * row_bytes, block)
-        out[r:r + len(block)] = block.index_select(1, index)
+    out = torch.empty((shape[0], sum(b - a for a, b in ranges)), dtype=info.dtype)
+    size = out.element_size()
+    raw = memoryview(out.view(torch.uint8).numpy()).cast("B")
+    local_row = out.shape[1] * size
+    for row in range(shape[0]):  # each row's column blocks, read in place
+        at = row * local_row
+        buffers = []
+        for a, b in ranges:
+            buffers.append(raw[at:at + (b - a) * size])
+            at += (b - a) * size
+        for (a, b), buf in zip(ranges, buffers):
+            if os.preadv(f.fileno(), [buf], info.start + row * row_bytes + a * size) != len(buf):
+                raise CheckpointError(f"{f.name} ended early in tensor '{info.name}'; re-create it")
     return out
 
 

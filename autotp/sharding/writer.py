@@ -85,6 +85,8 @@ def _write_ranks(directory: Path, plan: Plan, specs: dict[str, tuple[tuple[int, 
                     else:
                         tensor = reader(key, dim, ranges)
                     writer.write(key, tensor.to(specs[key][1]))
+                    del tensor  # one slice alive at a time
+                del whole
                 shape, dtype = specs[key]
                 bar.update(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size())
         done = [w.close() for w in writers]
