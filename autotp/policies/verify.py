@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import dataclasses
+import gc
 import threading
 from typing import Any
 
@@ -115,6 +116,7 @@ def _randomize_hidden(args: tuple, kwargs: dict, gen: torch.Generator) -> tuple[
 def release_free_memory() -> None:
     """Hand memory freed by the simulation back to the OS (glibc keeps freed heap otherwise, and
     the weights are about to be loaded on top of it)."""
+    gc.collect()  # tensors held by reference cycles (traced graphs) go first
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do

@@ -20,6 +20,7 @@ from transformers import GenerationConfig
 from autotp.comm import TPGroup
 from autotp.plan import Plan, Style
 from autotp.policies import build_plan
+from autotp.policies.verify import release_free_memory
 from autotp.sharding.apply import apply_plan
 from autotp.sharding.format import is_presharded, param_slice, read_manifest
 from autotp.sharding.skeleton import (build_skeleton, check_keys, parameters_to_meta, source_tensors,
@@ -75,6 +76,7 @@ def _from_hf(directory: Path, group: TPGroup, dtype: torch.dtype | None, overrid
     model = build_skeleton(directory, dtype or stored_dtype(directory))
     sources = source_tensors(directory, model)
     plan = build_plan(model, group.tp_size, overrides, fuse_allreduce=fuse_allreduce)
+    release_free_memory()  # what the trace freed, before the weights arrive
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)  # tied parameters are stored under one name
