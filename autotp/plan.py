@@ -114,9 +114,6 @@ class Plan:
                 counts[entry.layer] += 1
         return dict(sorted(counts.items()))
 
-    def by_style(self, style: Style) -> list[Entry]:
-        return [e for e in self.entries.values() if e.style == style]
-
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
