@@ -23,8 +23,7 @@ from autotp.policies import build_plan
 from autotp.policies.verify import release_free_memory
 from autotp.sharding.apply import apply_plan
 from autotp.sharding.format import is_presharded, param_slice, read_manifest
-from autotp.sharding.skeleton import (build_skeleton, check_keys, parameters_to_meta, source_tensors,
-                                      stored_dtype)
+from autotp.sharding.skeleton import build_skeleton, parameters_to_meta, source_tensors, stored_dtype
 from autotp.sharding.stfile import CheckpointError, map_tensors, read_slice
 
 
@@ -130,5 +129,7 @@ def _assign(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], dire
         if entry.tied_to:
             model.get_submodule(entry.name).weight = model.get_submodule(entry.tied_to).weight
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    check_keys(set(still_meta), set(), directory)
+    if still_meta:
+        raise CheckpointError(f"{directory} lacks {len(still_meta)} weights the model needs, e.g. "
+                              f"{still_meta[:3]}; is this the checkpoint of this config's architecture?")
     model.eval()
