@@ -1,0 +1,143 @@
+"""The native kernels: a C++ extension compiled on first use, and the choice between it and torch.
+
+``AUTOTP_KERNELS`` picks the side:
+  ``auto`` (default)  native where it can run (bf16 weights, a CPU with AVX-512, the extension
+                      built), else torch, saying once why native is off;
+  ``native``          native, and an error naming the cause where it cannot run;
+  ``torch``           always ``F.linear`` on plain weights.
+
+The extension is compiled with the machine's g++ against the installed torch
+(``torch.utils.cpp_extension.load``, cached under ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``); ranks starting together wait on the same build lock.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+ENV = "AUTOTP_KERNELS"
+MODES = ("auto", "native", "torch")
+BLOCK_N = 16  # output columns per packed block (csrc/gemm_avx512.h)
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def mode() -> str:
+    """The side ``AUTOTP_KERNELS`` asks for; an unknown value is an error naming the variable."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"autotp: {ENV}={value!r} is not one of {', '.join(MODES)}")
+    return value
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch's JIT build runs ``ninja``; a venv that installed the ninja wheel has it beside
+    its python, which is not on PATH unless the venv is activated."""
+    if shutil.which("ninja"):
+        return
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja  # type: ignore[import-not-found]
+        candidates.append(Path(ninja.BIN_DIR))
+    except ImportError:
+        pass
+    for folder in candidates:
+        if (folder / "ninja").exists():
+            os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+
+
+def _build() -> str:
+    """Compile (or find cached) and load the extension; returns the ISA it runs with ("" for
+    none). Raises with the compiler's message when the build fails."""
+    from torch.utils.cpp_extension import load
+
+    _ensure_ninja_on_path()
+    csrc = Path(__file__).parent / "csrc"
+    load(name="autotp_kernels", sources=[str(csrc / "ops.cpp"), str(csrc / "gemm_avx512.cpp")],
+         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=os.environ.get("AUTOTP_VERBOSE_BUILD") == "1")
+    return torch.ops.autotp.kernel_isa()
+
+
+def status() -> tuple[bool, str]:
+    """(whether the native GEMM can run here, why not / which ISA). Builds on first call."""
+    with _lock:
+        if "ok" not in _state:
+            try:
+                isa = _build()
+            except Exception as exc:  # a missing compiler, headers, ninja: the message says which
+                _state["ok"], _state["why"] = False, f"the C++ extension did not build or load: {exc}"
+            else:
+                _state["ok"] = bool(isa)
+                _state["why"] = isa or "this CPU lacks AVX-512 (F, BW, DQ, VL), which the native GEMM needs"
+                if isa:
+                    _register_fakes()
+        return bool(_state["ok"]), str(_state["why"])
+
+
+def native_enabled(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether layers with weights of ``dtype`` should use the native GEMM, per ``AUTOTP_KERNELS``.
+    Warns once (``auto``) or raises (``native``) when the native side cannot run."""
+    chosen = mode()
+    if chosen == "torch":
+        return False
+    if dtype != torch.bfloat16:
+        if chosen == "native" and not _state.get("dtype_warned"):
+            _state["dtype_warned"] = True
+            warnings.warn(f"autotp: {ENV}=native covers bfloat16 weights; {dtype} layers run on torch",
+                          stacklevel=2)
+        return False
+    ok, why = status()
+    if ok:
+        return True
+    if chosen == "native":
+        raise RuntimeError(f"autotp: {ENV}=native but the native kernels cannot run: {why}. "
+                           f"Unset {ENV} (or set it to torch) to run on torch kernels.")
+    if not _state.get("warned"):
+        _state["warned"] = True
+        warnings.warn(f"autotp: native kernels off, running on torch: {why}", stacklevel=2)
+    return False
+
+
+def prepack(weight: torch.Tensor) -> torch.Tensor:
+    """bf16 weight [N, K] -> the packed layout [ceil(N/16), ceil(K/2), 32] the GEMM reads."""
+    return torch.ops.autotp.prepack_bf16(weight)
+
+
+def unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The plain [N, K] weight back from its packed layout."""
+    return torch.ops.autotp.unpack_bf16(packed, out_features, in_features)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x @ W^T + bias with W packed by :func:`prepack`; fp32 accumulation, output in
+    ``out_dtype`` (default: x's dtype)."""
+    return torch.ops.autotp.linear_bf16(x, packed, bias, out_features, out_dtype)
+
+
+def _register_fakes() -> None:
+    """Shape functions, so the ops trace under torch.compile / FakeTensor (and pass opcheck)."""
+    if _state.get("fakes"):
+        return
+    _state["fakes"] = True
+
+    @torch.library.register_fake("autotp::prepack_bf16")
+    def _(weight):
+        n, k = weight.shape
+        return weight.new_empty(((n + BLOCK_N - 1) // BLOCK_N, (k + 1) // 2, 2 * BLOCK_N))
+
+    @torch.library.register_fake("autotp::unpack_bf16")
+    def _(packed, out_features, in_features):
+        return packed.new_empty((out_features, in_features))
+
+    @torch.library.register_fake("autotp::linear_bf16")
+    def _(x, packed, bias, out_features, out_dtype=None):
+        return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)

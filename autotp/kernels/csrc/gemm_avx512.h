@@ -1,0 +1,44 @@
+// BF16 GEMM with prepacked weights for CPUs with AVX-512 (F, BW, DQ, VL).
+//
+// Packed weight layout (shared with the registration code and the Python fallback):
+//   a weight W of shape [N, K] becomes [NB, K2, 32] bf16, NB = ceil(N / 16), K2 = ceil(K / 2),
+//   element (b, p, 2 * j + s) = W[16 * b + j, 2 * p + s], zero where the index runs past N or K.
+// Each block of 16 output columns is one contiguous stream; each 64-byte row of it holds a
+// pair of K values for all 16 columns (the "VNNI pair" order that AMX and AVX512-BF16 consume).
+#pragma once
+
+#include <cstdint>
+
+namespace autotp::avx512 {
+
+constexpr int64_t kBlockN = 16;     // output columns per packed block
+constexpr int64_t kRowElems = 32;   // bf16 elements per packed row (16 columns x a K pair)
+constexpr int64_t kTileM = 6;       // activation rows per micro-kernel call
+constexpr int64_t kGroupBlocks = 4; // packed blocks (64 columns) per micro-kernel call
+constexpr int64_t kBlockM = 96;     // activation rows per unit of work
+constexpr int64_t kMaxItemBlocks = 16;  // packed blocks (256 columns) per unit of work
+constexpr int64_t kChunkPairs = 256;  // K pairs per pass when several row tiles reuse the panel
+
+// True when the CPU and the OS support the instructions the kernel uses.
+bool cpu_supported();
+
+struct GemmArgs {
+  const float* x;        // activations as fp32, [M, 2 * K2] (zero in the padding column)
+  const uint16_t* w;     // packed weight, [NB, K2, 32]
+  const float* bias;     // [N] or nullptr
+  void* out;             // [M, N] with row stride ldo, bf16 or fp32
+  int64_t M, N, K2, ldo;
+  bool out_bf16;
+};
+
+// Computes rows [m0, m1) (at most kBlockM) and packed blocks [b0, b1) (at most kMaxItemBlocks)
+// of the output. With one row tile the weight streams once over the whole K; with several, K is
+// walked in chunks so that each chunk of x and of the weight stays in cache while every
+// (row tile, 64-column group) pair of the unit uses it.
+void gemm_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1);
+
+// Reads [data, data + bytes) with 64-byte loads and returns their XOR (so the loads are not
+// optimised away): the read bandwidth a streaming kernel can reach, for benchmarks.
+uint64_t stream_read(const uint8_t* data, int64_t bytes);
+
+}  // namespace autotp::avx512

@@ -1,0 +1,150 @@
+// The torch.ops.autotp operators: the one registration file of the extension.
+//
+//   prepack_bf16(weight[N, K]) -> packed[NB, K2, 32]      (layout: gemm_avx512.h)
+//   unpack_bf16(packed, N, K) -> weight[N, K]              (inverse, for tests and state dicts)
+//   linear_bf16(x[..., K], packed, bias?, N, out_dtype?) -> y[..., N] = x W^T + bias
+//   read_probe(buffer) -> checksum                        (read bandwidth, for benchmarks)
+//   kernel_isa() -> "avx512" when the GEMM can run on this CPU, else ""
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <optional>
+#include <string>
+
+#include "gemm_avx512.h"
+
+namespace autotp {
+namespace {
+
+using avx512::kBlockM;
+using avx512::kBlockN;
+using avx512::kGroupBlocks;
+using avx512::kRowElems;
+using avx512::kTileM;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+at::Tensor prepack_bf16(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, "autotp::prepack_bf16: weight must be 2-D [out, in], got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.device().is_cpu(),
+              "autotp::prepack_bf16: weight must be a bfloat16 CPU tensor, got ",
+              weight.scalar_type(), " on ", weight.device());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const int64_t NB = ceil_div(N, kBlockN), K2 = ceil_div(K, 2);
+  at::Tensor w = weight;
+  if (NB * kBlockN != N || 2 * K2 != K)
+    w = at::constant_pad_nd(weight, {0, 2 * K2 - K, 0, NB * kBlockN - N}, 0);
+  // [NB, 16, K2, 2] -> [NB, K2, 16, 2]: each 64-byte row is one K pair of 16 columns.
+  return w.reshape({NB, kBlockN, K2, 2}).permute({0, 2, 1, 3}).contiguous().view({NB, K2, kRowElems});
+}
+
+void check_packed(const at::Tensor& packed, int64_t N, int64_t K, const char* op) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kRowElems && packed.scalar_type() == at::kBFloat16,
+              op, ": packed weight must be bfloat16 [ceil(N/16), ceil(K/2), 32] from prepack_bf16, got ",
+              packed.scalar_type(), " ", packed.sizes());
+  TORCH_CHECK(packed.size(0) == ceil_div(N, kBlockN) && packed.size(1) == ceil_div(K, 2), op,
+              ": packed weight ", packed.sizes(), " does not hold a [", N, ", ", K, "] weight");
+}
+
+at::Tensor unpack_bf16(const at::Tensor& packed, int64_t N, int64_t K) {
+  check_packed(packed, N, K, "autotp::unpack_bf16");
+  const int64_t NB = packed.size(0), K2 = packed.size(1);
+  return packed.view({NB, K2, kBlockN, 2}).permute({0, 2, 1, 3}).reshape({NB * kBlockN, 2 * K2})
+      .narrow(0, 0, N).narrow(1, 0, K).contiguous();
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                       int64_t N, std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "autotp::linear_bf16: x must be a bfloat16 or float32 CPU tensor, got ", x.scalar_type(),
+              " on ", x.device());
+  TORCH_CHECK(x.dim() >= 1, "autotp::linear_bf16: x must have at least one dimension");
+  const int64_t K = x.size(-1);
+  check_packed(packed, N, K, "autotp::linear_bf16");
+  TORCH_CHECK(packed.is_contiguous(), "autotp::linear_bf16: packed weight must be contiguous");
+  const at::ScalarType odt = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(odt == at::kBFloat16 || odt == at::kFloat,
+              "autotp::linear_bf16: out_dtype must be bfloat16 or float32, got ", odt);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "autotp::linear_bf16: bias must be [", N,
+                "], got ", bias->sizes());
+    b = bias->to(at::kFloat).contiguous();
+  }
+  TORCH_CHECK(avx512::cpu_supported(),
+              "autotp::linear_bf16: this CPU lacks AVX-512 (F, BW, DQ, VL); use F.linear on the unpacked weight");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const int64_t M = x.numel() / std::max<int64_t>(K, 1);
+  at::Tensor out = at::empty(out_shape, x.options().dtype(odt));
+  if (M == 0 || N == 0) return out;
+  const int64_t K2 = packed.size(1);
+  at::Tensor xf;
+  if (K == 0) {
+    return out.zero_().add_(b.defined() ? b.to(odt) : at::zeros({N}, out.options()));
+  } else if (2 * K2 == K) {
+    xf = x.reshape({M, K}).to(at::kFloat).contiguous();
+  } else {
+    xf = at::zeros({M, 2 * K2}, x.options().dtype(at::kFloat));
+    xf.narrow(1, 0, K).copy_(x.reshape({M, K}));
+  }
+  avx512::GemmArgs args{xf.data_ptr<float>(),
+                        reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()),
+                        b.defined() ? b.data_ptr<float>() : nullptr,
+                        out.data_ptr(), M, N, K2, N, odt == at::kBFloat16};
+  // Units of work: (block of rows) x (run of packed blocks). Runs are long (better reuse of x)
+  // unless that leaves too few units to spread over the threads.
+  const int64_t NB = packed.size(0);
+  const int64_t mblocks = ceil_div(M, kBlockM);
+  const int64_t rows = std::min(kBlockM, ceil_div(ceil_div(M, mblocks), kTileM) * kTileM);
+  const int64_t mcount = ceil_div(M, rows);
+  int64_t run = avx512::kMaxItemBlocks;
+  while (run > kGroupBlocks && mcount * ceil_div(NB, run) < 8 * at::get_num_threads()) run /= 2;
+  const int64_t runs = ceil_div(NB, run);
+  at::parallel_for(0, runs * mcount, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / mcount, mb = item % mcount;
+      const int64_t m0 = mb * rows, b0 = r * run;
+      avx512::gemm_tile(args, m0, std::min(M, m0 + rows), b0, std::min(NB, b0 + run));
+    }
+  });
+  return out;
+}
+
+// Reads every byte of `buffer` once, split over the threads: a benchmark's measure of the read
+// bandwidth the GEMM's weight streaming can be compared with. Returns a checksum.
+int64_t read_probe(const at::Tensor& buffer) {
+  TORCH_CHECK(buffer.device().is_cpu() && buffer.is_contiguous(), "autotp::read_probe: needs a contiguous CPU tensor");
+  TORCH_CHECK(avx512::cpu_supported(), "autotp::read_probe: this CPU lacks AVX-512");
+  const auto* data = static_cast<const uint8_t*>(buffer.data_ptr());
+  const int64_t bytes = buffer.numel() * buffer.element_size(), piece = 1 << 20;
+  std::atomic<uint64_t> sum{0};
+  at::parallel_for(0, ceil_div(bytes, piece), 1, [&](int64_t begin, int64_t end) {
+    const int64_t start = begin * piece, stop = std::min(bytes, end * piece);
+    sum.fetch_xor(avx512::stream_read(data + start, stop - start));
+  });
+  return static_cast<int64_t>(sum.load());
+}
+
+std::string kernel_isa() { return avx512::cpu_supported() ? "avx512" : ""; }
+
+}  // namespace
+}  // namespace autotp
+
+TORCH_LIBRARY(autotp, m) {
+  m.def("prepack_bf16(Tensor weight) -> Tensor");
+  m.def("unpack_bf16(Tensor packed, int out_features, int in_features) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features, ScalarType? out_dtype=None) -> Tensor");
+  m.def("read_probe(Tensor buffer) -> int");
+  m.def("kernel_isa() -> str", &autotp::kernel_isa);
+}
+
+TORCH_LIBRARY_IMPL(autotp, CPU, m) {
+  m.impl("prepack_bf16", &autotp::prepack_bf16);
+  m.impl("unpack_bf16", &autotp::unpack_bf16);
+  m.impl("linear_bf16", &autotp::linear_bf16);
+  m.impl("read_probe", &autotp::read_probe);
+}
