@@ -10,6 +10,7 @@ from autotp.comm import TPGroup, init_distributed
 from autotp.plan import Plan, Style
 from autotp.policies import build_plan
 from autotp.sharding.apply import apply_plan, check_not_sharded
+from autotp.sharding.layers import pack_layers
 from autotp.sharding.loader import from_pretrained
 from autotp.sharding.writer import save_sharded
 
@@ -38,11 +39,14 @@ def shard(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style
     """Shard ``model`` in place for ``world_size`` ranks and return it; this process's rank
     comes from torch.distributed (``process_group``, or the default group). Every rank's
     forward returns the full logits. ``overrides``, ``strict``, ``verify`` and
-    ``fuse_allreduce`` are as in :func:`plan`."""
+    ``fuse_allreduce`` are as in :func:`plan`. bf16 Linear shards are packed for the native
+    kernels where they run (``AUTOTP_KERNELS``, see ``autotp.kernels``)."""
     check_not_sharded(model)
     group = TPGroup.from_torch(world_size, process_group)
     the_plan = build_plan(model, world_size, overrides, strict, verify, fuse_allreduce)
-    return apply_plan(model, the_plan, group)
+    apply_plan(model, the_plan, group)
+    pack_layers(model)
+    return model
 
 
 __all__ = ["from_pretrained", "init_distributed", "plan", "save_sharded", "shard", "Plan", "Style"]

@@ -1,6 +1,8 @@
 """Functions that run inside each spawned rank (importable, so spawn can find them)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -63,8 +65,12 @@ def compare_all(rank: int, world_size: int, families: list[str], fuse: bool = Tr
     return {f: compare_family(rank, world_size, f, fuse=fuse) for f in families}
 
 
-def compare_bf16(rank: int, world_size: int, family: str) -> dict:
-    """Logits error against an fp32 reference: unsharded bf16 vs sharded bf16."""
+def compare_bf16(rank: int, world_size: int, family: str, kernels: str = "auto") -> dict:
+    """Logits error against an fp32 reference: unsharded bf16 vs sharded bf16, with the
+    sharded layers on the kernels ``AUTOTP_KERNELS=kernels`` picks (and which were used)."""
+    from autotp.sharding.layers import PackableLinear
+
+    os.environ["AUTOTP_KERNELS"] = kernels
     inputs = zoo.batch()
     with torch.no_grad():
         ref = zoo.build(family)(**inputs).logits
@@ -72,8 +78,10 @@ def compare_bf16(rank: int, world_size: int, family: str) -> dict:
         model = autotp.shard(zoo.build(family, torch.bfloat16), world_size)
         sharded = model(**inputs).logits.float()
     mask = inputs["attention_mask"].bool()
+    layers = [m for m in model.modules() if isinstance(m, PackableLinear) and not getattr(m, "tied", False)]
     return {"plain_err": (plain - ref)[mask].abs().max().item(),
-            "sharded_err": (sharded - ref)[mask].abs().max().item()}
+            "sharded_err": (sharded - ref)[mask].abs().max().item(),
+            "layers": len(layers), "packed": sum(m.packed for m in layers)}
 
 
 def count_collectives(rank: int, world_size: int, family: str, fuse: bool = True) -> dict:

@@ -4,6 +4,7 @@ import pytest
 
 import rank_checks
 import zoo
+from autotp import kernels
 from autotp.sharding.math import assign_heads, split_sizes
 from dist_helper import run_ranks
 
@@ -48,8 +49,18 @@ def test_each_rank_holds_its_share_of_the_weights(results, family):
 @pytest.mark.parametrize("family", ["llama", "gptj", "bloom"])
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_bfloat16_error_at_most_twice_the_unsharded_error(family, world_size):
+    """Default kernels: native (packed weights) on a CPU that runs them, and that is checked."""
+    native = kernels.status()[0]
     for r in run_ranks(rank_checks.compare_bf16, world_size, family):
         assert r["sharded_err"] <= 2 * r["plain_err"], r
+        assert r["layers"] > 0 and r["packed"] == (r["layers"] if native else 0), r
+
+
+@pytest.mark.parametrize("family", ["llama", "gptj", "bloom"])
+def test_bfloat16_on_torch_kernels(family):
+    for r in run_ranks(rank_checks.compare_bf16, 2, family, "torch"):
+        assert r["sharded_err"] <= 2 * r["plain_err"], r
+        assert r["packed"] == 0, r
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom"])

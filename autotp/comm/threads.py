@@ -3,6 +3,7 @@ without processes). Sums are taken in rank order, so every thread gets the same 
 from __future__ import annotations
 
 import threading
+from typing import Any, Callable
 
 import torch
 
@@ -19,6 +20,30 @@ class ThreadWorld:
 
     def group(self, rank: int) -> "ThreadGroup":
         return ThreadGroup(tp_rank=rank, tp_size=self.size, world=self)
+
+    def run(self, fn: Callable[[int], Any]) -> list[Any]:
+        """Run ``fn(rank)`` for every rank in its own thread; return the results by rank. The
+        first real error is raised after all threads end (a failing rank aborts the barrier,
+        so the others stop waiting for it)."""
+        results: list[Any] = [None] * self.size
+        errors: list[BaseException] = []
+
+        def body(rank: int) -> None:
+            try:
+                results[rank] = fn(rank)
+            except BaseException as exc:
+                errors.append(exc)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+        if real or errors:
+            raise (real or errors)[0]
+        return results
 
 
 class ThreadGroup(TPGroup):

@@ -10,7 +10,6 @@ import copy
 import ctypes
 import dataclasses
 import gc
-import threading
 from typing import Any
 
 import torch
@@ -34,32 +33,22 @@ def verify_plan(model: nn.Module, plan: Plan, layers_path: str, inputs: dict[str
     reference, args, kwargs, expected = _capture(model, layer, inputs)
     sub_plan = _sub_plan(plan, f"{layers_path}.0.")
     world = ThreadWorld(plan.world_size)
-    outputs: list[Any] = [None] * plan.world_size
-    errors: list[BaseException] = []
-
-    def run(rank: int, shard: nn.Module) -> None:
-        try:
-            with torch.no_grad():
-                outputs[rank] = shard(*args, **kwargs)
-        except BaseException as exc:  # reported below, after the other threads are released
-            errors.append(exc)
-            world.barrier.abort()
-
     shared = {id(p): p for p in reference.parameters()}  # cut from, never copied whole
     shards = [apply_plan(copy.deepcopy(reference, dict(shared)), sub_plan, world.group(rank), share_weights=True)
               for rank in range(plan.world_size)]
-    threads = [threading.Thread(target=run, args=(r, s)) for r, s in enumerate(shards)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+
+    def run(rank: int) -> Any:
+        with torch.no_grad():
+            return shards[rank](*args, **kwargs)
+
     where = f"decoder layer '{layers_path}.0' of {plan.architecture}"
-    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
-    if real:
+    try:
+        outputs = world.run(run)
+    except Exception as exc:
         raise ShardingError(f"the plan fails on {where} with world_size={plan.world_size}: "
-                            f"{type(real[0]).__name__}: {real[0]}. Some op reads a column-sharded "
+                            f"{type(exc).__name__}: {exc}. Some op reads a column-sharded "
                             "activation at its full width; replicate the affected layers with "
-                            "overrides={'...': 'replicate'}") from real[0]
+                            "overrides={'...': 'replicate'}") from exc
     worst = max(_rel_error(out, expected) for out in outputs)
     del shards, reference
     release_free_memory()

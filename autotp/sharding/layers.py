@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autotp import kernels
 from autotp.comm import TPGroup
 from autotp.plan import Ranges
 
@@ -35,7 +36,36 @@ class ParallelLayer:
     group: TPGroup
 
 
-class ColumnParallelLinear(nn.Linear, ParallelLayer):
+class PackableLinear(nn.Linear):
+    """A Linear whose weight may be swapped for the native kernels' packed layout.
+
+    After ``pack_weight`` the ``weight`` parameter holds [ceil(out/16), ceil(in/2), 32] bf16
+    (one copy: the plain weight is dropped); ``unpacked_weight()`` gives the [out, in] view back.
+    """
+
+    packed: bool = False
+
+    def pack_weight(self) -> bool:
+        """Pack the weight for the native GEMM if ``autotp.kernels`` says it runs here for this
+        dtype; returns whether the layer is now packed."""
+        if not self.packed and kernels.native_enabled(self.weight.dtype):
+            self.weight = nn.Parameter(kernels.prepack(self.weight.data), requires_grad=False)
+            self.packed = True
+        return self.packed
+
+    def unpacked_weight(self) -> torch.Tensor:
+        """The [out_features, in_features] weight, unpacked if need be (a new tensor then)."""
+        if self.packed:
+            return kernels.unpack(self.weight, self.out_features, self.in_features)
+        return self.weight
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed:
+            return kernels.linear(x, self.weight, bias, self.out_features)
+        return F.linear(x, self.weight, bias)
+
+
+class ColumnParallelLinear(PackableLinear, ParallelLayer):
     """Output features split: Y_r = X A_r^T + b_r. The output is this rank's slice."""
 
     def __init__(self, source: nn.Linear, ranges: Ranges, group: TPGroup, copy: bool = True) -> None:
@@ -48,10 +78,10 @@ class ColumnParallelLinear(nn.Linear, ParallelLayer):
         self.out_features = self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
-class RowParallelLinear(nn.Linear, ParallelLayer):
+class RowParallelLinear(PackableLinear, ParallelLayer):
     """Input features split: Y = all_reduce(X_r A_r^T) + b. ``x`` is this rank's slice.
 
     With ``partial_sums`` the layer is one of several whose outputs are only ever added
@@ -74,7 +104,7 @@ class RowParallelLinear(nn.Linear, ParallelLayer):
             partial_sums.deferred.append(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.matmul(x, None)
         sums = self.partial_sums
         if sums is None:
             y = self.group.all_reduce(y)
@@ -105,7 +135,7 @@ class PartialSums:
         self.parts: dict[int, torch.Tensor] = {}
 
 
-class VocabParallelLMHead(nn.Linear, ParallelLayer):
+class VocabParallelLMHead(PackableLinear, ParallelLayer):
     """Vocabulary rows split: each rank computes its slice of the logits, then an all-gather
     gives every rank the full logits. ``sizes[r]`` is rank r's vocabulary slice."""
 
@@ -114,6 +144,7 @@ class VocabParallelLMHead(nn.Linear, ParallelLayer):
         nn.Module.__init__(self)
         self.group = group
         self.sizes = sizes
+        self.tied = weight is not None  # shares the embedding's rows: stays unpacked
         self.weight = weight if weight is not None else nn.Parameter(
             take(source.weight.data, 0, ranges), requires_grad=False)
         self.bias = (nn.Parameter(take(source.bias.data, 0, ranges), requires_grad=False)
@@ -122,7 +153,7 @@ class VocabParallelLMHead(nn.Linear, ParallelLayer):
         self.out_features = self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.all_gather_last_dim(F.linear(x, self.weight, self.bias), self.sizes)
+        return self.group.all_gather_last_dim(self.matmul(x, self.bias), self.sizes)
 
 
 class VocabParallelEmbeddingMixin(ParallelLayer):
@@ -139,6 +170,17 @@ class VocabParallelEmbeddingMixin(ParallelLayer):
         out = super().forward(local_ids)  # type: ignore[misc]
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return self.group.all_reduce(out)
+
+
+def pack_layers(model: nn.Module) -> int:
+    """Pack the weights of ``model``'s parallel Linear layers for the native kernels, where
+    ``autotp.kernels`` says they run; an lm_head tied to the embedding stays plain (packing it
+    would need a second copy). Returns how many layers were packed."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, PackableLinear) and not getattr(module, "tied", False):
+            count += module.pack_weight()
+    return count
 
 
 @functools.cache

@@ -22,6 +22,7 @@ from autotp.plan import Plan, Style
 from autotp.policies import build_plan
 from autotp.policies.verify import release_free_memory
 from autotp.sharding.apply import apply_plan
+from autotp.sharding.layers import pack_layers
 from autotp.sharding.format import is_presharded, param_slice, read_manifest
 from autotp.sharding.skeleton import build_skeleton, parameters_to_meta, source_tensors, stored_dtype
 from autotp.sharding.stfile import CheckpointError, map_tensors, read_slice
@@ -37,7 +38,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     rank's file is read) or a Hugging Face checkpoint directory with safetensors (only this
     rank's slice of each tensor is read). ``world_size`` defaults to the process group's size;
     ``dtype`` defaults to the stored one. ``check_sha`` verifies this rank's file against the
-    manifest before use."""
+    manifest before use. bf16 Linear shards are packed for the native kernels where they run
+    (``AUTOTP_KERNELS``, see ``autotp.kernels``)."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory; pass a Hugging Face checkpoint directory or one "
@@ -51,6 +53,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     else:
         model, plan, tensors = _from_hf(directory, group, want, overrides, fuse_allreduce)
     _assign(model, plan, tensors, directory)
+    del tensors
+    pack_layers(model)
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model

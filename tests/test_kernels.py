@@ -1,0 +1,212 @@
+"""The native BF16 GEMM (autotp.kernels) against float64 references, the packed layout against
+its definition, the ops under torch.library.opcheck, and the dispatch of the parallel layers."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autotp import kernels
+from autotp.comm.threads import ThreadWorld
+from autotp.sharding.layers import ColumnParallelLinear, PackableLinear, RowParallelLinear, pack_layers
+
+AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
+
+
+def cpu_flags() -> set[str]:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_extension_builds_where_the_cpu_supports_it():
+    ok, why = kernels.status()
+    if AVX512 <= cpu_flags():
+        assert ok and why == "avx512", why
+    else:
+        assert not ok and "AVX-512" in why
+
+
+native = pytest.mark.skipif(not kernels.status()[0], reason=f"native kernels unavailable: {kernels.status()[1]}")
+
+
+def bf16(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x W^T + b in float64 (exact products of the bf16 inputs) and the bound on fp32 rounding
+    error: k * 2^-24 * (|x| |W|^T + |b|), with k = 2 log2(K) + 4 for pairwise-free summation
+    splits (chunks of K, then the bias), loose enough for any fp32 summation order."""
+    x64, w64 = x.double(), w.double()
+    y = x64 @ w64.T
+    mag = x64.abs() @ w64.abs().T
+    if b is not None:
+        y, mag = y + b.double(), mag + b.double().abs()
+    k = x.shape[-1]
+    return y, mag * (k + 2) * 2.0**-24 + 1e-30
+
+
+@native
+@pytest.mark.parametrize("n,k", [(1, 1), (15, 3), (16, 32), (17, 31), (100, 129), (257, 1000), (48, 4096)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemm_shape_sweep_against_float64(n, k, bias):
+    w = bf16(n, k, seed=n * 7 + k)
+    b = bf16(n, seed=k) if bias else None
+    packed = kernels.prepack(w)
+    for m in (1, 2, 3, 5, 6, 7, 13, 16, 17, 64, 97, 255, 1024, 2048):
+        if m * n * k > 2**27:
+            continue
+        x = bf16(m, k, seed=m)
+        expect, bound = reference(x, w, b)
+        y32 = kernels.linear(x, packed, b, n, torch.float32)
+        err = (y32.double() - expect).abs()
+        assert (err <= bound).all(), f"M={m} N={n} K={k}: max err {err.max():.3g}, bound {bound.max():.3g}"
+        # bf16 output: the fp32 result rounded once, to nearest even
+        assert torch.equal(kernels.linear(x, packed, b, n), y32.bfloat16()), f"M={m} N={n} K={k}"
+
+
+@native
+def test_gemm_leading_dims_fp32_input_and_empty():
+    w, b = bf16(40, 24, seed=1), bf16(40, seed=2)
+    packed = kernels.prepack(w)
+    x = bf16(2, 3, 24, seed=3)
+    y = kernels.linear(x, packed, b, 40)
+    assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
+    assert torch.equal(y, kernels.linear(x.reshape(6, 24), packed, b, 40).reshape(2, 3, 40))
+    y32 = kernels.linear(x.float(), packed, b, 40)
+    assert y32.dtype == torch.float32 and torch.allclose(y32, y.float(), atol=0.05)
+    assert kernels.linear(bf16(0, 24, seed=4), packed, None, 40).shape == (0, 40)
+
+
+@native
+def test_gemm_reaches_all_columns_and_rows_with_many_threads():
+    """Every output element written exactly once whatever the split (poisoned output would show)."""
+    w = bf16(1000, 64, seed=5)
+    packed = kernels.prepack(w)
+    x = bf16(300, 64, seed=6)
+    expect, bound = reference(x, w, None)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            y = kernels.linear(x, packed, None, 1000, torch.float32)
+            assert ((y.double() - expect).abs() <= bound).all(), threads
+    finally:
+        torch.set_num_threads(before)
+
+
+@native
+@pytest.mark.parametrize("n,k", [(1, 1), (17, 31), (32, 64), (5, 130)])
+def test_packed_layout_is_the_documented_one(n, k):
+    w = bf16(n, k, seed=9)
+    packed = kernels.prepack(w)
+    assert packed.shape == (math.ceil(n / 16), math.ceil(k / 2), 32) and packed.dtype == torch.bfloat16
+    for b in range(packed.shape[0]):
+        for p in range(packed.shape[1]):
+            for j in range(16):
+                for s in range(2):
+                    row, col = 16 * b + j, 2 * p + s
+                    want = w[row, col] if row < n and col < k else torch.tensor(0, dtype=torch.bfloat16)
+                    assert packed[b, p, 2 * j + s] == want
+    assert torch.equal(kernels.unpack(packed, n, k), w)
+
+
+@native
+def test_op_errors_name_the_problem():
+    w = bf16(20, 10, seed=1)
+    packed = kernels.prepack(w)
+    with pytest.raises(RuntimeError, match="does not hold a \\[20, 12\\] weight"):
+        kernels.linear(bf16(2, 12, seed=2), packed, None, 20)
+    with pytest.raises(RuntimeError, match="bias must be \\[20\\]"):
+        kernels.linear(bf16(2, 10, seed=2), packed, bf16(21, seed=3), 20)
+    with pytest.raises(RuntimeError, match="bfloat16 CPU tensor"):
+        kernels.prepack(w.float())
+    with pytest.raises(RuntimeError, match="x must be a bfloat16 or float32"):
+        kernels.linear(bf16(2, 10, seed=2).half(), packed, None, 20)
+
+
+@native
+def test_opcheck():
+    w, b = bf16(33, 70, seed=1), bf16(33, seed=2)
+    packed = kernels.prepack(w)
+    x = bf16(5, 70, seed=3)
+    torch.library.opcheck(torch.ops.autotp.prepack_bf16.default, (w,))
+    torch.library.opcheck(torch.ops.autotp.unpack_bf16.default, (packed, 33, 70))
+    for args in [(x, packed, b, 33), (x, packed, None, 33), (x, packed, b, 33, torch.float32)]:
+        torch.library.opcheck(torch.ops.autotp.linear_bf16.default, args)
+
+
+def two_rank_layers(kind: type, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+    """Run a column or row layer of 2 simulated ranks; returns each rank's output."""
+    source = nn.Linear(w.shape[1], w.shape[0], bias=True, dtype=w.dtype)
+    source.weight.data, source.bias.data = w, b
+    world = ThreadWorld(2)
+    half = (w.shape[0] if kind is ColumnParallelLinear else w.shape[1]) // 2
+    ranges = [[(0, half)], [(half, 2 * half)]]
+    layers = [kind(source, ranges[r], world.group(r)) for r in range(2)]
+    packed = [layer.pack_weight() for layer in layers]
+    xs = [x, x] if kind is ColumnParallelLinear else [x[..., :half], x[..., half:]]
+    outs = world.run(lambda r: layers[r](xs[r]))
+    return [packed, outs]
+
+
+@pytest.mark.parametrize("mode", ["native", "torch"])
+@pytest.mark.parametrize("kind", [ColumnParallelLinear, RowParallelLinear])
+def test_parallel_layers_dispatch_and_match_nn_linear(monkeypatch, mode, kind):
+    if mode == "native" and not kernels.status()[0]:
+        pytest.skip(kernels.status()[1])
+    monkeypatch.setenv(kernels.ENV, mode)
+    w, b, x = bf16(64, 96, seed=1), bf16(64, seed=2), bf16(3, 5, 96, seed=3)
+    packed, outs = two_rank_layers(kind, w, b, x)
+    assert packed == [mode == "native"] * 2
+    expect = F.linear(x.float(), w.float(), b.float())
+    if kind is ColumnParallelLinear:
+        got = torch.cat(outs, dim=-1).float()
+    else:
+        assert torch.equal(outs[0], outs[1])
+        got = outs[0].float()
+    assert (got - expect).abs().max() <= 0.02 * expect.abs().max()  # bf16 output rounding
+
+
+def test_unknown_kernel_mode_is_an_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(ValueError, match="AUTOTP_KERNELS='fast' is not one of auto, native, torch"):
+        kernels.native_enabled()
+
+
+def test_float32_layers_stay_on_torch(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "auto")
+    layer = ColumnParallelLinear(nn.Linear(8, 8), [(0, 8)], ThreadWorld(1).group(0))
+    assert not layer.pack_weight() and not layer.packed
+
+
+def test_build_failure_falls_back_once_or_raises_when_forced(monkeypatch):
+    """A machine where the extension cannot build: auto warns once and stays on torch; native
+    raises with the cause."""
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_build", lambda: (_ for _ in ()).throw(OSError("g++: not found")))
+    monkeypatch.setenv(kernels.ENV, "auto")
+    model = nn.Sequential(ColumnParallelLinear(nn.Linear(8, 8, dtype=torch.bfloat16), [(0, 8)],
+                                               ThreadWorld(1).group(0)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pack_layers(model) == 0
+        assert not kernels.native_enabled()
+    assert len(caught) == 1 and "g++: not found" in str(caught[0].message)
+    monkeypatch.setenv(kernels.ENV, "native")
+    with pytest.raises(RuntimeError, match="AUTOTP_KERNELS=native but .*g\\+\\+: not found"):
+        kernels.native_enabled()
+
+
+@native
+def test_packed_layer_unpacks_to_its_weight():
+    w = bf16(24, 40, seed=4)
+    layer = ColumnParallelLinear(nn.Linear(40, 24, dtype=torch.bfloat16), [(0, 24)], ThreadWorld(1).group(0))
+    layer.weight.data = w.clone()
+    assert isinstance(layer, PackableLinear) and layer.pack_weight()
+    assert layer.weight.shape == (2, 20, 32)
+    assert torch.equal(layer.unpacked_weight(), w)
