@@ -100,18 +100,20 @@ def test_gemm_reaches_all_columns_and_rows_with_many_threads():
 
 
 @native
-@pytest.mark.parametrize("n,k", [(1, 1), (17, 31), (32, 64), (5, 130)])
+@pytest.mark.parametrize("n,k", [(1, 1), (17, 31), (64, 4), (70, 5)])
 def test_packed_layout_is_the_documented_one(n, k):
     w = bf16(n, k, seed=9)
     packed = kernels.prepack(w)
-    assert packed.shape == (math.ceil(n / 16), math.ceil(k / 2), 32) and packed.dtype == torch.bfloat16
-    for b in range(packed.shape[0]):
+    assert packed.shape == (math.ceil(n / 64), math.ceil(k / 2), 128) and packed.dtype == torch.bfloat16
+    zero = torch.tensor(0, dtype=torch.bfloat16)
+    for g in range(packed.shape[0]):
         for p in range(packed.shape[1]):
-            for j in range(16):
-                for s in range(2):
-                    row, col = 16 * b + j, 2 * p + s
-                    want = w[row, col] if row < n and col < k else torch.tensor(0, dtype=torch.bfloat16)
-                    assert packed[b, p, 2 * j + s] == want
+            for j in range(4):
+                for i in range(16):
+                    for s in range(2):
+                        row, col = 64 * g + 16 * j + i, 2 * p + s
+                        want = w[row, col] if row < n and col < k else zero
+                        assert packed[g, p, 32 * j + 2 * i + s] == want
     assert torch.equal(kernels.unpack(packed, n, k), w)
 
 
@@ -208,5 +210,5 @@ def test_packed_layer_unpacks_to_its_weight():
     layer = ColumnParallelLinear(nn.Linear(40, 24, dtype=torch.bfloat16), [(0, 24)], ThreadWorld(1).group(0))
     layer.weight.data = w.clone()
     assert isinstance(layer, PackableLinear) and layer.pack_weight()
-    assert layer.weight.shape == (2, 20, 32)
+    assert layer.weight.shape == (1, 20, 128)
     assert torch.equal(layer.unpacked_weight(), w)

@@ -1,24 +1,26 @@
-"""BF16 linear layers on this CPU: F.linear against torch's prepacked oneDNN path, measured
-interleaved in one run, with GFLOP/s and, for decoding shapes (M <= 16), the weight bytes read
-per second as a share of the read bandwidth this script measures. A float32 F.linear column
-shows what the CPU's fp32 FMA units reach on the same shape (on CPUs without AMX or AVX-512
-BF16, oneDNN emulates bf16 and an fp32 kernel that widens bf16 weights in registers is the
-better model of a native kernel's ceiling).
+"""BF16 linear layers on this CPU: autotp's native GEMM against F.linear and torch's prepacked
+oneDNN path, measured interleaved in one run, with GFLOP/s and, for decoding shapes (M <= 16),
+the weight bytes read per second as a share of the machine's read bandwidth.
 
-    python tools/bench_gemm.py [--threads 1 2] [--m 1 4 16 64 256 1024]
+    python tools/bench_gemm.py [--threads 1 2] [--m 1 4 16 64 256 1024] [--rounds 3]
 
-The native autotp kernel (issue: native BF16 GEMM) is to be added as a third column; until
-then this is the yardstick it must meet. The script prints the CPU's ISA first: AMX tiles
-and AVX-512 BF16 decide what oneDNN (and a native kernel) can use.
+The read bandwidth is measured by the same script, interleaved with the GEMMs: an AVX-512
+streaming read of a 1 GiB buffer (torch.ops.autotp.read_probe) on the same threads, median
+over the run. Ratios are time of the other path / time of native: above 1.00 native is faster.
+The script prints the CPU's ISA first: AMX tiles and AVX-512 BF16 decide what oneDNN can use
+(without them oneDNN emulates bf16, and native's fp32 FMAs on widened weights win).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from autotp import kernels
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): weight [N, K]
 
@@ -30,19 +32,8 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def read_bandwidth(threads: int, gib: float = 1.0) -> float:
-    """Bytes per second of summing a buffer much larger than the caches (median of 5)."""
-    torch.set_num_threads(threads)
-    buf = torch.ones(int(gib * 2**30 / 4))
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - start)
-    return buf.numel() * 4 / statistics.median(times)
-
-
-def timed(fn, min_time: float = 0.3, min_runs: int = 3) -> float:
+def timed(fn, min_time: float = 0.2, min_runs: int = 3) -> float:
+    """Median seconds of fn() over at least ``min_runs`` runs and ``min_time`` seconds."""
     fn()  # warm-up
     times = []
     while len(times) < min_runs or sum(times) < min_time:
@@ -56,38 +47,67 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024])
-    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two paths per shape")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the three paths per shape")
     args = parser.parse_args()
     flags = cpu_flags()
     isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if f in flags]
-    print(f"torch {torch.__version__}, CPU ISA: {' '.join(isa)}; torch capability {torch.backends.cpu.get_cpu_capability()}")
+    ok, why = kernels.status()
+    print(f"torch {torch.__version__}, CPU ISA: {' '.join(isa)}; torch capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; native kernels: {why}")
+    if not ok:
+        sys.exit("the native kernels cannot run here; nothing to compare")
+    probe = torch.ones(2**30, dtype=torch.uint8)
+    summary = []
     for threads in args.threads:
-        bw = read_bandwidth(threads)
         torch.set_num_threads(threads)
-        print(f"\n{threads} thread(s): measured read bandwidth {bw / 1e9:.1f} GB/s")
-        print(f"{'N x K':>12} {'M':>5} {'F.linear ms':>12} {'prepacked ms':>13} {'F/prep':>7} "
-              f"{'F GFLOP/s':>10} {'prep GFLOP/s':>13} {'fp32 GFLOP/s':>13} {'F %bw':>6} {'prep %bw':>9}")
+        bandwidths: list[float] = []
+        rows = []
+
+        def read_bw() -> None:
+            bandwidths.append(probe.numel() / timed(lambda: torch.ops.autotp.read_probe(probe), 0.0, 3))
+
         for n, k in SHAPES:
-            w32 = torch.randn(n, k) * 0.02
-            w = w32.bfloat16()
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            w = (torch.randn(n, k) * 0.02).bfloat16()
+            packed_native = kernels.prepack(w)
+            packed_onednn = torch.ops.mkldnn._reorder_linear_weight(w, None)
             for m in args.m:
-                x32 = torch.randn(m, k)
-                x = x32.bfloat16()
-                plain = lambda: F.linear(x, w)
-                pre = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-                t_plain, t_pre = [], []
-                for _ in range(args.rounds):  # interleaved: noise hits both alike
-                    t_plain.append(timed(plain))
-                    t_pre.append(timed(pre))
-                a, b = statistics.median(t_plain), statistics.median(t_pre)
-                c = timed(lambda: F.linear(x32, w32))
-                flop = 2 * m * n * k
-                row = (f"{n:>6}x{k:<5} {m:>5} {a * 1e3:>12.3f} {b * 1e3:>13.3f} {a / b:>7.2f} "
-                       f"{flop / a / 1e9:>10.1f} {flop / b / 1e9:>13.1f} {flop / c / 1e9:>13.1f}")
-                if m <= 16:
-                    row += f" {n * k * 2 / a / bw * 100:>5.0f}% {n * k * 2 / b / bw * 100:>8.0f}%"
-                print(row, flush=True)
+                x = torch.randn(m, k).bfloat16()
+                paths = {
+                    "native": lambda: kernels.linear(x, packed_native, None, n),
+                    "F.linear": lambda: F.linear(x, w),
+                    "prepacked": lambda: torch.ops.mkldnn._linear_pointwise(x, packed_onednn, None, "none", [], ""),
+                }
+                times = {name: [] for name in paths}
+                for _ in range(args.rounds):  # interleaved: noise hits all alike
+                    for name, fn in paths.items():
+                        times[name].append(timed(fn))
+                    if m <= 16:
+                        read_bw()
+                rows.append((n, k, m, {name: statistics.median(t) for name, t in times.items()}))
+                print(".", end="", flush=True, file=sys.stderr)
+        print(file=sys.stderr)
+        bw = statistics.median(bandwidths)
+        print(f"\n{threads} thread(s): measured read bandwidth {bw / 1e9:.1f} GB/s "
+              f"(median of {len(bandwidths)}, range {min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f})")
+        print(f"{'N x K':>12} {'M':>5} {'native ms':>10} {'F.linear ms':>12} {'prepack ms':>11} "
+              f"{'F/nat':>6} {'pre/nat':>8} {'nat GF/s':>9} {'F GF/s':>7} {'pre GF/s':>9} "
+              f"{'nat %bw':>8} {'F %bw':>6} {'pre %bw':>8}")
+        for n, k, m, t in rows:
+            flop = 2 * m * n * k
+            a, b, c = t["native"], t["F.linear"], t["prepacked"]
+            line = (f"{n:>6}x{k:<5} {m:>5} {a * 1e3:>10.3f} {b * 1e3:>12.3f} {c * 1e3:>11.3f} "
+                    f"{b / a:>6.2f} {c / a:>8.2f} {flop / a / 1e9:>9.1f} {flop / b / 1e9:>7.1f} {flop / c / 1e9:>9.1f}")
+            if m <= 16:
+                line += "".join(f" {n * k * 2 / v / bw * 100:>{width}.0f}%" for v, width in ((a, 7), (b, 5), (c, 7)))
+            print(line)
+            summary.append((threads, m, b / a, c / a, n * k * 2 / a / bw if m == 1 else None))
+    print("\nworst ratios over all shapes (>= 1.00: native at least as fast):")
+    for threads in args.threads:
+        mine = [s for s in summary if s[0] == threads]
+        at_m1 = [s[4] for s in mine if s[4] is not None]
+        print(f"  {threads} thread(s): F.linear/native min {min(s[2] for s in mine):.2f}, "
+              f"prepacked/native min {min(s[3] for s in mine):.2f}"
+              + (f", native M=1 share of read bandwidth min {min(at_m1) * 100:.0f}%" if at_m1 else ""))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 
 ENV = "AUTOTP_KERNELS"
 MODES = ("auto", "native", "torch")
-BLOCK_N = 16  # output columns per packed block (csrc/gemm_avx512.h)
+GROUP_N = 64  # output columns per packed group (csrc/gemm_avx512.h)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -107,7 +107,8 @@ def native_enabled(dtype: torch.dtype = torch.bfloat16) -> bool:
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:
-    """bf16 weight [N, K] -> the packed layout [ceil(N/16), ceil(K/2), 32] the GEMM reads."""
+    """bf16 weight [N, K] -> the packed layout [ceil(N/64), ceil(K/2), 128] the GEMM reads:
+    element (g, p, 32 j + 2 i + s) = W[64 g + 16 j + i, 2 p + s], zero past N or K."""
     return torch.ops.autotp.prepack_bf16(weight)
 
 
@@ -132,7 +133,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("autotp::prepack_bf16")
     def _(weight):
         n, k = weight.shape
-        return weight.new_empty(((n + BLOCK_N - 1) // BLOCK_N, (k + 1) // 2, 2 * BLOCK_N))
+        return weight.new_empty(((n + GROUP_N - 1) // GROUP_N, (k + 1) // 2, 2 * GROUP_N))
 
     @torch.library.register_fake("autotp::unpack_bf16")
     def _(packed, out_features, in_features):

@@ -1,18 +1,20 @@
 // BF16 GEMM with prepacked weights for CPUs with AVX-512 (F, BW, DQ, VL).
 //
-// Packed weight layout (shared with the registration code and the Python fallback):
-//   a weight W of shape [N, K] becomes [NB, K2, 32] bf16, NB = ceil(N / 16), K2 = ceil(K / 2),
-//   element (b, p, 2 * j + s) = W[16 * b + j, 2 * p + s], zero where the index runs past N or K.
-// Each block of 16 output columns is one contiguous stream; each 64-byte row of it holds a
-// pair of K values for all 16 columns (the "VNNI pair" order that AMX and AVX512-BF16 consume).
+// Packed weight layout (shared with the registration code and the Python fake functions):
+//   a weight W of shape [N, K] becomes [NG, K2, 128] bf16, NG = ceil(N / 64), K2 = ceil(K / 2),
+//   element (g, p, 32 * j + 2 * i + s) = W[64 * g + 16 * j + i, 2 * p + s], zero past N or K.
+// A group of 64 output columns is one contiguous stream (a decoding GEMV reads the weight
+// front to back); each 256-byte row of it holds one K pair for the group's four blocks of 16
+// columns, each block's 64 bytes in the "VNNI pair" order AMX and AVX512-BF16 also consume.
 #pragma once
 
 #include <cstdint>
 
 namespace autotp::avx512 {
 
-constexpr int64_t kBlockN = 16;     // output columns per packed block
-constexpr int64_t kRowElems = 32;   // bf16 elements per packed row (16 columns x a K pair)
+constexpr int64_t kBlockN = 16;     // output columns per block (one zmm register of fp32)
+constexpr int64_t kRowElems = 32;   // bf16 elements of one block's K pair
+constexpr int64_t kGroupRow = 128;  // bf16 elements of one group's K pair (4 blocks)
 constexpr int64_t kTileM = 6;       // activation rows per micro-kernel call
 constexpr int64_t kGroupBlocks = 4; // packed blocks (64 columns) per micro-kernel call
 constexpr int64_t kBlockM = 96;     // activation rows per unit of work
@@ -24,14 +26,15 @@ bool cpu_supported();
 
 struct GemmArgs {
   const float* x;        // activations as fp32, [M, 2 * K2] (zero in the padding column)
-  const uint16_t* w;     // packed weight, [NB, K2, 32]
+  const uint16_t* w;     // packed weight, [NG, K2, 128]
   const float* bias;     // [N] or nullptr
   void* out;             // [M, N] with row stride ldo, bf16 or fp32
   int64_t M, N, K2, ldo;
   bool out_bf16;
 };
 
-// Computes rows [m0, m1) (at most kBlockM) and packed blocks [b0, b1) (at most kMaxItemBlocks)
+// Computes rows [m0, m1) (at most kBlockM) and blocks of 16 columns [b0, b1) (b0 a multiple of
+// kGroupBlocks, at most kMaxItemBlocks blocks, b1 <= ceil(N / 16))
 // of the output. With one row tile the weight streams once over the whole K; with several, K is
 // walked in chunks so that each chunk of x and of the weight stays in cache while every
 // (row tile, 64-column group) pair of the unit uses it.

@@ -1,6 +1,6 @@
 // The torch.ops.autotp operators: the one registration file of the extension.
 //
-//   prepack_bf16(weight[N, K]) -> packed[NB, K2, 32]      (layout: gemm_avx512.h)
+//   prepack_bf16(weight[N, K]) -> packed[NG, K2, 128]     (layout: gemm_avx512.h)
 //   unpack_bf16(packed, N, K) -> weight[N, K]              (inverse, for tests and state dicts)
 //   linear_bf16(x[..., K], packed, bias?, N, out_dtype?) -> y[..., N] = x W^T + bias
 //   read_probe(buffer) -> checksum                        (read bandwidth, for benchmarks)
@@ -21,7 +21,7 @@ namespace {
 using avx512::kBlockM;
 using avx512::kBlockN;
 using avx512::kGroupBlocks;
-using avx512::kRowElems;
+using avx512::kGroupRow;
 using avx512::kTileM;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -33,26 +33,26 @@ at::Tensor prepack_bf16(const at::Tensor& weight) {
               "autotp::prepack_bf16: weight must be a bfloat16 CPU tensor, got ",
               weight.scalar_type(), " on ", weight.device());
   const int64_t N = weight.size(0), K = weight.size(1);
-  const int64_t NB = ceil_div(N, kBlockN), K2 = ceil_div(K, 2);
+  const int64_t group = kGroupBlocks * kBlockN, NG = ceil_div(N, group), K2 = ceil_div(K, 2);
   at::Tensor w = weight;
-  if (NB * kBlockN != N || 2 * K2 != K)
-    w = at::constant_pad_nd(weight, {0, 2 * K2 - K, 0, NB * kBlockN - N}, 0);
-  // [NB, 16, K2, 2] -> [NB, K2, 16, 2]: each 64-byte row is one K pair of 16 columns.
-  return w.reshape({NB, kBlockN, K2, 2}).permute({0, 2, 1, 3}).contiguous().view({NB, K2, kRowElems});
+  if (NG * group != N || 2 * K2 != K)
+    w = at::constant_pad_nd(weight, {0, 2 * K2 - K, 0, NG * group - N}, 0);
+  // [NG, 64, K2, 2] -> [NG, K2, 64, 2]: each 256-byte row is one K pair of a group's 64 columns.
+  return w.reshape({NG, group, K2, 2}).permute({0, 2, 1, 3}).contiguous().view({NG, K2, kGroupRow});
 }
 
 void check_packed(const at::Tensor& packed, int64_t N, int64_t K, const char* op) {
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kRowElems && packed.scalar_type() == at::kBFloat16,
-              op, ": packed weight must be bfloat16 [ceil(N/16), ceil(K/2), 32] from prepack_bf16, got ",
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kGroupRow && packed.scalar_type() == at::kBFloat16,
+              op, ": packed weight must be bfloat16 [ceil(N/64), ceil(K/2), 128] from prepack_bf16, got ",
               packed.scalar_type(), " ", packed.sizes());
-  TORCH_CHECK(packed.size(0) == ceil_div(N, kBlockN) && packed.size(1) == ceil_div(K, 2), op,
+  TORCH_CHECK(packed.size(0) == ceil_div(N, kGroupBlocks * kBlockN) && packed.size(1) == ceil_div(K, 2), op,
               ": packed weight ", packed.sizes(), " does not hold a [", N, ", ", K, "] weight");
 }
 
 at::Tensor unpack_bf16(const at::Tensor& packed, int64_t N, int64_t K) {
   check_packed(packed, N, K, "autotp::unpack_bf16");
-  const int64_t NB = packed.size(0), K2 = packed.size(1);
-  return packed.view({NB, K2, kBlockN, 2}).permute({0, 2, 1, 3}).reshape({NB * kBlockN, 2 * K2})
+  const int64_t NG = packed.size(0), K2 = packed.size(1), group = kGroupBlocks * kBlockN;
+  return packed.view({NG, K2, group, 2}).permute({0, 2, 1, 3}).reshape({NG * group, 2 * K2})
       .narrow(0, 0, N).narrow(1, 0, K).contiguous();
 }
 
@@ -97,7 +97,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
                         out.data_ptr(), M, N, K2, N, odt == at::kBFloat16};
   // Units of work: (block of rows) x (run of packed blocks). Runs are long (better reuse of x)
   // unless that leaves too few units to spread over the threads.
-  const int64_t NB = packed.size(0);
+  const int64_t NB = ceil_div(N, kBlockN);  // blocks of 16 columns that hold outputs
   const int64_t mblocks = ceil_div(M, kBlockM);
   const int64_t rows = std::min(kBlockM, ceil_div(ceil_div(M, mblocks), kTileM) * kTileM);
   const int64_t mcount = ceil_div(M, rows);
