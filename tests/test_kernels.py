@@ -212,3 +212,15 @@ def test_packed_layer_unpacks_to_its_weight():
     assert isinstance(layer, PackableLinear) and layer.pack_weight()
     assert layer.weight.shape == (1, 20, 128)
     assert torch.equal(layer.unpacked_weight(), w)
+
+
+@native
+def test_packing_in_row_chunks_with_release_equals_whole():
+    """The loader's path: rows packed a chunk at a time, each chunk handed to ``release``."""
+    w = bf16(1100, 4000, seed=8)  # 8 MiB chunks of 1024 rows: two chunks, the last ragged
+    released = []
+    layer = ColumnParallelLinear(nn.Linear(4000, 1100, dtype=torch.bfloat16), [(0, 1100)], ThreadWorld(1).group(0))
+    layer.weight.data = w.clone()
+    assert layer.pack_weight(released.append)
+    assert torch.equal(layer.weight, kernels.prepack(w))
+    assert [r.shape[0] for r in released] == [1024, 76]

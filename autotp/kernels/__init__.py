@@ -112,6 +112,11 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.autotp.prepack_bf16(weight)
 
 
+def packed_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
+    """Shape of the packed form of an [out_features, in_features] weight."""
+    return (-(-out_features // GROUP_N), -(-in_features // 2), 2 * GROUP_N)
+
+
 def unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """The plain [N, K] weight back from its packed layout."""
     return torch.ops.autotp.unpack_bf16(packed, out_features, in_features)
@@ -132,8 +137,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("autotp::prepack_bf16")
     def _(weight):
-        n, k = weight.shape
-        return weight.new_empty(((n + GROUP_N - 1) // GROUP_N, (k + 1) // 2, 2 * GROUP_N))
+        return weight.new_empty(packed_shape(*weight.shape))
 
     @torch.library.register_fake("autotp::unpack_bf16")
     def _(packed, out_features, in_features):

@@ -11,6 +11,7 @@ With Y = X A^T + b and A of shape [out, in]:
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +46,22 @@ class PackableLinear(nn.Linear):
 
     packed: bool = False
 
-    def pack_weight(self) -> bool:
+    def pack_weight(self, release: Callable[[torch.Tensor], None] | None = None) -> bool:
         """Pack the weight for the native GEMM if ``autotp.kernels`` says it runs here for this
-        dtype; returns whether the layer is now packed."""
+        dtype; returns whether the layer is now packed. ``release`` is given the plain weight
+        once it has been copied (to hand back the pages of a memory-mapped checkpoint)."""
         if not self.packed and kernels.native_enabled(self.weight.dtype):
-            self.weight = nn.Parameter(kernels.prepack(self.weight.data), requires_grad=False)
+            plain = self.weight.data
+            if release is None:
+                packed = kernels.prepack(plain)
+            else:  # groups of 64 rows pack independently: a few MiB at a time, handed back at once
+                packed = torch.empty(kernels.packed_shape(*plain.shape), dtype=plain.dtype)
+                step = kernels.GROUP_N * max(1, (8 << 20) // (kernels.GROUP_N * plain[0].nbytes))
+                for start in range(0, plain.shape[0], step):
+                    rows = plain[start:start + step]
+                    packed[start // kernels.GROUP_N:][:kernels.packed_shape(*rows.shape)[0]] = kernels.prepack(rows)
+                    release(rows)
+            self.weight = nn.Parameter(packed, requires_grad=False)
             self.packed = True
         return self.packed
 
@@ -172,14 +184,15 @@ class VocabParallelEmbeddingMixin(ParallelLayer):
         return self.group.all_reduce(out)
 
 
-def pack_layers(model: nn.Module) -> int:
+def pack_layers(model: nn.Module, release: Callable[[torch.Tensor], None] | None = None) -> int:
     """Pack the weights of ``model``'s parallel Linear layers for the native kernels, where
     ``autotp.kernels`` says they run; an lm_head tied to the embedding stays plain (packing it
-    would need a second copy). Returns how many layers were packed."""
+    would need a second copy). Layer by layer, so at most one plain weight is alive beside the
+    packed ones (``release`` as in ``pack_weight``). Returns how many layers were packed."""
     count = 0
     for module in model.modules():
         if isinstance(module, PackableLinear) and not getattr(module, "tied", False):
-            count += module.pack_weight()
+            count += module.pack_weight(release)
     return count
 
 

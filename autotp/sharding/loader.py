@@ -25,7 +25,7 @@ from autotp.sharding.apply import apply_plan
 from autotp.sharding.layers import pack_layers
 from autotp.sharding.format import is_presharded, param_slice, read_manifest
 from autotp.sharding.skeleton import build_skeleton, parameters_to_meta, source_tensors, stored_dtype
-from autotp.sharding.stfile import CheckpointError, map_tensors, read_slice
+from autotp.sharding.stfile import CheckpointError, MappedRegions, map_tensors, read_slice
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
@@ -48,19 +48,22 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         world_size = dist.get_world_size(process_group) if dist.is_initialized() else 1
     group = TPGroup.from_torch(world_size, process_group)
     want = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    mapped = MappedRegions()
     if is_presharded(directory):
-        model, plan, tensors = _presharded(directory, group, want, check_sha)
+        model, plan, tensors = _presharded(directory, group, want, check_sha, mapped)
     else:
-        model, plan, tensors = _from_hf(directory, group, want, overrides, fuse_allreduce)
+        model, plan, tensors = _from_hf(directory, group, want, overrides, fuse_allreduce, mapped)
     _assign(model, plan, tensors, directory)
     del tensors
-    pack_layers(model)
+    if pack_layers(model, mapped.release):  # the mapped pages of each packed weight go back at once
+        release_free_memory()  # and the heap the plain copies (column cuts) held
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model
 
 
-def _presharded(directory: Path, group: TPGroup, dtype: torch.dtype | None, check_sha: bool):
+def _presharded(directory: Path, group: TPGroup, dtype: torch.dtype | None, check_sha: bool,
+                mapped: MappedRegions):
     manifest = read_manifest(directory, group.tp_size, group.tp_rank, check_sha)
     stored = manifest["dtype"]
     if dtype is not None and stored != str(dtype).removeprefix("torch."):
@@ -70,10 +73,13 @@ def _presharded(directory: Path, group: TPGroup, dtype: torch.dtype | None, chec
     plan = Plan.from_dict(manifest["plan"])
     parameters_to_meta(model)
     apply_plan(model, plan, group)
-    return model, plan, map_tensors(directory / manifest["files"][group.tp_rank]["name"])
+    tensors = map_tensors(directory / manifest["files"][group.tp_rank]["name"])
+    mapped.add(tensors)
+    return model, plan, tensors
 
 
-def _from_hf(directory: Path, group: TPGroup, dtype: torch.dtype | None, overrides, fuse_allreduce):
+def _from_hf(directory: Path, group: TPGroup, dtype: torch.dtype | None, overrides, fuse_allreduce,
+             mapped: MappedRegions):
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} has neither autotp.json nor config.json: it is not a model directory")
     model = build_skeleton(directory, dtype or stored_dtype(directory))
@@ -88,7 +94,7 @@ def _from_hf(directory: Path, group: TPGroup, dtype: torch.dtype | None, overrid
     wanted = [k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"]
     by_name = {name: group_ for group_ in aliases.values() for name in group_}
     tensors = {}
-    with _SourceReader() as reader:
+    with _SourceReader(mapped) as reader:
         for key in wanted:
             found = key if key in sources else next((a for a in by_name.get(key, ()) if a in sources), None)
             if found is None:  # left on meta: _assign reports it
@@ -105,7 +111,8 @@ class _SourceReader:
     private memory map of the source file (no copy, pages read when first used); column cuts and
     tensors to convert are read with positioned reads, which leave nothing mapped."""
 
-    def __init__(self) -> None:
+    def __init__(self, mapped: MappedRegions) -> None:
+        self.mapped = mapped
         self.maps: dict[Path, dict[str, torch.Tensor]] = {}
         self.files: dict[Path, Any] = {}
 
@@ -118,7 +125,10 @@ class _SourceReader:
 
     def read(self, path: Path, info, dim: int | None, ranges: list | None, convert: bool) -> torch.Tensor:
         if not convert and (dim is None or (dim == 0 and len(ranges) == 1)):
-            tensor = self.maps.setdefault(path, map_tensors(path))[info.name]
+            if path not in self.maps:
+                self.maps[path] = map_tensors(path)
+                self.mapped.add(self.maps[path])
+            tensor = self.maps[path][info.name]
             return tensor if dim is None else tensor[ranges[0][0]:ranges[0][1]]
         handle = self.files.setdefault(path, open(path, "rb"))
         return read_slice(handle, info, dim, ranges)

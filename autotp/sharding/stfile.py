@@ -8,8 +8,10 @@ of the rest resident; and we write rank files tensor by tensor, hashing as we go
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +72,35 @@ def map_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=os.path.getsize(path))
     flat = torch.empty(0, dtype=torch.uint8).set_(storage)
     return {name: flat[i.start:i.end].view(i.dtype).reshape(i.shape) for name, i in infos.items()}
+
+
+class MappedRegions:
+    """Address ranges of private file maps made by :func:`map_tensors`, so that a tensor known to
+    lie inside one can hand its pages back once it has been copied elsewhere (packed, say)."""
+
+    MADV_DONTNEED = 4
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for t in tensors.values():
+            storage = t.untyped_storage()
+            self.ranges.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+            return  # every tensor of one map shares its storage
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Drop this process's pages under ``tensor`` if it is a view of one of the maps (the file
+        is untouched: the map is private and never written, so a later read faults them back
+        in). Partial pages at either end are kept: they may hold a neighbour's bytes."""
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
+            return
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, end // page * page
+        if last > first:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), self.MADV_DONTNEED)
 
 
 def _read_into(f: BinaryIO, offset: int, out: torch.Tensor) -> None:
