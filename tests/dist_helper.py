@@ -38,10 +38,11 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, res
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any) -> list[Any]:
+def run_ranks(fn: Callable, world_size: int, *args: Any, may_exit: tuple[int, ...] = ()) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return results by rank.
 
-    ``fn`` must be importable (a module-level function) and return picklable values."""
+    ``fn`` must be importable (a module-level function) and return picklable values. Ranks in
+    ``may_exit`` may end without a report (fault tests); their result is None."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -52,7 +53,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any) -> list[Any]:
     collected: dict[int, Any] = {}
     errors: list[str] = []
     try:
-        _collect(procs, results, collected, errors)
+        _collect(procs, results, collected, errors, may_exit)
     finally:
         for p in procs:
             p.join(timeout=0 if errors else 30)
@@ -63,7 +64,8 @@ def run_ranks(fn: Callable, world_size: int, *args: Any) -> list[Any]:
     return [collected[r] for r in range(world_size)]
 
 
-def _collect(procs: list, results: Any, collected: dict[int, Any], errors: list[str]) -> None:
+def _collect(procs: list, results: Any, collected: dict[int, Any], errors: list[str],
+             may_exit: tuple[int, ...] = ()) -> None:
     """Wait for every rank's report; a rank that died without one, or a run past the timeout,
     is an error. Once one rank failed the others may be stuck in a collective: stop soon."""
     deadline = time.monotonic() + TIMEOUT_S
@@ -75,6 +77,9 @@ def _collect(procs: list, results: Any, collected: dict[int, Any], errors: list[
         except queue.Empty:
             reported = set(collected) | {int(e.split()[1].rstrip(":")) for e in errors}
             dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in reported]
+            for r in [r for r in dead if r in may_exit]:
+                collected[r] = None
+            dead = [r for r in dead if r not in may_exit]
             if dead:
                 time.sleep(0.5)  # a report sent just before exit may still be in flight
                 if results.empty():

@@ -85,7 +85,9 @@ def compare_bf16(rank: int, world_size: int, family: str, kernels: str = "auto")
 
 
 def count_collectives(rank: int, world_size: int, family: str, fuse: bool = True) -> dict:
-    """Count the all-reduces and all-gathers one forward actually issues."""
+    """Count the all-reduces and all-gathers one forward issues (on torch.distributed, where
+    they can be counted)."""
+    os.environ["AUTOTP_COMM"] = "torch"
     model = zoo.build(family)
     plan = autotp.plan(model, world_size, fuse_allreduce=fuse)
     autotp.shard(model, world_size, fuse_allreduce=fuse)
@@ -171,3 +173,65 @@ def load_own_file_only(rank: int, world_size: int, family: str, per_rank_dirs: l
     with torch.no_grad():
         ref = zoo.build(family)(**inputs).logits
         return (autotp.from_pretrained(per_rank_dirs[rank])(**inputs).logits - ref).abs().max().item()
+
+
+def shm_against_gloo(rank: int, world_size: int, sizes: list[int], repeats: int) -> dict:
+    """SHM all-reduce on two groups used alternately, against gloo and the exact sum. Values are
+    multiples of 1/8 below 16 in magnitude: exact in bf16, and their fp32 sums are exact."""
+    from pathlib import Path
+
+    from autotp.comm import TPGroup
+
+    os.environ["AUTOTP_COMM"] = "shm"
+    groups = [TPGroup.from_torch(world_size), TPGroup.from_torch(world_size)]
+    names = [g.shm.name() for g in groups]
+    left_in_dev_shm = [n for n in names if (Path("/dev/shm") / n.lstrip("/")).exists()]
+    gen = torch.Generator().manual_seed(rank)
+    cases = []
+    for i, n in enumerate(sizes):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randint(-127, 128, (n,), generator=gen) / 8).to(dtype)
+            exact = x.double()
+            dist.all_reduce(exact)
+            gloo = x.clone()
+            dist.all_reduce(gloo)
+            got = groups[i % 2].all_reduce(x.clone())
+            cases.append({"n": n, "dtype": str(dtype), "exact": torch.equal(got, exact.to(dtype)),
+                          "gloo_equal": torch.equal(got, gloo),
+                          "gloo_max_rel": ((got.double() - gloo.double()).abs().max()
+                                           / exact.abs().max().clamp_min(1)).item()})
+    in_a_row = True
+    for i in range(repeats):  # many small calls in a row, alternating groups
+        x = torch.full((33 + i,), float(rank + i % 50), dtype=torch.bfloat16 if i % 3 else torch.float32)
+        want = sum(r + i % 50 for r in range(world_size))  # integers below 256: exact in bf16
+        in_a_row &= bool((groups[i % 2].all_reduce(x) == want).all())
+    return {"backends": [g.backend for g in groups], "cases": cases, "in_a_row": in_a_row,
+            "left_in_dev_shm": left_in_dev_shm}
+
+
+def shm_peer_fails(rank: int, world_size: int, victim: int, how: str) -> dict | None:
+    """One rank exits (or stalls) after 20 all-reduces; the others must raise, not hang."""
+    import time
+
+    from autotp.comm import TPGroup
+
+    os.environ["AUTOTP_COMM"] = "shm"
+    os.environ["AUTOTP_COMM_TIMEOUT"] = "3"
+    group = TPGroup.from_torch(world_size)
+    x = torch.ones(1000)
+    for _ in range(20):
+        group.all_reduce(x.fill_(1.0))
+    if rank == victim:
+        if how == "exit":
+            os._exit(3)
+        time.sleep(8)
+        return None
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < 60:
+            group.all_reduce(x.fill_(1.0))
+    except RuntimeError as exc:
+        error = str(exc)
+    else:
+        error = None
+    return {"error": error, "seconds": time.monotonic() - start}

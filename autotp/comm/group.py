@@ -1,7 +1,8 @@
 """The tensor-parallel group: rank, size and the collectives the parallel layers need.
 
 One TPGroup is made at the entry point (``autotp.shard``) and handed to every parallel
-layer; nothing below reads environment variables or global state.
+layer. Its all-reduce runs through shared memory when the ranks share a host, else
+torch.distributed (``autotp.comm.shm`` decides, once, when the group is made).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from autotp.comm import shm
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> None:
@@ -34,6 +37,12 @@ class TPGroup:
     tp_rank: int
     tp_size: int
     process_group: Any = None
+    shm: Any = None  # the extension's ShmComm when the ranks share a host (autotp.comm.shm)
+
+    @property
+    def backend(self) -> str:
+        """"shm" or "torch": what ``all_reduce`` runs on."""
+        return "shm" if self.shm is not None else "torch"
 
     @classmethod
     def from_torch(cls, world_size: int, process_group: Any = None) -> "TPGroup":
@@ -49,12 +58,15 @@ class TPGroup:
             raise ValueError(
                 f"autotp.shard was asked for world_size={world_size} but the process group has "
                 f"{size} ranks; pass world_size={size} or launch {world_size} processes")
-        return cls(dist.get_rank(process_group), size, process_group)
+        rank = dist.get_rank(process_group)
+        return cls(rank, size, process_group, shm.connect(process_group, rank, size))
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the group in place and return it."""
         if self.tp_size == 1:
             return tensor
+        if self.shm is not None and tensor.dtype in (torch.float32, torch.bfloat16) and tensor.is_contiguous():
+            return self.shm.all_reduce(tensor)
         dist.all_reduce(tensor, group=self.process_group)
         return tensor
 

@@ -61,25 +61,38 @@ def _build() -> str:
 
     _ensure_ninja_on_path()
     csrc = Path(__file__).parent / "csrc"
-    load(name="autotp_kernels", sources=[str(csrc / "ops.cpp"), str(csrc / "gemm_avx512.cpp")],
-         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False, verbose=os.environ.get("AUTOTP_VERBOSE_BUILD") == "1")
+    load(name="autotp_kernels",
+         sources=[str(csrc / "ops.cpp"), str(csrc / "gemm_avx512.cpp"), str(csrc / "shm_comm.cpp")],
+         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp", "-lrt"], is_python_module=False, verbose=os.environ.get("AUTOTP_VERBOSE_BUILD") == "1")
     return torch.ops.autotp.kernel_isa()
+
+
+def _load() -> None:
+    with _lock:
+        if "built" in _state:
+            return
+        try:
+            isa = _build()
+        except Exception as exc:  # a missing compiler, headers, ninja: the message says which
+            _state["built"], _state["isa"] = False, ""
+            _state["why"] = f"the C++ extension did not build or load: {exc}"
+            return
+        _state["built"], _state["isa"] = True, isa
+        _state["why"] = isa or "this CPU lacks AVX-512 (F, BW, DQ, VL), which the native GEMM needs"
+        _register_fakes()
+
+
+def extension_loaded() -> bool:
+    """Whether the C++ extension built and loaded (the shared-memory all-reduce needs only
+    this; the GEMM also needs the CPU's AVX-512). Builds on first call."""
+    _load()
+    return bool(_state["built"])
 
 
 def status() -> tuple[bool, str]:
     """(whether the native GEMM can run here, why not / which ISA). Builds on first call."""
-    with _lock:
-        if "ok" not in _state:
-            try:
-                isa = _build()
-            except Exception as exc:  # a missing compiler, headers, ninja: the message says which
-                _state["ok"], _state["why"] = False, f"the C++ extension did not build or load: {exc}"
-            else:
-                _state["ok"] = bool(isa)
-                _state["why"] = isa or "this CPU lacks AVX-512 (F, BW, DQ, VL), which the native GEMM needs"
-                if isa:
-                    _register_fakes()
-        return bool(_state["ok"]), str(_state["why"])
+    _load()
+    return bool(_state["built"] and _state["isa"]), str(_state["why"])
 
 
 def native_enabled(dtype: torch.dtype = torch.bfloat16) -> bool:

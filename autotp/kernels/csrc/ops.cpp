@@ -4,6 +4,7 @@
 //   unpack_bf16(packed, N, K) -> weight[N, K]              (inverse, for tests and state dicts)
 //   linear_bf16(x[..., K], packed, bias?, N, out_dtype?) -> y[..., N] = x W^T + bias
 //   read_probe(buffer) -> checksum                        (read bandwidth, for benchmarks)
+//   class ShmComm(name, rank, size, slot_bytes, create, timeout_s): all_reduce(t), unlink(), name()
 //   kernel_isa() -> "avx512" when the GEMM can run on this CPU, else ""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -14,6 +15,7 @@
 #include <string>
 
 #include "gemm_avx512.h"
+#include "shm_comm.h"
 
 namespace autotp {
 namespace {
@@ -135,6 +137,11 @@ std::string kernel_isa() { return avx512::cpu_supported() ? "avx512" : ""; }
 }  // namespace autotp
 
 TORCH_LIBRARY(autotp, m) {
+  m.class_<autotp::ShmComm>("ShmComm")
+      .def(torch::init<std::string, int64_t, int64_t, int64_t, bool, double>())
+      .def("all_reduce", &autotp::ShmComm::all_reduce)
+      .def("unlink", &autotp::ShmComm::unlink)
+      .def("name", &autotp::ShmComm::name);
   m.def("prepack_bf16(Tensor weight) -> Tensor");
   m.def("unpack_bf16(Tensor packed, int out_features, int in_features) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features, ScalarType? out_dtype=None) -> Tensor");

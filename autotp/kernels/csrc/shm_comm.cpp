@@ -1,0 +1,186 @@
+// Shared-memory all-reduce (see shm_comm.h).
+#include "shm_comm.h"
+
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <immintrin.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+
+namespace autotp {
+namespace {
+
+constexpr uint64_t kMagic = 0x6175746f74703031ull;  // "autotp01"
+constexpr int64_t kMaxRanks = 512;
+constexpr int kArrive = 0, kDepart = 1;
+
+struct alignas(64) Counter {
+  std::atomic<int64_t> value;
+  char pad[64 - sizeof(std::atomic<int64_t>)];
+};
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+}  // namespace
+
+struct ShmComm::Header {
+  std::atomic<uint64_t> magic;
+  int64_t size;
+  int64_t slot_bytes;
+  std::atomic<int64_t> pids[kMaxRanks];
+  Counter counters[2][kMaxRanks];
+};
+
+ShmComm::ShmComm(std::string name, int64_t rank, int64_t size, int64_t slot_bytes, bool create, double timeout_s)
+    : name_(std::move(name)), rank_(rank), size_(size), slot_bytes_(slot_bytes), timeout_s_(timeout_s) {
+  TORCH_CHECK(size >= 1 && size <= kMaxRanks && rank >= 0 && rank < size, "autotp ShmComm: rank ", rank,
+              " of ", size, " is out of range (at most ", kMaxRanks, " ranks)");
+  TORCH_CHECK(slot_bytes >= 64 && slot_bytes % 64 == 0, "autotp ShmComm: slot_bytes must be a multiple of 64");
+  const int64_t data = round_up(sizeof(Header), 4096);
+  bytes_ = static_cast<size_t>(data + 2 * size * slot_bytes);
+  const int fd = shm_open(name_.c_str(), create ? (O_CREAT | O_EXCL | O_RDWR) : O_RDWR, 0600);
+  TORCH_CHECK(fd >= 0, "autotp ShmComm: shm_open(", name_, ") failed: ", std::strerror(errno));
+  if (create && ftruncate(fd, static_cast<off_t>(bytes_)) != 0) {
+    const int err = errno;
+    close(fd);
+    shm_unlink(name_.c_str());
+    TORCH_CHECK(false, "autotp ShmComm: cannot size ", name_, " to ", bytes_, " bytes: ", std::strerror(err),
+                " (is /dev/shm large enough?)");
+  }
+  struct stat st {};
+  fstat(fd, &st);
+  if (static_cast<size_t>(st.st_size) != bytes_) {
+    close(fd);
+    TORCH_CHECK(false, "autotp ShmComm: segment ", name_, " has ", st.st_size, " bytes, expected ", bytes_,
+                "; was it made by a group of another size?");
+  }
+  base_ = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  TORCH_CHECK(base_ != MAP_FAILED, "autotp ShmComm: mmap of ", name_, " failed: ", std::strerror(errno));
+  header_ = static_cast<Header*>(base_);
+  if (create) {
+    header_->size = size;
+    header_->slot_bytes = slot_bytes;
+    header_->magic.store(kMagic, std::memory_order_release);
+  } else {
+    TORCH_CHECK(header_->magic.load(std::memory_order_acquire) == kMagic && header_->size == size &&
+                    header_->slot_bytes == slot_bytes,
+                "autotp ShmComm: segment ", name_, " was not made for this group");
+  }
+  header_->pids[rank].store(getpid(), std::memory_order_release);
+}
+
+ShmComm::~ShmComm() {
+  if (base_ && base_ != MAP_FAILED) munmap(base_, bytes_);
+}
+
+void ShmComm::unlink() {
+  if (!unlinked_) {
+    shm_unlink(name_.c_str());
+    unlinked_ = true;
+  }
+}
+
+char* ShmComm::slot(int64_t buffer, int64_t rank) const {
+  return static_cast<char*>(base_) + round_up(sizeof(Header), 4096) + (buffer * size_ + rank) * slot_bytes_;
+}
+
+void ShmComm::wait_all(int which, int64_t target) {
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
+  auto next_check = start + std::chrono::milliseconds(100);
+  for (int64_t r = 0; r < size_; ++r) {
+    auto& counter = header_->counters[which][r].value;
+    for (int64_t spins = 0; counter.load(std::memory_order_acquire) < target; ++spins) {
+      if (spins < 2000) {
+        _mm_pause();
+        continue;
+      }
+      sched_yield();  // ranks may share cores: let the one we wait for run
+      if ((spins & 255) != 0) continue;
+      const auto now = clock::now();
+      if (now < next_check) continue;
+      next_check = now + std::chrono::milliseconds(100);
+      const auto pid = header_->pids[r].load(std::memory_order_acquire);
+      if (pid > 0 && kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+        broken_ = true;
+        TORCH_CHECK(false, "autotp shared-memory all-reduce: rank ", r, " (pid ", pid,
+                    ") exited during all-reduce #", seq_, "; the group cannot continue");
+      }
+      const double waited = std::chrono::duration<double>(now - start).count();
+      if (waited > timeout_s_) {
+        broken_ = true;
+        TORCH_CHECK(false, "autotp shared-memory all-reduce: rank ", r, " did not reach all-reduce #", seq_,
+                    " within ", timeout_s_, " s (AUTOTP_COMM_TIMEOUT); is it stuck or running other work?");
+      }
+    }
+  }
+}
+
+at::Tensor ShmComm::all_reduce(at::Tensor tensor) {
+  TORCH_CHECK(!broken_, "autotp shared-memory all-reduce: an earlier all-reduce of this group failed; "
+              "the group cannot be used again");
+  TORCH_CHECK(tensor.device().is_cpu() && tensor.is_contiguous() &&
+                  (tensor.scalar_type() == at::kFloat || tensor.scalar_type() == at::kBFloat16),
+              "autotp shared-memory all-reduce: needs a contiguous float32 or bfloat16 CPU tensor, got ",
+              tensor.scalar_type(), tensor.is_contiguous() ? "" : " (not contiguous)");
+  if (size_ == 1 || tensor.numel() == 0) return tensor;
+  const bool bf16 = tensor.scalar_type() == at::kBFloat16;
+  const int64_t elem = tensor.element_size(), total = tensor.numel(), per_chunk = slot_bytes_ / elem;
+  char* data = static_cast<char*>(tensor.data_ptr());
+  for (int64_t off = 0; off < total; off += per_chunk) {
+    const int64_t n = std::min(per_chunk, total - off);
+    const int64_t seq = ++seq_, buffer = seq & 1;
+    if (seq > 2) wait_all(kDepart, seq - 2);  // everyone has read this buffer's last use
+    std::memcpy(slot(buffer, rank_), data + off * elem, n * elem);
+    header_->counters[kArrive][rank_].value.store(seq, std::memory_order_release);
+    wait_all(kArrive, seq);
+    if (bf16) {
+      auto* out = reinterpret_cast<uint16_t*>(data) + off;
+      float acc[1024];
+      for (int64_t i0 = 0; i0 < n; i0 += 1024) {
+        const int64_t m = std::min<int64_t>(1024, n - i0);
+        const auto* s0 = reinterpret_cast<const uint16_t*>(slot(buffer, 0)) + i0;
+        for (int64_t i = 0; i < m; ++i) acc[i] = bf16_to_float(s0[i]);
+        for (int64_t r = 1; r < size_; ++r) {
+          const auto* s = reinterpret_cast<const uint16_t*>(slot(buffer, r)) + i0;
+          for (int64_t i = 0; i < m; ++i) acc[i] += bf16_to_float(s[i]);
+        }
+        for (int64_t i = 0; i < m; ++i) out[i0 + i] = float_to_bf16(acc[i]);
+      }
+    } else {
+      auto* out = reinterpret_cast<float*>(data) + off;
+      std::memcpy(out, slot(buffer, 0), n * sizeof(float));
+      for (int64_t r = 1; r < size_; ++r) {
+        const auto* s = reinterpret_cast<const float*>(slot(buffer, r));
+        for (int64_t i = 0; i < n; ++i) out[i] += s[i];
+      }
+    }
+    header_->counters[kDepart][rank_].value.store(seq, std::memory_order_release);
+  }
+  return tensor;
+}
+
+}  // namespace autotp

@@ -1,0 +1,49 @@
+// All-reduce through shared memory for the ranks of one host.
+//
+// One POSIX shared-memory segment per process group, mapped by every rank: a header (per-rank
+// arrival and departure counters, each on its own cache line) and two sets of per-rank slots
+// used by alternate calls. A call copies its chunk into its slot, announces it, waits for every
+// rank, sums all slots in rank order in fp32 (so every rank gets bit-identical results), and
+// announces it is done reading; a slot is only overwritten once every rank has read it.
+// Waiting ranks spin, then yield; a rank that does not arrive within the timeout, or whose
+// process has exited, makes the others raise instead of hanging.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+
+#include <cstdint>
+#include <string>
+
+namespace autotp {
+
+class ShmComm : public torch::CustomClassHolder {
+ public:
+  // Creates (create=true, one rank) or opens the segment `name` for `size` ranks with slots of
+  // `slot_bytes`; `timeout_s` bounds every wait.
+  ShmComm(std::string name, int64_t rank, int64_t size, int64_t slot_bytes, bool create, double timeout_s);
+  ~ShmComm() override;
+
+  // Sums a contiguous float32 or bfloat16 CPU tensor over the ranks, in place; returns it.
+  at::Tensor all_reduce(at::Tensor tensor);
+  // Removes the segment's name (the mappings stay valid); called once every rank has it open.
+  void unlink();
+  std::string name() const { return name_; }
+
+ private:
+  struct Header;
+  void wait_all(int which, int64_t target);
+  char* slot(int64_t buffer, int64_t rank) const;
+
+  std::string name_;
+  int64_t rank_, size_, slot_bytes_;
+  double timeout_s_;
+  size_t bytes_ = 0;
+  void* base_ = nullptr;
+  Header* header_ = nullptr;
+  int64_t seq_ = 0;
+  bool unlinked_ = false;
+  bool broken_ = false;
+};
+
+}  // namespace autotp
