@@ -133,6 +133,38 @@ void gemm_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1
   }
 }
 
+void sum_bf16(const uint16_t* const* srcs, int64_t count, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+  auto widen = [](__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); };
+  for (; i + 16 <= n; i += 16) {
+    __m512 acc = widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(srcs[0] + i)));
+    for (int64_t s = 1; s < count; ++s)
+      acc = _mm512_add_ps(acc, widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(srcs[s] + i))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), to_bf16(acc));
+  }
+  if (i < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    __m512 acc = widen(_mm256_maskz_loadu_epi16(mask, srcs[0] + i));
+    for (int64_t s = 1; s < count; ++s) acc = _mm512_add_ps(acc, widen(_mm256_maskz_loadu_epi16(mask, srcs[s] + i)));
+    _mm256_mask_storeu_epi16(out + i, mask, to_bf16(acc));
+  }
+}
+
+void sum_f32(const float* const* srcs, int64_t count, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 acc = _mm512_loadu_ps(srcs[0] + i);
+    for (int64_t s = 1; s < count; ++s) acc = _mm512_add_ps(acc, _mm512_loadu_ps(srcs[s] + i));
+    _mm512_storeu_ps(out + i, acc);
+  }
+  if (i < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    __m512 acc = _mm512_maskz_loadu_ps(mask, srcs[0] + i);
+    for (int64_t s = 1; s < count; ++s) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, srcs[s] + i));
+    _mm512_mask_storeu_ps(out + i, mask, acc);
+  }
+}
+
 uint64_t stream_read(const uint8_t* data, int64_t bytes) {
   __m512i a = _mm512_setzero_si512(), b = a, c = a, d = a;
   int64_t i = 0;

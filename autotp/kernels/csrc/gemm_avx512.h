@@ -44,4 +44,9 @@ void gemm_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1
 // optimised away): the read bandwidth a streaming kernel can reach, for benchmarks.
 uint64_t stream_read(const uint8_t* data, int64_t bytes);
 
+// out[i] = sum over s of srcs[s][i], summed in fp32 in the order of srcs (the shared-memory
+// all-reduce's reduction); bf16 results rounded once, to nearest even.
+void sum_bf16(const uint16_t* const* srcs, int64_t count, uint16_t* out, int64_t n);
+void sum_f32(const float* const* srcs, int64_t count, float* out, int64_t n);
+
 }  // namespace autotp::avx512

@@ -1,6 +1,8 @@
 // Shared-memory all-reduce (see shm_comm.h).
 #include "shm_comm.h"
 
+#include "gemm_avx512.h"
+
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
@@ -54,7 +56,8 @@ struct ShmComm::Header {
 };
 
 ShmComm::ShmComm(std::string name, int64_t rank, int64_t size, int64_t slot_bytes, bool create, double timeout_s)
-    : name_(std::move(name)), rank_(rank), size_(size), slot_bytes_(slot_bytes), timeout_s_(timeout_s) {
+    : name_(std::move(name)), rank_(rank), size_(size), slot_bytes_(slot_bytes), timeout_s_(timeout_s),
+      vector_(avx512::cpu_supported()) {
   TORCH_CHECK(size >= 1 && size <= kMaxRanks && rank >= 0 && rank < size, "autotp ShmComm: rank ", rank,
               " of ", size, " is out of range (at most ", kMaxRanks, " ranks)");
   TORCH_CHECK(slot_bytes >= 64 && slot_bytes % 64 == 0, "autotp ShmComm: slot_bytes must be a multiple of 64");
@@ -157,7 +160,15 @@ at::Tensor ShmComm::all_reduce(at::Tensor tensor) {
     std::memcpy(slot(buffer, rank_), data + off * elem, n * elem);
     header_->counters[kArrive][rank_].value.store(seq, std::memory_order_release);
     wait_all(kArrive, seq);
-    if (bf16) {
+    if (vector_) {
+      const void* srcs[kMaxRanks];
+      for (int64_t r = 0; r < size_; ++r) srcs[r] = slot(buffer, r);
+      if (bf16)
+        avx512::sum_bf16(reinterpret_cast<const uint16_t* const*>(srcs), size_,
+                         reinterpret_cast<uint16_t*>(data) + off, n);
+      else
+        avx512::sum_f32(reinterpret_cast<const float* const*>(srcs), size_, reinterpret_cast<float*>(data) + off, n);
+    } else if (bf16) {
       auto* out = reinterpret_cast<uint16_t*>(data) + off;
       float acc[1024];
       for (int64_t i0 = 0; i0 < n; i0 += 1024) {

@@ -38,6 +38,7 @@ class ShmComm : public torch::CustomClassHolder {
   std::string name_;
   int64_t rank_, size_, slot_bytes_;
   double timeout_s_;
+  bool vector_;  // AVX-512 reduction (else portable loops)
   size_t bytes_ = 0;
   void* base_ = nullptr;
   Header* header_ = nullptr;
