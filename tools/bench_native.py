@@ -55,6 +55,7 @@ def main() -> None:
                 "native": shard_with(base, world, "native")}
     del base
     packed = sum(getattr(m, "packed", False) for m in variants["native"].modules())
+    backend = next(m.group.backend for m in variants["native"].modules() if hasattr(m, "group"))
     ids = torch.randint(3, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = {k: m(input_ids=ids).logits.float() for k, m in variants.items()}
@@ -72,7 +73,7 @@ def main() -> None:
         print(f"random Llama: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, "
               f"{params / 1e9:.2f} B params, bf16, {world} ranks x {torch.get_num_threads()} thread(s), "
               f"prompt {args.prompt}, {args.rounds} x {args.steps} steps per variant; native: "
-              f"{kernels.status()[1]}, {packed} packed layers per rank")
+              f"{kernels.status()[1]}, {packed} packed layers per rank; all-reduce: {backend}")
         print(f"{'kernels':<8} {'next token (median)':>20} {'first token (median)':>21}")
         for name in variants:
             print(f"{name:<8} {statistics.median(nexts[name]) * 1e3:>17.2f} ms "

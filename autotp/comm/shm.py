@@ -55,7 +55,11 @@ def timeout_s() -> float:
 
 
 def host_id() -> str:
-    """Identifies this machine (boot) so that ranks can tell they share memory."""
+    """Identifies this machine (boot) so that ranks can tell they share memory. ``AUTOTP_HOST_ID``
+    overrides it: ranks given different ids never use shared memory together (containers
+    that share a kernel but not /dev/shm; tests that play several machines on one)."""
+    if os.environ.get("AUTOTP_HOST_ID"):
+        return os.environ["AUTOTP_HOST_ID"]
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
