@@ -175,7 +175,7 @@ def load_own_file_only(rank: int, world_size: int, family: str, per_rank_dirs: l
         return (autotp.from_pretrained(per_rank_dirs[rank])(**inputs).logits - ref).abs().max().item()
 
 
-def shm_against_gloo(rank: int, world_size: int, sizes: list[int], repeats: int) -> dict:
+def shm_against_gloo(rank: int, world_size: int, sizes: list[int], repeats: int, portable: bool = False) -> dict:
     """SHM all-reduce on two groups used alternately, against gloo and the exact sum. Values are
     multiples of 1/8 below 16 in magnitude: exact in bf16, and their fp32 sums are exact."""
     from pathlib import Path
@@ -183,6 +183,7 @@ def shm_against_gloo(rank: int, world_size: int, sizes: list[int], repeats: int)
     from autotp.comm import TPGroup
 
     os.environ["AUTOTP_COMM"] = "shm"
+    os.environ["AUTOTP_COMM_PORTABLE"] = "1" if portable else "0"
     groups = [TPGroup.from_torch(world_size), TPGroup.from_torch(world_size)]
     names = [g.shm.name() for g in groups]
     left_in_dev_shm = [n for n in names if (Path("/dev/shm") / n.lstrip("/")).exists()]
@@ -223,7 +224,7 @@ def shm_peer_fails(rank: int, world_size: int, victim: int, how: str) -> dict | 
         group.all_reduce(x.fill_(1.0))
     if rank == victim:
         if how == "exit":
-            os._exit(3)
+            os.kill(os.getpid(), 9)  # killed: no cleanup, no exit handlers
         time.sleep(8)
         return None
     start = time.monotonic()

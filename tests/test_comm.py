@@ -31,8 +31,15 @@ def test_shm_all_reduce_equals_gloo_and_the_exact_sum(world_size):
                 assert case["gloo_max_rel"] <= 2**-7, (rank, case)
 
 
-def test_a_rank_that_exits_is_noticed_at_once():
-    results = run_ranks(rank_checks.shm_peer_fails, 3, 1, "exit", may_exit=(1,))
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_portable_reduction_equals_the_exact_sum(world_size):
+    """The plain C++ reduction CPUs without AVX-512 run, forced here."""
+    for r in run_ranks(rank_checks.shm_against_gloo, world_size, SIZES[:4], 50, True):
+        assert r["in_a_row"] and all(c["exact"] for c in r["cases"]), r
+
+
+def test_a_killed_rank_is_noticed_at_once():
+    results = run_ranks(rank_checks.shm_peer_fails, 3, 1, "exit", may_exit=(1,))  # rank 1 gets SIGKILL
     for rank in (0, 2):
         r = results[rank]
         assert r["error"] and "rank 1" in r["error"] and "exited" in r["error"], r

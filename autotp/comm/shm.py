@@ -96,7 +96,8 @@ def open_segment(name: str, rank: int, size: int, create: bool, timeout: float |
     ``create``)."""
     import torch
 
-    return torch.classes.autotp.ShmComm(name, rank, size, SLOT_BYTES, create, timeout or timeout_s())
+    portable = os.environ.get("AUTOTP_COMM_PORTABLE") == "1"  # the non-AVX-512 reduction, for tests
+    return torch.classes.autotp.ShmComm(name, rank, size, SLOT_BYTES, create, timeout or timeout_s(), portable)
 
 
 def connect(process_group: Any, rank: int, size: int) -> Any | None:

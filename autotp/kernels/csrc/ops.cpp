@@ -4,7 +4,7 @@
 //   unpack_bf16(packed, N, K) -> weight[N, K]              (inverse, for tests and state dicts)
 //   linear_bf16(x[..., K], packed, bias?, N, out_dtype?) -> y[..., N] = x W^T + bias
 //   read_probe(buffer) -> checksum                        (read bandwidth, for benchmarks)
-//   class ShmComm(name, rank, size, slot_bytes, create, timeout_s): all_reduce(t), unlink(), name()
+//   class ShmComm(name, rank, size, slot_bytes, create, timeout_s, portable): all_reduce(t), unlink(), name()
 //   kernel_isa() -> "avx512" when the GEMM can run on this CPU, else ""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -138,7 +138,7 @@ std::string kernel_isa() { return avx512::cpu_supported() ? "avx512" : ""; }
 
 TORCH_LIBRARY(autotp, m) {
   m.class_<autotp::ShmComm>("ShmComm")
-      .def(torch::init<std::string, int64_t, int64_t, int64_t, bool, double>())
+      .def(torch::init<std::string, int64_t, int64_t, int64_t, bool, double, bool>())
       .def("all_reduce", &autotp::ShmComm::all_reduce)
       .def("unlink", &autotp::ShmComm::unlink)
       .def("name", &autotp::ShmComm::name);

@@ -55,9 +55,10 @@ struct ShmComm::Header {
   Counter counters[2][kMaxRanks];
 };
 
-ShmComm::ShmComm(std::string name, int64_t rank, int64_t size, int64_t slot_bytes, bool create, double timeout_s)
+ShmComm::ShmComm(std::string name, int64_t rank, int64_t size, int64_t slot_bytes, bool create, double timeout_s,
+                 bool portable)
     : name_(std::move(name)), rank_(rank), size_(size), slot_bytes_(slot_bytes), timeout_s_(timeout_s),
-      vector_(avx512::cpu_supported()) {
+      vector_(!portable && avx512::cpu_supported()) {
   TORCH_CHECK(size >= 1 && size <= kMaxRanks && rank >= 0 && rank < size, "autotp ShmComm: rank ", rank,
               " of ", size, " is out of range (at most ", kMaxRanks, " ranks)");
   TORCH_CHECK(slot_bytes >= 64 && slot_bytes % 64 == 0, "autotp ShmComm: slot_bytes must be a multiple of 64");

@@ -20,8 +20,10 @@ namespace autotp {
 class ShmComm : public torch::CustomClassHolder {
  public:
   // Creates (create=true, one rank) or opens the segment `name` for `size` ranks with slots of
-  // `slot_bytes`; `timeout_s` bounds every wait.
-  ShmComm(std::string name, int64_t rank, int64_t size, int64_t slot_bytes, bool create, double timeout_s);
+  // `slot_bytes`; `timeout_s` bounds every wait. `portable` forces the plain C++ reduction
+  // (what CPUs without AVX-512 run), so that it can be tested anywhere.
+  ShmComm(std::string name, int64_t rank, int64_t size, int64_t slot_bytes, bool create, double timeout_s,
+          bool portable);
   ~ShmComm() override;
 
   // Sums a contiguous float32 or bfloat16 CPU tensor over the ranks, in place; returns it.
