@@ -43,6 +43,22 @@ def one_generation(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tup
     return first, steps_s
 
 
+def alternate(variants: dict[str, torch.nn.Module], ids: torch.Tensor, rounds: int,
+              steps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Warm each variant up, then time ``rounds`` generations of each in alternation (so noise
+    hits all alike). Returns (first-token seconds, next-token seconds) per variant."""
+    first: dict[str, list[float]] = {k: [] for k in variants}
+    nexts: dict[str, list[float]] = {k: [] for k in variants}
+    for model in variants.values():  # warm-up, untimed
+        one_generation(model, ids, 4)
+    for _ in range(rounds):
+        for name, model in variants.items():
+            f, step_times = one_generation(model, ids, steps)
+            first[name].append(f)
+            nexts[name].extend(step_times)
+    return first, nexts
+
+
 def allreduce_latency(hidden: int, repeats: int = 200) -> float:
     """Median seconds of one gloo all-reduce of one token's hidden state (bf16)."""
     x = torch.randn(1, 1, hidden, dtype=torch.bfloat16)
@@ -72,15 +88,7 @@ def main() -> None:
     variants = {"fused": autotp.shard(copy.deepcopy(base), world),
                 "unfused": autotp.shard(base, world, fuse_allreduce=False)}
     ids = torch.randint(3, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-    first: dict[str, list[float]] = {k: [] for k in variants}
-    nexts: dict[str, list[float]] = {k: [] for k in variants}
-    for name, model in variants.items():  # warm-up, untimed
-        one_generation(model, ids, 4)
-    for _ in range(args.rounds):
-        for name, model in variants.items():
-            f, steps = one_generation(model, ids, args.steps)
-            first[name].append(f)
-            nexts[name].extend(steps)
+    first, nexts = alternate(variants, ids, args.rounds, args.steps)
     ar = allreduce_latency(args.hidden)
     if rank == 0:
         params = sum(p.numel() for p in variants["fused"].parameters()) * world / 1e9

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import autotp
 from autotp import kernels
-from bench_fusion import one_generation
+from bench_fusion import alternate
 
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
@@ -59,15 +59,7 @@ def main() -> None:
     ids = torch.randint(3, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = {k: m(input_ids=ids).logits.float() for k, m in variants.items()}
-    first: dict[str, list[float]] = {k: [] for k in variants}
-    nexts: dict[str, list[float]] = {k: [] for k in variants}
-    for model in variants.values():  # warm-up, untimed
-        one_generation(model, ids, 4)
-    for _ in range(args.rounds):
-        for name, model in variants.items():
-            f, steps = one_generation(model, ids, args.steps)
-            first[name].append(f)
-            nexts[name].extend(steps)
+    first, nexts = alternate(variants, ids, args.rounds, args.steps)
     if rank == 0:
         diff = (logits["native"] - logits["torch"]).abs().max().item()
         print(f"random Llama: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, "

@@ -27,6 +27,7 @@ from typing import Any
 import torch.distributed as dist
 
 from autotp import kernels
+from autotp.util import env_choice, pid_alive
 
 ENV = "AUTOTP_COMM"
 TIMEOUT_ENV = "AUTOTP_COMM_TIMEOUT"
@@ -37,10 +38,8 @@ PREFIX = "autotp-"
 
 
 def mode() -> str:
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"autotp: {ENV}={value!r} is not one of {', '.join(MODES)}")
-    return value
+    """The side ``AUTOTP_COMM`` asks for; an unknown value is an error naming the variable."""
+    return env_choice(ENV, MODES)
 
 
 def timeout_s() -> float:
@@ -75,20 +74,10 @@ def remove_stale_segments(shm_dir: Path = Path("/dev/shm")) -> list[str]:
             pid = int(path.name[len(PREFIX):].split("-")[0])
         except ValueError:
             continue
-        if not _alive(pid):
+        if not pid_alive(pid):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def open_segment(name: str, rank: int, size: int, create: bool, timeout: float | None = None) -> Any:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from autotp.util import env_choice
+
 ENV = "AUTOTP_KERNELS"
 MODES = ("auto", "native", "torch")
 GROUP_N = 64  # output columns per packed group (csrc/gemm_avx512.h)
@@ -31,10 +33,7 @@ _state: dict[str, object] = {}
 
 def mode() -> str:
     """The side ``AUTOTP_KERNELS`` asks for; an unknown value is an error naming the variable."""
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"autotp: {ENV}={value!r} is not one of {', '.join(MODES)}")
-    return value
+    return env_choice(ENV, MODES)
 
 
 def _ensure_ninja_on_path() -> None:

@@ -23,6 +23,7 @@ from autotp.sharding.format import dtype_name, param_slice, rank_file, tied_keys
 from autotp.sharding.layers import take
 from autotp.sharding.skeleton import build_skeleton, check_keys, source_tensors, stored_dtype
 from autotp.sharding.stfile import CheckpointError, ShardFileWriter, read_slice
+from autotp.util import pid_alive
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 Reader = Callable[[str, int | None, list | None], torch.Tensor]
@@ -169,18 +170,8 @@ def _remove_stale_partials(target: Path) -> None:
     """Temporary directories of earlier runs that were killed (their process is gone)."""
     for stale in target.parent.glob(f".{target.name}.partial-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _move_into_place(partial: Path, target: Path) -> None:
