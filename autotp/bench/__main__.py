@@ -1,0 +1,3 @@
+from autotp.bench.runner import main
+
+main()

@@ -1,0 +1,202 @@
+"""One benchmark configuration, run inside each rank (launched by autotp.bench.runner through
+autotp-run). It loads the model the way the configuration says, measures read bandwidth and
+the weight bytes each rank streams per token, saves the logits of a probe prompt, then times
+``generate`` on every case and writes rank 0's findings as JSON.
+
+    python -m autotp.bench.worker SPEC.json     (SPEC written by the runner)
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+import autotp
+from autotp import kernels
+from autotp.comm.group import TPGroup
+
+PROBE_BYTES = 512 << 20  # per rank: far beyond any last-level cache
+
+
+class StepClock(LogitsProcessor):
+    """Notes the time at each decoding step: generate calls its logits processors once per
+    step, right after the forward that produced the step's logits (greedy and beam alike)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def case_ids(vocab: int, batch: int, length: int) -> torch.Tensor:
+    """The prompt of one case: fixed random ids, the same in every rank and configuration."""
+    gen = torch.Generator().manual_seed(1000 + length)
+    return torch.randint(min(100, vocab - 1), vocab, (batch, length), generator=gen)
+
+
+def load(spec: dict[str, Any], world: int) -> nn.Module:
+    cfg, dtype = spec["config"], getattr(torch, spec["dtype"])
+    if cfg["impl"] == "transformers":
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
+    else:
+        model = autotp.from_pretrained(spec["model_dir"], dtype=dtype, world_size=world,
+                                       fuse_allreduce=cfg["fuse"])
+    return model.eval()
+
+
+def streamed_bytes(model: nn.Module) -> int:
+    """Bytes of weight this rank reads per decoding step: every parameter and packed weight
+    but the embedding tables, of which a step reads only a few rows (a table that is also the
+    output projection's weight is read whole, as that)."""
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out = model.get_output_embeddings()
+    out_weight = getattr(out, "weight", None)
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen or (id(t) in lookups and t is not out_weight) or not t.is_floating_point():
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def read_bandwidth(world: int, repeats: int = 5) -> float | None:
+    """Bytes per second this rank reads while every rank reads at once (AVX-512 streaming
+    probe of the extension; None where it is not built)."""
+    if not kernels.extension_loaded():
+        return None
+    buf = torch.ones(PROBE_BYTES, dtype=torch.uint8)
+    torch.ops.autotp.read_probe(buf)  # touch every page first
+    times = []
+    for _ in range(repeats):
+        if world > 1:
+            dist.barrier()
+        start = time.perf_counter()
+        torch.ops.autotp.read_probe(buf)
+        times.append(time.perf_counter() - start)
+    return PROBE_BYTES / statistics.median(times)
+
+
+def collectives_per_forward(model: nn.Module, ids: torch.Tensor) -> int:
+    """All-reduces and all-gathers one forward issues, counted at the group object."""
+    count = 0
+    real = {name: getattr(TPGroup, name) for name in ("all_reduce", "all_gather_last_dim")}
+
+    def counting(fn):
+        def call(self, *args, **kwargs):
+            nonlocal count
+            count += self.tp_size > 1
+            return fn(self, *args, **kwargs)
+        return call
+
+    for name, fn in real.items():
+        setattr(TPGroup, name, counting(fn))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[:, :1])
+    finally:
+        for name, fn in real.items():
+            setattr(TPGroup, name, fn)
+    return count
+
+
+def generate_once(model: nn.Module, ids: torch.Tensor, beams: int, new_tokens: int, world: int
+                  ) -> tuple[float, list[float], list[list[int]]]:
+    """(first-token seconds, seconds of each later step, generated tokens) of one generate."""
+    clock = StepClock()
+    if world > 1:
+        dist.barrier()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             num_beams=beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             logits_processor=LogitsProcessorList([clock]),
+                             pad_token_id=pad_id(model))
+    stamps = clock.stamps
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return stamps[0] - start, steps, out[:, ids.shape[1]:].tolist()
+
+
+def pad_id(model: nn.Module) -> int:
+    eos = model.generation_config.eos_token_id
+    return (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+
+
+def run_cases(model: nn.Module, spec: dict[str, Any], vocab: int, world: int) -> list[dict[str, Any]]:
+    cases = [dict(c, first=[], next=[], steps=[], tokens=None) for c in spec["cases"]]
+    for beams in sorted({c["beams"] for c in cases}):  # warm-up: shortest prompt, a few steps
+        for _ in range(spec["warmup"]):
+            shortest = min(c["input"] for c in cases)
+            generate_once(model, case_ids(vocab, spec["batch"], shortest), beams, 4, world)
+    for _ in range(spec["runs"]):
+        for case in cases:
+            ids = case_ids(vocab, spec["batch"], case["input"])
+            first, steps, tokens = generate_once(model, ids, case["beams"], spec["new_tokens"], world)
+            case["first"].append(first)
+            case["next"].append(statistics.fmean(steps) if steps else float("nan"))
+            case["steps"].extend(steps)
+            if case["tokens"] not in (None, tokens):
+                case["tokens_vary"] = True  # the same prompt gave other tokens on another run
+            case["tokens"] = tokens
+    return cases
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit(__doc__)
+    spec = json.loads(Path(argv[0]).read_text())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        autotp.init_distributed()
+    rank = dist.get_rank() if world > 1 else 0
+    model = load(spec, world)
+    vocab = model.config.get_text_config().vocab_size
+    groups = [m.group for m in model.modules() if isinstance(getattr(m, "group", None), TPGroup)]
+    facts = {"bytes": streamed_bytes(model), "bandwidth": read_bandwidth(world)}
+    probe = case_ids(vocab, 1, spec["probe_tokens"])
+    with torch.no_grad():
+        logits = model(input_ids=probe).logits[0].float()
+    collectives = collectives_per_forward(model, probe)
+    cases = run_cases(model, spec, vocab, world)
+    per_rank = [facts] * world
+    if world > 1:
+        dist.all_gather_object(per_rank, facts)
+    packed = sum(bool(getattr(m, "packed", False)) for m in model.modules())
+    if rank == 0:
+        torch.save(logits, spec["logits_path"])
+        floors = [f["bytes"] / f["bandwidth"] for f in per_rank if f["bandwidth"]]
+        result = {
+            "threads": torch.get_num_threads(), "cores": sorted(os.sched_getaffinity(0)),
+            "backend": groups[0].backend if groups and world > 1 else None,
+            "packed_layers": packed, "native_kernels": kernels.status()[1] if packed else None,
+            "collectives_per_token": collectives,
+            "bytes_per_rank": max(f["bytes"] for f in per_rank),
+            "bandwidth_per_rank": [f["bandwidth"] for f in per_rank],
+            "floor_s": max(floors) if len(floors) == world else None,
+            "cases": cases,
+        }
+        tmp = Path(spec["result_path"] + ".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(spec["result_path"])  # complete or absent
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: the benchmark's work is written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The end-to-end benchmark (autotp.bench): its measurements against what they measure, its
+float32 token check against a disagreement, and one real run of the tool on a tiny model."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from autotp.bench import report, runner, shapes, worker
+from autotp.launcher import physical_cores
+
+
+def tiny(tie: bool = False) -> torch.nn.Module:
+    config = shapes.shape_config("llama-test")
+    config.tie_word_embeddings = tie
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_streamed_bytes_leave_out_the_lookup_table_unless_it_is_the_output_projection(tie):
+    model = tiny(tie)
+    # parameters() lists a tied table once; buffers are the rotary frequencies
+    everything = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
+    table = model.get_input_embeddings().weight.numel() * 4
+    assert worker.streamed_bytes(model) == (everything if tie else everything - table)
+
+
+def test_step_clock_times_every_step_and_leaves_the_tokens_alone():
+    model = tiny()
+    ids = worker.case_ids(512, 1, 9)
+    for beams in (1, 3):
+        first, steps, tokens = worker.generate_once(model, ids, beams, 7, world=1)
+        plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               num_beams=beams, max_new_tokens=7, min_new_tokens=7, pad_token_id=0)
+        assert tokens == plain[:, 9:].tolist()
+        assert len(tokens[0]) == 7 and len(steps) == 6  # first token, then 6 later steps
+        assert first > 0 and all(s > 0 for s in steps)
+
+
+def test_fusion_matters_only_where_attention_and_mlp_run_in_parallel():
+    assert shapes.fusion_matters(shapes.shape_config("gptj-test"), 2)
+    assert not shapes.fusion_matters(shapes.shape_config("llama-test"), 2)
+
+
+def test_token_verdict_finds_the_first_disagreement():
+    ref = [{"beams": 1, "input": 8, "tokens": [[5, 6, 7, 8]]}, {"beams": 4, "input": 8, "tokens": [[1, 2, 3]]}]
+    same = json.loads(json.dumps(ref))
+    assert report.token_verdict(ref, same) == "identical"
+    same[1]["tokens"][0][2] = 9  # negative control: one token changed
+    assert report.token_verdict(ref, same) == "differ: beam 4, in 8, sequence 0, step 2"
+
+
+def test_bad_arguments_are_refused_with_the_fix(tmp_path, capsys):
+    cores = len(physical_cores(os.sched_getaffinity(0)))
+    with pytest.raises(SystemExit, match="--ranks 9 needs 2 to"):
+        runner.main(["--ranks", "9", "--work-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="neither a named shape"):
+        runner.main(["--model", str(tmp_path / "missing"), "--ranks", str(min(2, cores)),
+                     "--work-dir", str(tmp_path)])
+
+
+@pytest.mark.skipif(len(physical_cores(os.sched_getaffinity(0))) < 2, reason="2 ranks need 2 physical cores")
+def test_a_run_on_a_tiny_model_reports_every_number(tmp_path):
+    out = tmp_path / "res" / "bench"
+    runner.main(["--model", "llama-test", "--configs", "transformers", "native-shm",
+                 "--input", "8", "--beams", "1", "2", "--new-tokens", "5", "--runs", "1", "--rounds", "1",
+                 "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000 and out.with_suffix(".md").is_file()
+    rows = {(r["config"], r["beams"]): r for r in doc["latency"]}
+    assert set(rows) == {(c, b) for c in ("transformers", "native-shm") for b in (1, 2)}
+    layers = shapes.shape_config("llama-test").num_hidden_layers
+    for (config, beams), row in rows.items():
+        base = rows[("transformers", beams)]
+        assert row["speedup_next"] == pytest.approx(base["next"]["median_ms"] / row["next"]["median_ms"])
+        assert row["floor_ms"] > 0 and row["next_over_floor"] == pytest.approx(
+            row["next"]["median_ms"] / row["floor_ms"])
+        if config == "transformers":
+            assert row["collectives_per_token"] == 0 and row["packed_layers"] == 0
+        else:  # attention and MLP reduce once each per layer; the vocabulary-parallel embedding
+            # reduces, the vocabulary-parallel head gathers
+            assert row["collectives_per_token"] == 2 * layers + 2
+            assert row["backend"] == "shm"
+            assert row["packed_layers"] == 7 * layers + 1
+            assert row["bytes_per_rank"] < base["bytes_per_rank"] * 0.6
+    accuracy = {a["config"]: a for a in doc["accuracy"]}
+    assert all(a["fp32_tokens"] == "identical" for a in accuracy.values()) and not doc["token_mismatches"]
+    own = accuracy["transformers"]["logits_err"]
+    assert 0 < own == accuracy["transformers"]["baseline_err"]
+    assert accuracy["native-shm"]["logits_err"] <= 2 * own  # bf16 sharded: at most twice the unsharded error
