@@ -65,7 +65,8 @@ def prepare(model: str, work_dir: Path, dtype: torch.dtype, log) -> tuple[Path, 
     target = work_dir / f"{model}-{str(dtype).removeprefix('torch.')}"
     done = target / ".complete"
     config = shape_config(model)
-    if done.is_file() and json.loads(done.read_text()) == config.to_diff_dict():
+    fields = json.loads(config.to_json_string(use_diff=True))
+    if done.is_file() and json.loads(done.read_text()) == fields:
         return target, AutoConfig.from_pretrained(target)
     log(f"building {model} ({parameter_count(config) / 1e9:.2f} B parameters, random, {dtype}) in {target}")
     shutil.rmtree(target, ignore_errors=True)
@@ -73,7 +74,7 @@ def prepare(model: str, work_dir: Path, dtype: torch.dtype, log) -> tuple[Path, 
     built = AutoModelForCausalLM.from_config(config, dtype=dtype)
     built.save_pretrained(target)
     del built
-    done.write_text(json.dumps(config.to_diff_dict()))  # written last: a cut-short build is redone
+    done.write_text(json.dumps(fields))  # written last: a cut-short build is redone
     return target, config
 
 
