@@ -1,8 +1,9 @@
 """BF16 linear layers on this CPU: autotp's native GEMM against F.linear and torch's prepacked
-oneDNN path, measured interleaved in one run, with GFLOP/s and, for decoding shapes (M <= 16),
-the weight bytes read per second as a share of the machine's read bandwidth.
+oneDNN path, and autotp's weight-only INT8 GEMM (bf16 activations) against the native bf16 one,
+measured interleaved in one run, with GFLOP/s and, for decoding shapes (M <= 16), the weight
+bytes read per second as a share of the machine's read bandwidth.
 
-    python tools/bench_gemm.py [--threads 1 2] [--m 1 4 16 64 256 1024] [--rounds 3]
+    python tools/bench_gemm.py [--threads 1 2] [--m 1 4 16 64 256 1024] [--rounds 3] [--int8-group 128]
 
 The read bandwidth is measured by the same script, interleaved with the GEMMs: an AVX-512
 streaming read of a 1 GiB buffer (torch.ops.autotp.read_probe) on the same threads, median
@@ -47,7 +48,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024])
-    parser.add_argument("--rounds", type=int, default=3, help="alternations of the three paths per shape")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the four paths per shape")
+    parser.add_argument("--int8-group", type=int, default=128,
+                        help="input columns per INT8 scale (0: one scale per output row)")
     args = parser.parse_args()
     flags = cpu_flags()
     isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if f in flags]
@@ -70,12 +73,16 @@ def main() -> None:
             w = (torch.randn(n, k) * 0.02).bfloat16()
             packed_native = kernels.prepack(w)
             packed_onednn = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            group = args.int8_group or k
+            q8, s8 = kernels.prepack_int8(*kernels.quantize_int8(w, group))
+            int8_bytes = q8.numel() + s8.numel() * 4  # what one product streams
             for m in args.m:
                 x = torch.randn(m, k).bfloat16()
                 paths = {
                     "native": lambda: kernels.linear(x, packed_native, None, n),
                     "F.linear": lambda: F.linear(x, w),
                     "prepacked": lambda: torch.ops.mkldnn._linear_pointwise(x, packed_onednn, None, "none", [], ""),
+                    "int8": lambda: kernels.linear_int8(x, q8, s8, None, n, group),
                 }
                 times = {name: [] for name in paths}
                 for _ in range(args.rounds):  # interleaved: noise hits all alike
@@ -83,7 +90,7 @@ def main() -> None:
                         times[name].append(timed(fn))
                     if m <= 16:
                         read_bw()
-                rows.append((n, k, m, {name: statistics.median(t) for name, t in times.items()}))
+                rows.append((n, k, m, int8_bytes, {name: statistics.median(t) for name, t in times.items()}))
                 print(".", end="", flush=True, file=sys.stderr)
         print(file=sys.stderr)
         bw = statistics.median(bandwidths)
@@ -91,16 +98,19 @@ def main() -> None:
               f"(median of {len(bandwidths)}, range {min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f})")
         print(f"{'N x K':>12} {'M':>5} {'native ms':>10} {'F.linear ms':>12} {'prepack ms':>11} "
               f"{'F/nat':>6} {'pre/nat':>8} {'nat GF/s':>9} {'F GF/s':>7} {'pre GF/s':>9} "
-              f"{'nat %bw':>8} {'F %bw':>6} {'pre %bw':>8}")
-        for n, k, m, t in rows:
+              f"{'int8 ms':>8} {'i8/nat':>7} {'i8 GF/s':>8} {'nat %bw':>8} {'F %bw':>6} {'pre %bw':>8} {'i8 %bw':>7}")
+        for n, k, m, i8_bytes, t in rows:
             flop = 2 * m * n * k
-            a, b, c = t["native"], t["F.linear"], t["prepacked"]
+            a, b, c, d = t["native"], t["F.linear"], t["prepacked"], t["int8"]
             line = (f"{n:>6}x{k:<5} {m:>5} {a * 1e3:>10.3f} {b * 1e3:>12.3f} {c * 1e3:>11.3f} "
-                    f"{b / a:>6.2f} {c / a:>8.2f} {flop / a / 1e9:>9.1f} {flop / b / 1e9:>7.1f} {flop / c / 1e9:>9.1f}")
+                    f"{b / a:>6.2f} {c / a:>8.2f} {flop / a / 1e9:>9.1f} {flop / b / 1e9:>7.1f} {flop / c / 1e9:>9.1f} "
+                    f"{d * 1e3:>8.3f} {d / a:>7.2f} {flop / d / 1e9:>8.1f}")
             if m <= 16:
                 line += "".join(f" {n * k * 2 / v / bw * 100:>{width}.0f}%" for v, width in ((a, 7), (b, 5), (c, 7)))
+                line += f" {i8_bytes / d / bw * 100:>6.0f}%"
             print(line)
-            summary.append((threads, m, b / a, c / a, n * k * 2 / a / bw if m == 1 else None))
+            summary.append((threads, m, b / a, c / a, n * k * 2 / a / bw if m == 1 else None,
+                            d / a, i8_bytes / d / bw if m == 1 else None))
     print("\nworst ratios over all shapes (>= 1.00: native at least as fast):")
     for threads in args.threads:
         mine = [s for s in summary if s[0] == threads]
@@ -108,6 +118,11 @@ def main() -> None:
         print(f"  {threads} thread(s): F.linear/native min {min(s[2] for s in mine):.2f}, "
               f"prepacked/native min {min(s[3] for s in mine):.2f}"
               + (f", native M=1 share of read bandwidth min {min(at_m1) * 100:.0f}%" if at_m1 else ""))
+        m1 = [s for s in mine if s[1] == 1]
+        if m1:
+            print(f"  {threads} thread(s): int8/native time at M=1 max {max(s[5] for s in m1):.2f} (target <= 0.60), "
+                  f"int8 M=1 share of read bandwidth (int8 weights + fp32 scales) min "
+                  f"{min(s[6] for s in m1) * 100:.0f}%")
 
 
 if __name__ == "__main__":

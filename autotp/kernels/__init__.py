@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from autotp.util import env_choice
 
@@ -61,7 +62,8 @@ def _build() -> str:
     _ensure_ninja_on_path()
     csrc = Path(__file__).parent / "csrc"
     load(name="autotp_kernels",
-         sources=[str(csrc / "ops.cpp"), str(csrc / "gemm_avx512.cpp"), str(csrc / "shm_comm.cpp")],
+         sources=[str(csrc / "ops.cpp"), str(csrc / "gemm_avx512.cpp"), str(csrc / "gemm_int8.cpp"),
+                 str(csrc / "shm_comm.cpp")],
          extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp", "-lrt"], is_python_module=False, verbose=os.environ.get("AUTOTP_VERBOSE_BUILD") == "1")
     return torch.ops.autotp.kernel_isa()
 
@@ -141,6 +143,51 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     return torch.ops.autotp.linear_bf16(x, packed, bias, out_features, out_dtype)
 
 
+# -- weight-only INT8 ------------------------------------------------------------------------
+
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric weight-only INT8 of an [N, K] weight: per output row and group of
+    ``group_size`` input columns (None: the whole row), scale = absmax / 127 (1 for an all-zero
+    group) and Q = round(W / scale) in [-127, 127]. Returns (Q [N, K] int8, scales [N, ceil(K/G)]
+    float32). Rows and groups are independent, so quantizing a slice that starts and ends on
+    group boundaries gives the same numbers as slicing the quantized whole."""
+    n, k = weight.shape
+    g = k if group_size is None else group_size
+    if g < 1:
+        raise ValueError(f"autotp: group_size must be a positive number of input columns, got {group_size}")
+    groups = -(-k // g) if k else 0
+    w = F.pad(weight.float(), (0, groups * g - k)).view(n, groups, g)
+    absmax = w.abs().amax(-1) if g else torch.zeros(n, groups)
+    scales = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+    q = torch.round(w / scales[..., None]).clamp_(-127, 127).to(torch.int8).view(n, groups * g)[:, :k]
+    return q.contiguous(), scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """float32 Q * S, each product rounded once: the weight the INT8 GEMM multiplies by."""
+    k = q.shape[1]
+    g = k if group_size is None else group_size
+    return q.float() * scales.repeat_interleave(g, dim=1)[:, :k]
+
+
+def prepack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q [N, K] int8, S [N, KG] fp32) -> the layouts linear_int8 reads: Q as [ceil(N/64), K, 64]
+    with element (g, k, c) = Q[64 g + c, k], S as [ceil(N/64), KG, 64] likewise; zero past N."""
+    n = q.shape[0]
+    ng = -(-n // GROUP_N)
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        t = F.pad(t, (0, 0, 0, ng * GROUP_N - n))
+        return t.view(ng, GROUP_N, t.shape[1]).transpose(1, 2).contiguous()
+    return pack(q), pack(scales.float())
+
+
+def linear_int8(x: torch.Tensor, qpacked: torch.Tensor, spacked: torch.Tensor, bias: torch.Tensor | None,
+                out_features: int, group_size: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x @ (Q S)^T + bias with Q, S packed by :func:`prepack_int8`; fp32 accumulation, output
+    in ``out_dtype`` (default: x's dtype). ``group_size`` is the K columns per scale."""
+    return torch.ops.autotp.linear_int8(x, qpacked, spacked, bias, out_features, group_size, out_dtype)
+
+
 def _register_fakes() -> None:
     """Shape functions, so the ops trace under torch.compile / FakeTensor (and pass opcheck)."""
     if _state.get("fakes"):
@@ -157,4 +204,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("autotp::linear_bf16")
     def _(x, packed, bias, out_features, out_dtype=None):
+        return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)
+
+    @torch.library.register_fake("autotp::linear_int8")
+    def _(x, qpacked, spacked, bias, out_features, group_size, out_dtype=None):
         return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)

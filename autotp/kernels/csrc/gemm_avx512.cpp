@@ -114,20 +114,22 @@ void gemm_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1
       }
     }
   }
-  // Epilogue: bias, conversion, masked stores for the columns past N.
+  store_rows(c, ldc, m0, m1, b0 * kBlockN, std::min(a.N, b1 * kBlockN), a.bias, a.out, a.ldo, a.out_bf16);
+}
+
+void store_rows(const float* c, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* bias,
+                void* out, int64_t ldo, bool out_bf16) {
   for (int64_t m = m0; m < m1; ++m) {
     const float* crow = c + (m - m0) * ldc;
-    for (int64_t j = 0; j < b1 - b0; ++j) {
-      const int64_t n0 = (b0 + j) * kBlockN;
-      const int64_t valid = std::min<int64_t>(kBlockN, a.N - n0);
+    for (int64_t n = n0; n < n1; n += kBlockN) {
+      const int64_t valid = std::min<int64_t>(kBlockN, n1 - n);
       const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-      __m512 v = _mm512_loadu_ps(crow + j * kBlockN);
-      if (a.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, a.bias + n0));
-      if (a.out_bf16) {
-        auto* dst = static_cast<uint16_t*>(a.out) + m * a.ldo + n0;
-        _mm256_mask_storeu_epi16(dst, mask, to_bf16(v));
+      __m512 v = _mm512_maskz_loadu_ps(mask, crow + (n - n0));
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n));
+      if (out_bf16) {
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + m * ldo + n, mask, to_bf16(v));
       } else {
-        _mm512_mask_storeu_ps(static_cast<float*>(a.out) + m * a.ldo + n0, mask, v);
+        _mm512_mask_storeu_ps(static_cast<float*>(out) + m * ldo + n, mask, v);
       }
     }
   }

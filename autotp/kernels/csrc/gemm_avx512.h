@@ -40,6 +40,12 @@ struct GemmArgs {
 // (row tile, 64-column group) pair of the unit uses it.
 void gemm_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1);
 
+// The epilogue of both GEMMs: rows [m0, m1) and columns [n0, n1) of the fp32 tile c (row
+// stride ldc, column n0 first) plus bias (if any) to out[m, n] (row stride ldo), rounded to
+// bf16 (nearest even) or stored as fp32.
+void store_rows(const float* c, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* bias,
+                void* out, int64_t ldo, bool out_bf16);
+
 // Reads [data, data + bytes) with 64-byte loads and returns their XOR (so the loads are not
 // optimised away): the read bandwidth a streaming kernel can reach, for benchmarks.
 uint64_t stream_read(const uint8_t* data, int64_t bytes);

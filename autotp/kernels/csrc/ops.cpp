@@ -3,6 +3,8 @@
 //   prepack_bf16(weight[N, K]) -> packed[NG, K2, 128]     (layout: gemm_avx512.h)
 //   unpack_bf16(packed, N, K) -> weight[N, K]              (inverse, for tests and state dicts)
 //   linear_bf16(x[..., K], packed, bias?, N, out_dtype?) -> y[..., N] = x W^T + bias
+//   linear_int8(x[..., K], qpacked, spacked, bias?, N, G, out_dtype?) -> y[..., N] = x (Q S)^T + bias
+//                                                          (layouts and spec: gemm_int8.h)
 //   read_probe(buffer) -> checksum                        (read bandwidth, for benchmarks)
 //   class ShmComm(name, rank, size, slot_bytes, create, timeout_s, portable): all_reduce(t), unlink(), name()
 //   kernel_isa() -> "avx512" when the GEMM can run on this CPU, else ""
@@ -15,6 +17,7 @@
 #include <string>
 
 #include "gemm_avx512.h"
+#include "gemm_int8.h"
 #include "shm_comm.h"
 
 namespace autotp {
@@ -51,6 +54,13 @@ void check_packed(const at::Tensor& packed, int64_t N, int64_t K, const char* op
               ": packed weight ", packed.sizes(), " does not hold a [", N, ", ", K, "] weight");
 }
 
+// The optional bias as a contiguous fp32 [N] tensor (undefined when absent).
+at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t N, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [", N, "], got ", bias->sizes());
+  return bias->to(at::kFloat).contiguous();
+}
+
 at::Tensor unpack_bf16(const at::Tensor& packed, int64_t N, int64_t K) {
   check_packed(packed, N, K, "autotp::unpack_bf16");
   const int64_t NG = packed.size(0), K2 = packed.size(1), group = kGroupBlocks * kBlockN;
@@ -70,12 +80,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   const at::ScalarType odt = out_dtype.value_or(x.scalar_type());
   TORCH_CHECK(odt == at::kBFloat16 || odt == at::kFloat,
               "autotp::linear_bf16: out_dtype must be bfloat16 or float32, got ", odt);
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "autotp::linear_bf16: bias must be [", N,
-                "], got ", bias->sizes());
-    b = bias->to(at::kFloat).contiguous();
-  }
+  at::Tensor b = float_bias(bias, N, "autotp::linear_bf16");
   TORCH_CHECK(avx512::cpu_supported(),
               "autotp::linear_bf16: this CPU lacks AVX-512 (F, BW, DQ, VL); use F.linear on the unpacked weight");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -116,6 +121,65 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   return out;
 }
 
+void check_int8_packed(const at::Tensor& qpacked, const at::Tensor& spacked, int64_t N, int64_t K, int64_t G,
+                       const char* op) {
+  const int64_t NG = ceil_div(N, avx512::kInt8Group);
+  TORCH_CHECK(G >= 1, op, ": group_size must be at least 1, got ", G);
+  TORCH_CHECK(qpacked.dim() == 3 && qpacked.scalar_type() == at::kChar && qpacked.size(0) == NG &&
+                  qpacked.size(1) == K && qpacked.size(2) == avx512::kInt8Group && qpacked.is_contiguous(),
+              op, ": packed weight must be contiguous int8 [", NG, ", ", K, ", 64] (prepack_int8 of an [", N, ", ",
+              K, "] weight), got ", qpacked.scalar_type(), " ", qpacked.sizes());
+  TORCH_CHECK(spacked.dim() == 3 && spacked.scalar_type() == at::kFloat && spacked.size(0) == NG &&
+                  spacked.size(1) == ceil_div(K, G) && spacked.size(2) == avx512::kInt8Group &&
+                  spacked.is_contiguous(),
+              op, ": packed scales must be contiguous float32 [", NG, ", ", ceil_div(K, G), ", 64] for group size ",
+              G, ", got ", spacked.scalar_type(), " ", spacked.sizes());
+}
+
+// x: [..., K] bf16/fp32   qpacked: [ceil(N/64), K, 64] int8   spacked: [ceil(N/64), ceil(K/G), 64] fp32
+// y: [..., N] = x (Q * S)^T + bias, fp32 accumulation (spec in gemm_int8.h). AVX-512 F/BW/DQ/VL.
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at::Tensor& spacked,
+                       const std::optional<at::Tensor>& bias, int64_t N, int64_t group_size,
+                       std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "autotp::linear_int8: x must be a bfloat16 or float32 CPU tensor, got ", x.scalar_type(),
+              " on ", x.device());
+  TORCH_CHECK(x.dim() >= 1, "autotp::linear_int8: x must have at least one dimension");
+  const int64_t K = x.size(-1);
+  check_int8_packed(qpacked, spacked, N, K, group_size, "autotp::linear_int8");
+  const at::ScalarType odt = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(odt == at::kBFloat16 || odt == at::kFloat,
+              "autotp::linear_int8: out_dtype must be bfloat16 or float32, got ", odt);
+  at::Tensor b = float_bias(bias, N, "autotp::linear_int8");
+  TORCH_CHECK(avx512::cpu_supported(), "autotp::linear_int8: this CPU lacks AVX-512 (F, BW, DQ, VL); "
+              "use the torch path (dequantise, then F.linear)");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const int64_t M = x.numel() / std::max<int64_t>(K, 1);
+  at::Tensor out = at::empty(out_shape, x.options().dtype(odt));
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return out.zero_().add_(b.defined() ? b.to(odt) : at::zeros({N}, out.options()));
+  at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
+  avx512::Int8GemmArgs args{xf.data_ptr<float>(), qpacked.data_ptr<int8_t>(), spacked.data_ptr<float>(),
+                            b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K, group_size,
+                            spacked.size(1), N, odt == at::kBFloat16};
+  const int64_t NG = qpacked.size(0);
+  const int64_t mblocks = ceil_div(M, avx512::kInt8BlockM);
+  const int64_t rows = M <= avx512::kInt8DirectM ? M : std::min(avx512::kInt8BlockM, ceil_div(ceil_div(M, mblocks), kTileM) * kTileM);
+  const int64_t mcount = ceil_div(M, rows);
+  int64_t run = avx512::kInt8MaxItemGroups;
+  while (run > 1 && mcount * ceil_div(NG, run) < 8 * at::get_num_threads()) run /= 2;
+  const int64_t runs = ceil_div(NG, run);
+  at::parallel_for(0, runs * mcount, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / mcount, mb = item % mcount;
+      const int64_t m0 = mb * rows, g0 = r * run;
+      avx512::gemm_int8_tile(args, m0, std::min(M, m0 + rows), g0, std::min(NG, g0 + run));
+    }
+  });
+  return out;
+}
+
 // Reads every byte of `buffer` once, split over the threads: a benchmark's measure of the read
 // bandwidth the GEMM's weight streaming can be compared with. Returns a checksum.
 int64_t read_probe(const at::Tensor& buffer) {
@@ -145,6 +209,8 @@ TORCH_LIBRARY(autotp, m) {
   m.def("prepack_bf16(Tensor weight) -> Tensor");
   m.def("unpack_bf16(Tensor packed, int out_features, int in_features) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features, ScalarType? out_dtype=None) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor qpacked, Tensor spacked, Tensor? bias, int out_features, int group_size, "
+        "ScalarType? out_dtype=None) -> Tensor");
   m.def("read_probe(Tensor buffer) -> int");
   m.def("kernel_isa() -> str", &autotp::kernel_isa);
 }
@@ -153,5 +219,6 @@ TORCH_LIBRARY_IMPL(autotp, CPU, m) {
   m.impl("prepack_bf16", &autotp::prepack_bf16);
   m.impl("unpack_bf16", &autotp::unpack_bf16);
   m.impl("linear_bf16", &autotp::linear_bf16);
+  m.impl("linear_int8", &autotp::linear_int8);
   m.impl("read_probe", &autotp::read_probe);
 }

@@ -1,0 +1,110 @@
+"""The weight-only INT8 GEMM (autotp.kernels.linear_int8) against a float64 product with the
+dequantised weight, its two paths (registers for few rows, an fp32 panel for many) against each
+other, quantization against its definition, and the packed layouts against theirs."""
+import pytest
+import torch
+
+from autotp import kernels
+from test_kernels import bf16, native
+
+
+def deq_reference(x, q, s, g, b):
+    """x (Q S)^T + b in float64 with the fp32-rounded dequantised weight, and the fp32 error bound."""
+    w = kernels.dequantize_int8(q, s, g).double()
+    x64 = x.double()
+    y, mag = x64 @ w.T, x64.abs() @ w.abs().T
+    if b is not None:
+        y, mag = y + b.double(), mag + b.double().abs()
+    return y, mag * (x.shape[-1] + 2) * 2.0**-24 + 1e-30
+
+
+def test_quantize_follows_its_definition():
+    w = bf16(5, 10, seed=0)
+    w[1] = 0  # an all-zero row gets scale 1, not a division by zero
+    q, s = kernels.quantize_int8(w, 4)
+    assert q.dtype == torch.int8 and q.shape == (5, 10) and s.shape == (5, 3)
+    for n in range(5):
+        for t in range(3):
+            block = w[n, 4 * t:4 * t + 4].float()
+            scale = block.abs().max() / 127 if block.abs().max() > 0 else torch.tensor(1.0)
+            assert s[n, t] == scale
+            assert torch.equal(q[n, 4 * t:4 * t + 4], torch.round(block / scale).to(torch.int8))
+    assert q.abs().max() == 127
+    err = (kernels.dequantize_int8(q, s, 4) - w.float()).abs()
+    assert (err <= s.repeat_interleave(4, 1)[:, :10] / 2 + 1e-9).all()  # half a step at most
+
+
+def test_quantizing_a_slice_on_group_boundaries_equals_slicing_the_quantized_whole():
+    w = bf16(70, 96, seed=1)
+    q, s = kernels.quantize_int8(w, 32)
+    q2, s2 = kernels.quantize_int8(w[10:50, 32:96], 32)
+    assert torch.equal(q2, q[10:50, 32:96]) and torch.equal(s2, s[10:50, 1:3])
+    qc, sc = kernels.quantize_int8(w[10:50])  # per row: slicing rows only
+    assert torch.equal(qc, kernels.quantize_int8(w)[0][10:50]) and torch.equal(sc, kernels.quantize_int8(w)[1][10:50])
+
+
+def test_packed_layouts_follow_their_definition():
+    q, s = kernels.quantize_int8(bf16(70, 9, seed=2), 4)
+    qp, sp = kernels.prepack_int8(q, s)
+    assert qp.shape == (2, 9, 64) and sp.shape == (2, 3, 64)
+    for n in (0, 5, 63, 64, 69):
+        assert torch.equal(qp[n // 64, :, n % 64], q[n]) and torch.equal(sp[n // 64, :, n % 64], s[n])
+    assert (qp[1, :, 6:] == 0).all() and (sp[1, :, 6:] == 0).all()  # past N
+
+
+@native
+@pytest.mark.parametrize("n,k,g", [(1, 1, None), (15, 3, 2), (64, 64, 16), (100, 129, 32), (257, 1000, 128),
+                                   (48, 4096, None), (130, 300, 7)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_gemm_shape_sweep_against_float64(n, k, g, bias):
+    w = bf16(n, k, seed=n * 5 + k)
+    b = bf16(n, seed=k) if bias else None
+    q, s = kernels.quantize_int8(w, g)
+    qp, sp = kernels.prepack_int8(q, s)
+    group = k if g is None else g
+    for m in (1, 2, 3, 4, 5, 6, 7, 13, 97, 300):
+        x = bf16(m, k, seed=m)
+        expect, bound = deq_reference(x, q, s, group, b)
+        y32 = kernels.linear_int8(x, qp, sp, b, n, group, torch.float32)
+        err = (y32.double() - expect).abs()
+        assert (err <= bound).all(), f"M={m} N={n} K={k} G={g}: max err {err.max():.3g}, bound {bound.max():.3g}"
+        assert torch.equal(kernels.linear_int8(x, qp, sp, b, n, group), y32.bfloat16())
+        # few rows take the in-register path, many the fp32 panel: the same sums in the same order
+        assert torch.equal(kernels.linear_int8(x[:1], qp, sp, b, n, group, torch.float32), y32[:1])
+
+
+@native
+def test_int8_gemm_is_the_same_on_any_number_of_threads():
+    q, s = kernels.quantize_int8(bf16(300, 512, seed=3), 64)
+    qp, sp = kernels.prepack_int8(q, s)
+    x = bf16(37, 512, seed=4)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(kernels.linear_int8(x, qp, sp, None, 300, 64, torch.float32))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@native
+def test_int8_gemm_errors_name_the_fix():
+    q, s = kernels.quantize_int8(bf16(64, 32, seed=5), 8)
+    qp, sp = kernels.prepack_int8(q, s)
+    x = bf16(2, 32, seed=6)
+    with pytest.raises(RuntimeError, match="prepack_int8"):
+        kernels.linear_int8(x, q, sp, None, 64, 8)
+    with pytest.raises(RuntimeError, match="group size 16"):
+        kernels.linear_int8(x, qp, sp, None, 64, 16)
+    with pytest.raises(RuntimeError, match="x must be a bfloat16 or float32"):
+        kernels.linear_int8(x.half(), qp, sp, None, 64, 8)
+
+
+@native
+def test_int8_ops_pass_opcheck():
+    q, s = kernels.quantize_int8(bf16(70, 40, seed=7), 8)
+    qp, sp = kernels.prepack_int8(q, s)
+    torch.library.opcheck(torch.ops.autotp.linear_int8.default,
+                          (bf16(3, 40, seed=8), qp, sp, bf16(70, seed=9), 70, 8, torch.float32))
