@@ -8,9 +8,9 @@ from autotp import kernels
 from test_kernels import bf16, native
 
 
-def deq_reference(x, q, s, g, b):
+def deq_reference(x, q, s, g, b, offset=0):
     """x (Q S)^T + b in float64 with the fp32-rounded dequantised weight, and the fp32 error bound."""
-    w = kernels.dequantize_int8(q, s, g).double()
+    w = kernels.dequantize_int8(q, s, g, offset).double()
     x64 = x.double()
     y, mag = x64 @ w.T, x64.abs() @ w.abs().T
     if b is not None:
@@ -65,12 +65,39 @@ def test_int8_gemm_shape_sweep_against_float64(n, k, g, bias):
     for m in (1, 2, 3, 4, 5, 6, 7, 13, 97, 300):
         x = bf16(m, k, seed=m)
         expect, bound = deq_reference(x, q, s, group, b)
-        y32 = kernels.linear_int8(x, qp, sp, b, n, group, torch.float32)
+        y32 = kernels.linear_int8(x, qp, sp, b, n, group, out_dtype=torch.float32)
         err = (y32.double() - expect).abs()
         assert (err <= bound).all(), f"M={m} N={n} K={k} G={g}: max err {err.max():.3g}, bound {bound.max():.3g}"
         assert torch.equal(kernels.linear_int8(x, qp, sp, b, n, group), y32.bfloat16())
         # few rows take the in-register path, many the fp32 panel: the same sums in the same order
-        assert torch.equal(kernels.linear_int8(x[:1], qp, sp, b, n, group, torch.float32), y32[:1])
+        assert torch.equal(kernels.linear_int8(x[:1], qp, sp, b, n, group, out_dtype=torch.float32), y32[:1])
+
+
+def test_quantizing_a_shard_that_cuts_groups_with_an_offset_equals_slicing_the_whole():
+    w = bf16(20, 100, seed=10)
+    q, s = kernels.quantize_int8(w, 16)
+    for k0, k1 in ((0, 48), (40, 80), (37, 100), (5, 9)):
+        first, last = k0 // 16, -(-k1 // 16)
+        # what a rank does: quantize the columns of the groups it touches, keep its own
+        qe, se = kernels.quantize_int8(w[:, first * 16:min(100, last * 16)], 16)
+        assert torch.equal(se, s[:, first:last]) and torch.equal(qe[:, k0 - first * 16:k1 - first * 16], q[:, k0:k1])
+        deq = kernels.dequantize_int8(q[:, k0:k1], s[:, first:last], 16, k0 % 16)
+        assert torch.equal(deq, kernels.dequantize_int8(q, s, 16)[:, k0:k1])
+
+
+@native
+@pytest.mark.parametrize("k0,k1", [(40, 80), (37, 100), (5, 9), (0, 100)])
+def test_int8_gemm_with_a_group_offset_against_float64(k0, k1):
+    w, b = bf16(130, 100, seed=11), bf16(130, seed=12)
+    q, s = kernels.quantize_int8(w, 16)
+    first, last = k0 // 16, -(-k1 // 16)
+    ql, sl = q[:, k0:k1].contiguous(), s[:, first:last].contiguous()
+    qp, sp = kernels.prepack_int8(ql, sl)
+    for m in (1, 3, 7, 40):
+        x = bf16(m, k1 - k0, seed=m)
+        expect, bound = deq_reference(x, ql, sl, 16, b, k0 % 16)
+        y = kernels.linear_int8(x, qp, sp, b, 130, 16, k0 % 16, torch.float32)
+        assert ((y.double() - expect).abs() <= bound).all(), f"M={m} [{k0}, {k1})"
 
 
 @native
@@ -83,7 +110,7 @@ def test_int8_gemm_is_the_same_on_any_number_of_threads():
         outs = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outs.append(kernels.linear_int8(x, qp, sp, None, 300, 64, torch.float32))
+            outs.append(kernels.linear_int8(x, qp, sp, None, 300, 64, out_dtype=torch.float32))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
@@ -98,13 +125,16 @@ def test_int8_gemm_errors_name_the_fix():
         kernels.linear_int8(x, q, sp, None, 64, 8)
     with pytest.raises(RuntimeError, match="group size 16"):
         kernels.linear_int8(x, qp, sp, None, 64, 16)
+    with pytest.raises(RuntimeError, match="group_offset must be in"):
+        kernels.linear_int8(x, qp, sp, None, 64, 8, 8)
     with pytest.raises(RuntimeError, match="x must be a bfloat16 or float32"):
         kernels.linear_int8(x.half(), qp, sp, None, 64, 8)
 
 
 @native
 def test_int8_ops_pass_opcheck():
-    q, s = kernels.quantize_int8(bf16(70, 40, seed=7), 8)
+    q, s = kernels.quantize_int8(bf16(70, 40, seed=7), 8, 3)  # offset 3: the first group holds 5 columns
+    assert s.shape == (70, 6)
     qp, sp = kernels.prepack_int8(q, s)
     torch.library.opcheck(torch.ops.autotp.linear_int8.default,
-                          (bf16(3, 40, seed=8), qp, sp, bf16(70, seed=9), 70, 8, torch.float32))
+                          (bf16(3, 40, seed=8), qp, sp, bf16(70, seed=9), 70, 8, 3, torch.float32))

@@ -145,29 +145,34 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
 
 # -- weight-only INT8 ------------------------------------------------------------------------
 
-def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None, group_offset: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric weight-only INT8 of an [N, K] weight: per output row and group of
     ``group_size`` input columns (None: the whole row), scale = absmax / 127 (1 for an all-zero
-    group) and Q = round(W / scale) in [-127, 127]. Returns (Q [N, K] int8, scales [N, ceil(K/G)]
-    float32). Rows and groups are independent, so quantizing a slice that starts and ends on
-    group boundaries gives the same numbers as slicing the quantized whole."""
+    group) and Q = round(W / scale) in [-127, 127]. Returns (Q [N, K] int8, scales [N, KG]
+    float32). With ``group_offset`` O the first group holds only G - O columns (column k is in
+    group (k + O) // G): quantizing a slice of the whole with O = its start % G gives the
+    slice of the quantized whole whenever the slice's first and last groups are complete in it."""
     n, k = weight.shape
-    g = k if group_size is None else group_size
-    if g < 1:
-        raise ValueError(f"autotp: group_size must be a positive number of input columns, got {group_size}")
-    groups = -(-k // g) if k else 0
-    w = F.pad(weight.float(), (0, groups * g - k)).view(n, groups, g)
-    absmax = w.abs().amax(-1) if g else torch.zeros(n, groups)
+    g = max(k, 1) if group_size is None else group_size
+    if g < 1 or not 0 <= group_offset < g:
+        raise ValueError(f"autotp: group_size must be >= 1 and 0 <= group_offset < group_size, got "
+                         f"{group_size} and {group_offset}")
+    groups = -(-(k + group_offset) // g)
+    w = F.pad(weight.float(), (group_offset, groups * g - k - group_offset)).view(n, groups, g)
+    absmax = w.abs().amax(-1)
     scales = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
-    q = torch.round(w / scales[..., None]).clamp_(-127, 127).to(torch.int8).view(n, groups * g)[:, :k]
-    return q.contiguous(), scales
+    q = torch.round(w / scales[..., None]).clamp_(-127, 127).to(torch.int8).view(n, groups * g)
+    return q[:, group_offset:group_offset + k].contiguous(), scales
 
 
-def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, group_size: int | None = None,
+                    group_offset: int = 0) -> torch.Tensor:
     """float32 Q * S, each product rounded once: the weight the INT8 GEMM multiplies by."""
     k = q.shape[1]
-    g = k if group_size is None else group_size
-    return q.float() * scales.repeat_interleave(g, dim=1)[:, :k]
+    g = max(k, 1) if group_size is None else group_size
+    per_column = scales.repeat_interleave(g, dim=1)[:, group_offset:group_offset + k]
+    return q.float() * per_column
 
 
 def prepack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,10 +187,13 @@ def prepack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def linear_int8(x: torch.Tensor, qpacked: torch.Tensor, spacked: torch.Tensor, bias: torch.Tensor | None,
-                out_features: int, group_size: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_features: int, group_size: int, group_offset: int = 0,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x @ (Q S)^T + bias with Q, S packed by :func:`prepack_int8`; fp32 accumulation, output
-    in ``out_dtype`` (default: x's dtype). ``group_size`` is the K columns per scale."""
-    return torch.ops.autotp.linear_int8(x, qpacked, spacked, bias, out_features, group_size, out_dtype)
+    in ``out_dtype`` (default: x's dtype). ``group_size`` and ``group_offset`` are as in
+    :func:`quantize_int8` (``None`` there is ``group_size=K`` here)."""
+    return torch.ops.autotp.linear_int8(x, qpacked, spacked, bias, out_features, group_size, group_offset,
+                                        out_dtype)
 
 
 def _register_fakes() -> None:
@@ -207,5 +215,5 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)
 
     @torch.library.register_fake("autotp::linear_int8")
-    def _(x, qpacked, spacked, bias, out_features, group_size, out_dtype=None):
+    def _(x, qpacked, spacked, bias, out_features, group_size, group_offset=0, out_dtype=None):
         return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)

@@ -31,14 +31,14 @@ inline __m512 dequant(const int8_t* q, __m512 scale) {
 // acc[i][j] (+)= sum over k in [k0, k1) of x[i, k] * W[k, 16 j .. 16 j + 15], W dequantised in
 // registers, for MT rows of x (row stride ldx). q and s point at the group's packed base.
 template <int MT>
-void direct(const float* x, int64_t ldx, const int8_t* q, const float* s, int64_t G, int64_t k0, int64_t k1,
-            float* c, int64_t ldc, bool accumulate) {
+void direct(const float* x, int64_t ldx, const int8_t* q, const float* s, int64_t G, int64_t O, int64_t k0,
+            int64_t k1, float* c, int64_t ldc, bool accumulate) {
   __m512 acc[MT][4];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < 4; ++j)
       acc[i][j] = accumulate ? _mm512_loadu_ps(c + i * ldc + 16 * j) : _mm512_setzero_ps();
   for (int64_t kg = k0; kg < k1;) {
-    const int64_t t = kg / G, kend = std::min(k1, (t + 1) * G);
+    const int64_t t = (kg + O) / G, kend = std::min(k1, (t + 1) * G - O);
     __m512 sv[4];
     for (int j = 0; j < 4; ++j) sv[j] = _mm512_loadu_ps(s + t * kInt8Group + 16 * j);
     for (int64_t k = kg; k < kend; ++k) {
@@ -58,9 +58,9 @@ void direct(const float* x, int64_t ldx, const int8_t* q, const float* s, int64_
 }
 
 // The dequantised weight of K [k0, k1) for one group, as fp32 rows of 64: panel[k - k0][c].
-void dequant_panel(const int8_t* q, const float* s, int64_t G, int64_t k0, int64_t k1, float* panel) {
+void dequant_panel(const int8_t* q, const float* s, int64_t G, int64_t O, int64_t k0, int64_t k1, float* panel) {
   for (int64_t kg = k0; kg < k1;) {
-    const int64_t t = kg / G, kend = std::min(k1, (t + 1) * G);
+    const int64_t t = (kg + O) / G, kend = std::min(k1, (t + 1) * G - O);
     __m512 sv[4];
     for (int j = 0; j < 4; ++j) sv[j] = _mm512_loadu_ps(s + t * kInt8Group + 16 * j);
     for (int64_t k = kg; k < kend; ++k)
@@ -90,8 +90,8 @@ void from_panel(const float* x, int64_t ldx, const float* panel, int64_t rows, f
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
 }
 
-using DirectFn = void (*)(const float*, int64_t, const int8_t*, const float*, int64_t, int64_t, int64_t, float*,
-                          int64_t, bool);
+using DirectFn = void (*)(const float*, int64_t, const int8_t*, const float*, int64_t, int64_t, int64_t, int64_t,
+                          float*, int64_t, bool);
 using PanelFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
 
 DirectFn pick_direct(int64_t mt) {
@@ -126,12 +126,12 @@ void gemm_int8_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, i
     const float* s = a.s + g * a.KG * kInt8Group;
     float* cg = c + (g - g0) * kInt8Group;
     if (rows <= kInt8DirectM) {  // decoding: one pass over the group's stream, nothing staged
-      pick_direct(rows)(a.x + m0 * a.K, a.K, q, s, a.G, 0, a.K, cg, ldc, false);
+      pick_direct(rows)(a.x + m0 * a.K, a.K, q, s, a.G, a.O, 0, a.K, cg, ldc, false);
       continue;
     }
     for (int64_t k0 = 0; k0 < a.K; k0 += kPanelK) {
       const int64_t k1 = std::min(a.K, k0 + kPanelK);
-      dequant_panel(q, s, a.G, k0, k1, panel);
+      dequant_panel(q, s, a.G, a.O, k0, k1, panel);
       for (int64_t m = m0; m < m1; m += kTileRows)
         pick_panel(std::min(kTileRows, m1 - m))(a.x + m * a.K + k0, a.K, panel, k1 - k0,
                                                  cg + (m - m0) * ldc, ldc, k0 > 0);

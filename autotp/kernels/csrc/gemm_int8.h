@@ -2,13 +2,16 @@
 // per (output channel, group of G input columns), activations and accumulation in fp32.
 //
 // The product it computes (the spec the torch fallback and the tests share):
-//   y[m, n] = bias[n] + sum over k of x[m, k] * (float(Q[n, k]) * S[n, k / G])
-// with each dequantised weight float(Q) * S rounded to fp32 once, summed in K order.
+//   y[m, n] = bias[n] + sum over k of x[m, k] * (float(Q[n, k]) * S[n, (k + O) / G])
+// with each dequantised weight float(Q) * S rounded to fp32 once, summed in K order. The
+// group offset O (0 <= O < G) lets a row-parallel shard that starts inside a group of the
+// whole weight keep the whole weight's groups and scales: O is its first column's place in
+// its group.
 //
 // Packed layouts (shared with the registration code and the Python side):
 //   weight Q [N, K] int8  -> [NG, K, 64] int8,   element (g, k, c) = Q[64 g + c, k]
 //   scales S [N, KG] fp32 -> [NG, KG, 64] fp32,  element (g, t, c) = S[64 g + c, t]
-// NG = ceil(N / 64), KG = ceil(K / G); zero past N. A group of 64 output columns is one
+// NG = ceil(N / 64), KG = ceil((K + O) / G); zero past N. A group of 64 output columns is one
 // contiguous stream of 64-byte rows, one per K: half the bytes of the bf16 layout.
 #pragma once
 
@@ -22,7 +25,7 @@ struct Int8GemmArgs {
   const float* s;      // packed scales, [NG, KG, 64]
   const float* bias;   // [N] or nullptr
   void* out;           // [M, N] with row stride ldo, bf16 or fp32
-  int64_t M, N, K, G, KG, ldo;
+  int64_t M, N, K, G, O, KG, ldo;
   bool out_bf16;
 };
 

@@ -3,7 +3,7 @@
 //   prepack_bf16(weight[N, K]) -> packed[NG, K2, 128]     (layout: gemm_avx512.h)
 //   unpack_bf16(packed, N, K) -> weight[N, K]              (inverse, for tests and state dicts)
 //   linear_bf16(x[..., K], packed, bias?, N, out_dtype?) -> y[..., N] = x W^T + bias
-//   linear_int8(x[..., K], qpacked, spacked, bias?, N, G, out_dtype?) -> y[..., N] = x (Q S)^T + bias
+//   linear_int8(x[..., K], qpacked, spacked, bias?, N, G, O, out_dtype?) -> y[..., N] = x (Q S)^T + bias
 //                                                          (layouts and spec: gemm_int8.h)
 //   read_probe(buffer) -> checksum                        (read bandwidth, for benchmarks)
 //   class ShmComm(name, rank, size, slot_bytes, create, timeout_s, portable): all_reduce(t), unlink(), name()
@@ -122,31 +122,32 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
 }
 
 void check_int8_packed(const at::Tensor& qpacked, const at::Tensor& spacked, int64_t N, int64_t K, int64_t G,
-                       const char* op) {
+                       int64_t O, const char* op) {
   const int64_t NG = ceil_div(N, avx512::kInt8Group);
   TORCH_CHECK(G >= 1, op, ": group_size must be at least 1, got ", G);
+  TORCH_CHECK(O >= 0 && O < G, op, ": group_offset must be in [0, group_size), got ", O, " for group size ", G);
   TORCH_CHECK(qpacked.dim() == 3 && qpacked.scalar_type() == at::kChar && qpacked.size(0) == NG &&
                   qpacked.size(1) == K && qpacked.size(2) == avx512::kInt8Group && qpacked.is_contiguous(),
               op, ": packed weight must be contiguous int8 [", NG, ", ", K, ", 64] (prepack_int8 of an [", N, ", ",
               K, "] weight), got ", qpacked.scalar_type(), " ", qpacked.sizes());
   TORCH_CHECK(spacked.dim() == 3 && spacked.scalar_type() == at::kFloat && spacked.size(0) == NG &&
-                  spacked.size(1) == ceil_div(K, G) && spacked.size(2) == avx512::kInt8Group &&
+                  spacked.size(1) == ceil_div(K + O, G) && spacked.size(2) == avx512::kInt8Group &&
                   spacked.is_contiguous(),
-              op, ": packed scales must be contiguous float32 [", NG, ", ", ceil_div(K, G), ", 64] for group size ",
-              G, ", got ", spacked.scalar_type(), " ", spacked.sizes());
+              op, ": packed scales must be contiguous float32 [", NG, ", ", ceil_div(K + O, G),
+              ", 64] for group size ", G, " and offset ", O, ", got ", spacked.scalar_type(), " ", spacked.sizes());
 }
 
 // x: [..., K] bf16/fp32   qpacked: [ceil(N/64), K, 64] int8   spacked: [ceil(N/64), ceil(K/G), 64] fp32
 // y: [..., N] = x (Q * S)^T + bias, fp32 accumulation (spec in gemm_int8.h). AVX-512 F/BW/DQ/VL.
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at::Tensor& spacked,
-                       const std::optional<at::Tensor>& bias, int64_t N, int64_t group_size,
+                       const std::optional<at::Tensor>& bias, int64_t N, int64_t group_size, int64_t group_offset,
                        std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
               "autotp::linear_int8: x must be a bfloat16 or float32 CPU tensor, got ", x.scalar_type(),
               " on ", x.device());
   TORCH_CHECK(x.dim() >= 1, "autotp::linear_int8: x must have at least one dimension");
   const int64_t K = x.size(-1);
-  check_int8_packed(qpacked, spacked, N, K, group_size, "autotp::linear_int8");
+  check_int8_packed(qpacked, spacked, N, K, group_size, group_offset, "autotp::linear_int8");
   const at::ScalarType odt = out_dtype.value_or(x.scalar_type());
   TORCH_CHECK(odt == at::kBFloat16 || odt == at::kFloat,
               "autotp::linear_int8: out_dtype must be bfloat16 or float32, got ", odt);
@@ -162,7 +163,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
   avx512::Int8GemmArgs args{xf.data_ptr<float>(), qpacked.data_ptr<int8_t>(), spacked.data_ptr<float>(),
                             b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K, group_size,
-                            spacked.size(1), N, odt == at::kBFloat16};
+                            group_offset, spacked.size(1), N, odt == at::kBFloat16};
   const int64_t NG = qpacked.size(0);
   const int64_t mblocks = ceil_div(M, avx512::kInt8BlockM);
   const int64_t rows = M <= avx512::kInt8DirectM ? M : std::min(avx512::kInt8BlockM, ceil_div(ceil_div(M, mblocks), kTileM) * kTileM);
@@ -210,7 +211,7 @@ TORCH_LIBRARY(autotp, m) {
   m.def("unpack_bf16(Tensor packed, int out_features, int in_features) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features, ScalarType? out_dtype=None) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qpacked, Tensor spacked, Tensor? bias, int out_features, int group_size, "
-        "ScalarType? out_dtype=None) -> Tensor");
+        "int group_offset=0, ScalarType? out_dtype=None) -> Tensor");
   m.def("read_probe(Tensor buffer) -> int");
   m.def("kernel_isa() -> str", &autotp::kernel_isa);
 }
