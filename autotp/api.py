@@ -11,6 +11,7 @@ from autotp.plan import Plan, Style
 from autotp.policies import build_plan
 from autotp.sharding.apply import apply_plan, check_not_sharded
 from autotp.sharding.layers import pack_layers
+from autotp.sharding.quantize import DEFAULT_GROUP_SIZE, check_scheme
 from autotp.sharding.loader import from_pretrained
 from autotp.sharding.writer import save_sharded
 
@@ -35,16 +36,24 @@ def plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style]
 
 def shard(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style] | None = None,
           strict: bool = True, verify: bool = True, fuse_allreduce: bool = True,
-          process_group: Any = None) -> nn.Module:
+          process_group: Any = None, quantize: str | None = None,
+          quant_group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
     """Shard ``model`` in place for ``world_size`` ranks and return it; this process's rank
     comes from torch.distributed (``process_group``, or the default group). Every rank's
     forward returns the full logits. ``overrides``, ``strict``, ``verify`` and
     ``fuse_allreduce`` are as in :func:`plan`. bf16 Linear shards are packed for the native
-    kernels where they run (``AUTOTP_KERNELS``, see ``autotp.kernels``)."""
+    kernels where they run (``AUTOTP_KERNELS``, see ``autotp.kernels``).
+
+    ``quantize="int8"`` gives the column- and row-parallel layers weight-only INT8 weights
+    (activations keep the model's dtype): one fp32 scale per output row and group of
+    ``quant_group_size`` input columns of the whole weight (0: per row), so each rank holds
+    exactly its slice of the quantized unsharded model. The lm_head and embeddings stay as
+    they are."""
     check_not_sharded(model)
+    check_scheme(quantize, quant_group_size)
     group = TPGroup.from_torch(world_size, process_group)
     the_plan = build_plan(model, world_size, overrides, strict, verify, fuse_allreduce)
-    apply_plan(model, the_plan, group)
+    apply_plan(model, the_plan, group, int8_group_size=quant_group_size if quantize else None)
     pack_layers(model)
     return model
 

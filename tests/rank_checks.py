@@ -236,3 +236,45 @@ def shm_peer_fails(rank: int, world_size: int, victim: int, how: str) -> dict | 
     else:
         error = None
     return {"error": error, "seconds": time.monotonic() - start}
+
+
+def int8_spec_model(family: str, world_size: int, group_size: int, dtype: torch.dtype = torch.float32):
+    """The unsharded model with every layer the plan splits replaced by its INT8 spec: the
+    whole weight quantized (autotp.kernels.quantize_int8) and dequantised in fp32, the same
+    on any number of ranks."""
+    from autotp import kernels
+    from autotp.plan import Style
+
+    model = zoo.build(family, dtype)
+    for entry in autotp.plan(zoo.build(family), world_size).entries.values():
+        if entry.style in (Style.COLUMN, Style.ROW):
+            linear = model.get_submodule(entry.name)
+            g = group_size or linear.weight.shape[1]
+            q, s = kernels.quantize_int8(linear.weight.data, g)
+            linear.weight.data = kernels.dequantize_int8(q, s, g).to(dtype)
+    return model
+
+
+def compare_int8(rank: int, world_size: int, family: str, group_size: int) -> dict:
+    """Sharded INT8 against the INT8 spec model (fp32 activations: only the summation order
+    differs) and, in bf16, against the unsharded bf16 model: logits and 32 greedy tokens."""
+    inputs = zoo.batch()
+    mask = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        spec = int8_spec_model(family, world_size, group_size)(**inputs).logits
+        sharded = autotp.shard(zoo.build(family), world_size, quantize="int8", quant_group_size=group_size)
+        got = sharded(**inputs).logits
+        plain = zoo.build(family, torch.bfloat16)
+        ref16 = plain(**inputs).logits.float()
+        int8_16 = autotp.shard(zoo.build(family, torch.bfloat16), world_size, quantize="int8",
+                               quant_group_size=group_size)
+        got16 = int8_16(**inputs).logits.float()
+        # greedy agreement step by step, each step fed the bf16 model's own tokens so far (a
+        # free-running comparison would count every step after a first difference as another)
+        seq = plain.generate(**inputs, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+        full_mask = torch.cat([inputs["attention_mask"], torch.ones_like(seq[:, -32:])], 1)
+        picks = [m(input_ids=seq, attention_mask=full_mask).logits[:, -33:-1].argmax(-1) for m in (plain, int8_16)]
+    return {"spec_err": (got - spec)[mask].abs().max().item(), "spec_absmax": spec[mask].abs().max().item(),
+            "bf16_rel_err": ((got16 - ref16)[mask].abs().max() / ref16[mask].abs().max()).item(),
+            "token_agreement": (picks[0] == picks[1]).float().mean().item(),
+            "int8_layers": sum(bool(getattr(m, "quant_group", 0)) for m in sharded.modules())}

@@ -39,6 +39,7 @@ def latency_rows(model: str, timed: dict[str, list[dict]], labels: dict[str, str
                    "config": key, "label": labels[key], "next": _spread(got["next"]), "first": _spread(got["first"]),
                    "runs": len(got["next"]), "collectives_per_token": results[0]["collectives_per_token"],
                    "backend": results[0]["backend"], "packed_layers": results[0]["packed_layers"],
+                   "int8_layers": results[0].get("int8_layers", 0),
                    "bytes_per_rank": results[0]["bytes_per_rank"],
                    "floor_ms": statistics.median(floors) * 1e3 if floors else None}
             row["next_over_floor"] = row["next"]["median_ms"] / row["floor_ms"] if floors else None
@@ -82,11 +83,24 @@ def token_verdict(ref_cases: list[dict], cases: list[dict]) -> str:
     return "identical"
 
 
-def build(args: argparse.Namespace, machine: dict, models: dict, raw: dict, labels: dict[str, str]) -> dict:
+def int8_ratios(rows: list[dict], twins: dict[str, str]) -> None:
+    """For each INT8 row: its bf16 twin's (same ranks and options) median over its own."""
+    by_key = {(r["model"], r["case"], r["config"]): r for r in rows}
+    for r in rows:
+        twin = by_key.get((r["model"], r["case"], twins.get(r["config"], "")))
+        if twin:
+            r["bf16_over_int8_next"] = twin["next"]["median_ms"] / r["next"]["median_ms"]
+            r["bf16_over_int8_first"] = twin["first"]["median_ms"] / r["first"]["median_ms"]
+            r["bf16_twin"] = twin["label"]
+
+
+def build(args: argparse.Namespace, machine: dict, models: dict, raw: dict, labels: dict[str, str],
+          twins: dict[str, str] | None = None) -> dict:
     rows, accuracy = [], []
     for model, phases in raw.items():
         rows += latency_rows(model, phases.get("time", {}), labels)
         accuracy += accuracy_rows(model, phases, labels)
+    int8_ratios(rows, twins or {})
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     return {"machine": machine, "settings": settings, "models": models, "latency": rows, "accuracy": accuracy,
             "token_mismatches": [a for a in accuracy if a.get("fp32_tokens", "identical") != "identical"]}
@@ -114,6 +128,12 @@ def markdown(doc: dict) -> str:
                          f"| {_fmt(r.get('speedup_next'), '.2f', 'x')} | {f['median_ms']:.1f} "
                          f"({f['min_ms']:.1f}-{f['max_ms']:.1f}) | {_fmt(r.get('speedup_first'), '.2f', 'x')} "
                          f"| {r['collectives_per_token']} |")
+        int8 = [r for r in doc["latency"] if r["model"] == model and "bf16_over_int8_next" in r]
+        if int8:
+            lines += ["", "| case | INT8 configuration | against | next token: bf16 / int8 | first token: bf16 / int8 |",
+                      "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {r['case']} | {r['label']} | {r['bf16_twin']} | {r['bf16_over_int8_next']:.2f}x "
+                      f"| {r['bf16_over_int8_first']:.2f}x |" for r in int8]
         lines += ["", f"| configuration | max abs logits error vs float32 | unsharded {doc['settings']['dtype']}'s "
                   "| ratio | float32 tokens vs unsharded |", "| --- | --- | --- | --- | --- |"]
         for a in (a for a in doc["accuracy"] if a["model"] == model):

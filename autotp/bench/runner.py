@@ -41,15 +41,18 @@ class RunConfig:
     kernels: str = "native"  # AUTOTP_KERNELS
     comm: str = "shm"  # AUTOTP_COMM
     fuse: bool = True  # fuse_allreduce
+    quantize: str | None = None  # autotp.shard(quantize=...)
+    bf16_twin: str | None = None  # for an INT8 configuration: the same one without quantization
 
     def label(self, cores: int) -> str:
         head = f"{self.ranks}x{cores // self.ranks}"
+        tail = f" {self.quantize}" if self.quantize else ""
         if self.impl == "transformers":
             return f"{head} transformers"
         if self.ranks == 1:
-            return f"{head} autotp {self.kernels}"
+            return f"{head} autotp {self.kernels}{tail}"
         comm = "shm" if self.comm == "shm" else "gloo"
-        return f"{head} {self.kernels}+{comm}" + ("" if self.fuse else " unfused")
+        return f"{head} {self.kernels}+{comm}" + ("" if self.fuse else " unfused") + tail
 
 
 def all_configs(ranks: int) -> list[RunConfig]:
@@ -58,7 +61,9 @@ def all_configs(ranks: int) -> list[RunConfig]:
             RunConfig("native-shm", ranks, "autotp"),
             RunConfig("torch-shm", ranks, "autotp", kernels="torch"),
             RunConfig("native-gloo", ranks, "autotp", comm="torch"),
-            RunConfig("native-shm-unfused", ranks, "autotp", fuse=False)]
+            RunConfig("native-shm-unfused", ranks, "autotp", fuse=False),
+            RunConfig("int8-1", 1, "autotp", quantize="int8", bf16_twin="autotp-1"),
+            RunConfig("int8-shm", ranks, "autotp", quantize="int8", bf16_twin="native-shm")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,7 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--beams", type=int, nargs="+", default=[1, 4], help="1 = greedy; 4 = beam search of 4")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="timed dtype")
     p.add_argument("--configs", nargs="+", default=keys, choices=keys, metavar="CONFIG",
-                   help=f"configurations to run (default all available): {', '.join(keys)}")
+                   help=f"configurations to run (default all available): {', '.join(keys)}; the int8 ones "
+                        "shard with autotp.shard(quantize='int8') after loading the whole model in each rank")
+    p.add_argument("--quant-group-size", type=int, default=128,
+                   help="input columns per INT8 scale in the int8 configurations (0: one per output row)")
     p.add_argument("--warmup", type=int, default=1, help="untimed generations per decoding mode first")
     p.add_argument("--runs", type=int, default=2, help="timed generations per case per round")
     p.add_argument("--rounds", type=int, default=2, help="passes over all configurations, alternating")
@@ -180,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
                          "parameters": shapes.parameter_count(config), "configs": [c.key for c in mine]}
         raw[label] = run_model(label, path, mine, cases, args, len(cores), log)
     doc = report.build(args, machine_facts(cores), models, raw,
-                       {c.key: c.label(len(cores)) for c in configs})
+                       {c.key: c.label(len(cores)) for c in configs},
+                       {c.key: c.bf16_twin for c in configs if c.bf16_twin})
     report.write(doc, args.out, log)
     if doc["token_mismatches"]:
         raise SystemExit("autotp-bench: configurations disagree on float32 tokens (see the table above)")
@@ -193,13 +202,15 @@ def run_model(label: str, path: Path, configs: list[RunConfig], cases: list[dict
              [("time", args.dtype, args.rounds, args.warmup, args.runs)]
     out: dict[str, Any] = {}
     for phase, dtype, rounds, warmup, runs in phases:
-        out[phase] = {c.key: [] for c in configs}
+        # INT8 weights are not the float32 model's: they have no place in the token check
+        mine = [c for c in configs if phase == "time" or not c.quantize]
+        out[phase] = {c.key: [] for c in mine}
         for rnd in range(rounds):
-            for cfg in configs:
+            for cfg in mine:
                 stem = f"{label}-{phase}-{cfg.key}-r{rnd}"
                 spec = {"model_dir": str(path), "dtype": dtype, "config": asdict(cfg), "cases": cases,
                         "batch": args.batch, "new_tokens": args.new_tokens, "warmup": warmup, "runs": runs,
-                        "probe_tokens": args.probe_tokens,
+                        "probe_tokens": args.probe_tokens, "quant_group_size": args.quant_group_size,
                         "logits_path": str((args.work_dir / "raw" / f"{stem}.logits.pt").resolve()),
                         "result_path": str((args.work_dir / "raw" / f"{stem}.json").resolve())}
                 log(f"{label} {dtype} {cfg.label(cores)} (round {rnd + 1}/{rounds}) ...")

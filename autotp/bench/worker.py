@@ -49,6 +49,10 @@ def load(spec: dict[str, Any], world: int) -> nn.Module:
     cfg, dtype = spec["config"], getattr(torch, spec["dtype"])
     if cfg["impl"] == "transformers":
         model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
+    elif cfg.get("quantize"):  # quantizing needs the whole weights: load them, then shard online
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
+        model = autotp.shard(model, world, fuse_allreduce=cfg["fuse"], quantize=cfg["quantize"],
+                             quant_group_size=spec["quant_group_size"])
     else:
         model = autotp.from_pretrained(spec["model_dir"], dtype=dtype, world_size=world,
                                        fuse_allreduce=cfg["fuse"])
@@ -57,14 +61,15 @@ def load(spec: dict[str, Any], world: int) -> nn.Module:
 
 def streamed_bytes(model: nn.Module) -> int:
     """Bytes of weight this rank reads per decoding step: every parameter and packed weight
-    but the embedding tables, of which a step reads only a few rows (a table that is also the
+    (INT8 ones with their scales) but the embedding tables, of which a step reads only a few rows (a table that is also the
     output projection's weight is read whole, as that)."""
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     out = model.get_output_embeddings()
     out_weight = getattr(out, "weight", None)
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen or (id(t) in lookups and t is not out_weight) or not t.is_floating_point():
+        weight_like = t.is_floating_point() or t.dtype == torch.int8  # not index buffers
+        if id(t) in seen or (id(t) in lookups and t is not out_weight) or not weight_like:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
@@ -174,13 +179,15 @@ def main(argv: list[str] | None = None) -> None:
     if world > 1:
         dist.all_gather_object(per_rank, facts)
     packed = sum(bool(getattr(m, "packed", False)) for m in model.modules())
+    int8 = sum(bool(getattr(m, "quant_group", 0)) for m in model.modules())
     if rank == 0:
         torch.save(logits, spec["logits_path"])
         floors = [f["bytes"] / f["bandwidth"] for f in per_rank if f["bandwidth"]]
         result = {
             "threads": torch.get_num_threads(), "cores": sorted(os.sched_getaffinity(0)),
             "backend": groups[0].backend if groups and world > 1 else None,
-            "packed_layers": packed, "native_kernels": kernels.status()[1] if packed else None,
+            "packed_layers": packed, "int8_layers": int8,
+            "native_kernels": kernels.status()[1] if packed else None,
             "collectives_per_token": collectives,
             "bytes_per_rank": max(f["bytes"] for f in per_rank),
             "bandwidth_per_rank": [f["bandwidth"] for f in per_rank],

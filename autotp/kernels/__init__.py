@@ -102,10 +102,10 @@ def native_enabled(dtype: torch.dtype = torch.bfloat16) -> bool:
     chosen = mode()
     if chosen == "torch":
         return False
-    if dtype != torch.bfloat16:
+    if dtype not in (torch.bfloat16, torch.int8):
         if chosen == "native" and not _state.get("dtype_warned"):
             _state["dtype_warned"] = True
-            warnings.warn(f"autotp: {ENV}=native covers bfloat16 weights; {dtype} layers run on torch",
+            warnings.warn(f"autotp: {ENV}=native covers bfloat16 and int8 weights; {dtype} layers run on torch",
                           stacklevel=2)
         return False
     ok, why = status()
@@ -184,6 +184,14 @@ def prepack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, t
         t = F.pad(t, (0, 0, 0, ng * GROUP_N - n))
         return t.view(ng, GROUP_N, t.shape[1]).transpose(1, 2).contiguous()
     return pack(q), pack(scales.float())
+
+
+def unpack_int8(qpacked: torch.Tensor, spacked: torch.Tensor, out_features: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q [N, K], S [N, KG]) back from the layouts of :func:`prepack_int8`."""
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(t.shape[0] * GROUP_N, t.shape[1])[:out_features].contiguous()
+    return unpack(qpacked), unpack(spacked)
 
 
 def linear_int8(x: torch.Tensor, qpacked: torch.Tensor, spacked: torch.Tensor, bias: torch.Tensor | None,

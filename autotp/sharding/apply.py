@@ -8,6 +8,7 @@ from torch import nn
 
 from autotp.comm import TPGroup
 from autotp.plan import HeadSlice, Plan, ShardingError, Style
+from autotp.sharding.quantize import quantize_shard
 from autotp.sharding.layers import (ColumnParallelLinear, ParallelLayer, PartialSums, RowParallelLinear,
                                     VocabParallelLMHead, make_vocab_parallel_embedding)
 
@@ -19,10 +20,13 @@ def check_not_sharded(model: nn.Module) -> None:
                                 "autotp.shard must be called once, on the unsharded model")
 
 
-def apply_plan(model: nn.Module, plan: Plan, group: TPGroup, share_weights: bool = False) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, group: TPGroup, share_weights: bool = False,
+               int8_group_size: int | None = None) -> nn.Module:
     """Replace every planned module of ``model`` by this rank's shard, in place. With
     ``share_weights`` the shards of Linear layers may be views of the original weights (for
-    simulations that keep the original alive anyway)."""
+    simulations that keep the original alive anyway). With ``int8_group_size`` (0: one scale
+    per output row) the column- and row-parallel layers hold weight-only INT8 made from the
+    full weights (autotp.sharding.quantize); the lm_head and embeddings keep their dtype."""
     check_not_sharded(model)
     if group.tp_size != plan.world_size:
         raise ShardingError(f"the plan is for world_size={plan.world_size} but the group has "
@@ -36,12 +40,15 @@ def apply_plan(model: nn.Module, plan: Plan, group: TPGroup, share_weights: bool
             raise ShardingError(f"the plan names '{entry.name}', which this model does not have; "
                                 "was the plan made for another architecture?")
         ranges = entry.ranges[rank] if entry.ranges else []
-        if entry.style == Style.COLUMN:
-            model.set_submodule(entry.name, ColumnParallelLinear(source, ranges, group, not share_weights))
-        elif entry.style == Style.ROW:
-            sums = fused.get(entry.deferred_to or entry.name)
-            layer = RowParallelLinear(source, ranges, group, sums, defer=entry.deferred_to is not None,
-                                      copy=not share_weights)
+        if entry.style in (Style.COLUMN, Style.ROW):
+            if entry.style == Style.COLUMN:
+                layer = ColumnParallelLinear(source, ranges, group, not share_weights)
+            else:
+                sums = fused.get(entry.deferred_to or entry.name)
+                layer = RowParallelLinear(source, ranges, group, sums, defer=entry.deferred_to is not None,
+                                          copy=not share_weights)
+            if int8_group_size is not None:
+                layer.set_int8(quantize_shard(source.weight.data, entry, ranges, int8_group_size))
             model.set_submodule(entry.name, layer)
         elif entry.style == Style.VOCAB and isinstance(source, nn.Embedding):
             make_vocab_parallel_embedding(source, ranges[0][0], ranges[0][1], group)

@@ -11,7 +11,7 @@ With Y = X A^T + b and A of shape [out, in]:
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from torch import nn
 from autotp import kernels
 from autotp.comm import TPGroup
 from autotp.plan import Ranges
+
+if TYPE_CHECKING:
+    from autotp.sharding.quantize import Int8Shard
 
 
 def take(tensor: torch.Tensor, dim: int, ranges: Ranges, copy: bool = True) -> torch.Tensor:
@@ -45,12 +48,35 @@ class PackableLinear(nn.Linear):
     """
 
     packed: bool = False
+    quant_group: int = 0  # input columns per INT8 scale; 0 while the weight is not INT8
+    quant_offset: int = 0  # the first local column's place in its group (row-parallel shards)
+
+    def set_int8(self, shard: "Int8Shard") -> None:
+        """Hold the INT8 ``shard`` (autotp.sharding.quantize) in place of the weight: ``weight``
+        becomes the int8 values and ``weight_scale`` their fp32 scales, packed for the native
+        INT8 GEMM where it runs (``AUTOTP_KERNELS``), else plain for the torch path, which
+        dequantises and multiplies in fp32 (the spec the kernel meets)."""
+        q, scales = shard.q, shard.scales
+        packed = kernels.native_enabled(torch.int8)
+        if packed:
+            q, scales = kernels.prepack_int8(q, scales)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale = nn.Parameter(scales, requires_grad=False)
+        self.packed, self.quant_group, self.quant_offset = packed, shard.group_size, shard.group_offset
+
+    def int8_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q [out_features, in_features] int8, scales [out_features, groups] fp32) of an INT8 layer."""
+        if not self.quant_group:
+            raise ValueError(f"autotp: this {type(self).__name__} holds {self.weight.dtype} weights, not INT8")
+        if self.packed:
+            return kernels.unpack_int8(self.weight, self.weight_scale, self.out_features)
+        return self.weight, self.weight_scale
 
     def pack_weight(self, release: Callable[[torch.Tensor], None] | None = None) -> bool:
         """Pack the weight for the native GEMM if ``autotp.kernels`` says it runs here for this
         dtype; returns whether the layer is now packed. ``release`` is given the plain weight
         once it has been copied (to hand back the pages of a memory-mapped checkpoint)."""
-        if not self.packed and kernels.native_enabled(self.weight.dtype):
+        if not self.packed and not self.quant_group and kernels.native_enabled(self.weight.dtype):
             plain = self.weight.data
             if release is None:
                 packed = kernels.prepack(plain)
@@ -66,12 +92,22 @@ class PackableLinear(nn.Linear):
         return self.packed
 
     def unpacked_weight(self) -> torch.Tensor:
-        """The [out_features, in_features] weight, unpacked if need be (a new tensor then)."""
+        """The [out_features, in_features] weight, unpacked if need be (a new tensor then); an
+        INT8 layer's dequantised, in float32."""
+        if self.quant_group:
+            q, scales = self.int8_parts()
+            return kernels.dequantize_int8(q, scales, self.quant_group, self.quant_offset)
         if self.packed:
             return kernels.unpack(self.weight, self.out_features, self.in_features)
         return self.weight
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant_group and self.packed:
+            return kernels.linear_int8(x, self.weight, self.weight_scale, bias, self.out_features, self.quant_group,
+                                       self.quant_offset)
+        if self.quant_group:
+            y = F.linear(x.float(), self.unpacked_weight(), None if bias is None else bias.float())
+            return y.to(x.dtype)
         if self.packed:
             return kernels.linear(x, self.weight, bias, self.out_features)
         return F.linear(x, self.weight, bias)
