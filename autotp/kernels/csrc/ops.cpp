@@ -31,6 +31,23 @@ using avx512::kTileM;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Runs tile(m0, m1, c0, c1) over the units of work of an [M, columns] output, in parallel:
+// blocks of `rows` rows x runs of column units. Runs are long (better reuse of x) unless that
+// leaves fewer than 8 units per thread; they halve from max_run down to min_run.
+template <typename Tile>
+void for_each_unit(int64_t M, int64_t rows, int64_t columns, int64_t max_run, int64_t min_run, const Tile& tile) {
+  const int64_t mcount = ceil_div(M, rows);
+  int64_t run = max_run;
+  while (run > min_run && mcount * ceil_div(columns, run) < 8 * at::get_num_threads()) run /= 2;
+  const int64_t runs = ceil_div(columns, run);
+  at::parallel_for(0, runs * mcount, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t m0 = item % mcount * rows, c0 = item / mcount * run;
+      tile(m0, std::min(M, m0 + rows), c0, std::min(columns, c0 + run));
+    }
+  });
+}
+
 at::Tensor prepack_bf16(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "autotp::prepack_bf16: weight must be 2-D [out, in], got ",
               weight.sizes());
@@ -102,22 +119,10 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
                         reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()),
                         b.defined() ? b.data_ptr<float>() : nullptr,
                         out.data_ptr(), M, N, K2, N, odt == at::kBFloat16};
-  // Units of work: (block of rows) x (run of packed blocks). Runs are long (better reuse of x)
-  // unless that leaves too few units to spread over the threads.
   const int64_t NB = ceil_div(N, kBlockN);  // blocks of 16 columns that hold outputs
-  const int64_t mblocks = ceil_div(M, kBlockM);
-  const int64_t rows = std::min(kBlockM, ceil_div(ceil_div(M, mblocks), kTileM) * kTileM);
-  const int64_t mcount = ceil_div(M, rows);
-  int64_t run = avx512::kMaxItemBlocks;
-  while (run > kGroupBlocks && mcount * ceil_div(NB, run) < 8 * at::get_num_threads()) run /= 2;
-  const int64_t runs = ceil_div(NB, run);
-  at::parallel_for(0, runs * mcount, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / mcount, mb = item % mcount;
-      const int64_t m0 = mb * rows, b0 = r * run;
-      avx512::gemm_tile(args, m0, std::min(M, m0 + rows), b0, std::min(NB, b0 + run));
-    }
-  });
+  const int64_t rows = std::min(kBlockM, ceil_div(ceil_div(M, ceil_div(M, kBlockM)), kTileM) * kTileM);
+  for_each_unit(M, rows, NB, avx512::kMaxItemBlocks, kGroupBlocks,
+                [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) { avx512::gemm_tile(args, m0, m1, b0, b1); });
   return out;
 }
 
@@ -164,20 +169,11 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   avx512::Int8GemmArgs args{xf.data_ptr<float>(), qpacked.data_ptr<int8_t>(), spacked.data_ptr<float>(),
                             b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K, group_size,
                             group_offset, spacked.size(1), N, odt == at::kBFloat16};
-  const int64_t NG = qpacked.size(0);
-  const int64_t mblocks = ceil_div(M, avx512::kInt8BlockM);
-  const int64_t rows = M <= avx512::kInt8DirectM ? M : std::min(avx512::kInt8BlockM, ceil_div(ceil_div(M, mblocks), kTileM) * kTileM);
-  const int64_t mcount = ceil_div(M, rows);
-  int64_t run = avx512::kInt8MaxItemGroups;
-  while (run > 1 && mcount * ceil_div(NG, run) < 8 * at::get_num_threads()) run /= 2;
-  const int64_t runs = ceil_div(NG, run);
-  at::parallel_for(0, runs * mcount, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / mcount, mb = item % mcount;
-      const int64_t m0 = mb * rows, g0 = r * run;
-      avx512::gemm_int8_tile(args, m0, std::min(M, m0 + rows), g0, std::min(NG, g0 + run));
-    }
-  });
+  const int64_t rows = M <= avx512::kInt8DirectM
+      ? M  // few rows: one tile, so each weight row is widened once
+      : std::min(avx512::kInt8BlockM, ceil_div(ceil_div(M, ceil_div(M, avx512::kInt8BlockM)), kTileM) * kTileM);
+  for_each_unit(M, rows, qpacked.size(0), avx512::kInt8MaxItemGroups, 1,
+                [&](int64_t m0, int64_t m1, int64_t g0, int64_t g1) { avx512::gemm_int8_tile(args, m0, m1, g0, g1); });
   return out;
 }
 
