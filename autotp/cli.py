@@ -8,6 +8,7 @@ import time
 import torch
 
 from autotp.plan import ShardingError
+from autotp.sharding.quantize import DEFAULT_GROUP_SIZE, SCHEMES
 from autotp.sharding.stfile import CheckpointError
 from autotp.sharding.writer import save_sharded
 
@@ -31,14 +32,21 @@ def create_shard_model(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--no-fuse-allreduce", action="store_true",
                         help="give every row-parallel layer its own all-reduce (for comparison)")
+    parser.add_argument("--quantize", choices=SCHEMES,
+                        help="store the column- and row-parallel Linear weights as weight-only INT8 with fp32 "
+                             "scales (each rank's file holds its slice of the quantized whole; the lm_head and "
+                             "embeddings keep --dtype)")
+    parser.add_argument("--quant-group-size", type=int, default=DEFAULT_GROUP_SIZE, metavar="G",
+                        help="input columns per INT8 scale (default %(default)s; 0: one scale per output row)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         out = save_sharded(args.model, args.save_path, args.world_size,
                            dtype=getattr(torch, args.dtype) if args.dtype else None, overwrite=args.overwrite,
-                           fuse_allreduce=not args.no_fuse_allreduce, progress=not args.quiet)
-    except (CheckpointError, ShardingError) as exc:
+                           fuse_allreduce=not args.no_fuse_allreduce, progress=not args.quiet,
+                           quantize=args.quantize, quant_group_size=args.quant_group_size)
+    except (CheckpointError, ShardingError, ValueError) as exc:
         print(f"create_shard_model: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out} for {args.world_size} ranks in {time.perf_counter() - start:.1f} s")

@@ -278,3 +278,31 @@ def compare_int8(rank: int, world_size: int, family: str, group_size: int) -> di
             "bf16_rel_err": ((got16 - ref16)[mask].abs().max() / ref16[mask].abs().max()).item(),
             "token_agreement": (picks[0] == picks[1]).float().mean().item(),
             "int8_layers": sum(bool(getattr(m, "quant_group", 0)) for m in sharded.modules())}
+
+
+def load_int8_and_compare(rank: int, world_size: int, cases: list[tuple[str, str, int]]) -> list[dict]:
+    """For each (Hugging Face dir, INT8 pre-sharded dir, group size): from_pretrained on the
+    pre-sharded dir and on the HF dir with quantize="int8", against autotp.shard(quantize="int8")
+    of the HF model on the same ranks: INT8 values, scales, offsets and logits."""
+    from transformers import AutoModelForCausalLM
+
+    inputs = zoo.batch()
+    out = []
+    for hf_dir, presharded, group in cases:
+        online = autotp.shard(AutoModelForCausalLM.from_pretrained(hf_dir), world_size, quantize="int8",
+                              quant_group_size=group)
+        loaded = {"presharded": autotp.from_pretrained(presharded),
+                  "hf": autotp.from_pretrained(hf_dir, quantize="int8", quant_group_size=group)}
+        with torch.no_grad():
+            ref = online(**inputs).logits
+        layers = {n: m for n, m in online.named_modules() if getattr(m, "quant_group", 0)}
+        for how, model in loaded.items():
+            mine = dict(model.named_modules())
+            parts_equal = all(all(torch.equal(a, b) for a, b in zip(m.int8_parts(), mine[n].int8_parts()))
+                              and (mine[n].quant_group, mine[n].quant_offset) == (m.quant_group, m.quant_offset)
+                              for n, m in layers.items())
+            with torch.no_grad():
+                diff = (model(**inputs).logits - ref).abs().max().item()
+            out.append({"case": (hf_dir, how, group), "int8_layers": len(layers), "parts_equal": parts_equal,
+                        "max_abs_diff": diff})
+    return out

@@ -41,7 +41,7 @@ class RunConfig:
     kernels: str = "native"  # AUTOTP_KERNELS
     comm: str = "shm"  # AUTOTP_COMM
     fuse: bool = True  # fuse_allreduce
-    quantize: str | None = None  # autotp.shard(quantize=...)
+    quantize: str | None = None  # autotp.from_pretrained(quantize=...)
     bf16_twin: str | None = None  # for an INT8 configuration: the same one without quantization
 
     def label(self, cores: int) -> str:
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="timed dtype")
     p.add_argument("--configs", nargs="+", default=keys, choices=keys, metavar="CONFIG",
                    help=f"configurations to run (default all available): {', '.join(keys)}; the int8 ones "
-                        "shard with autotp.shard(quantize='int8') after loading the whole model in each rank")
+                        "load with autotp.from_pretrained(quantize='int8'): each rank quantizes its slices")
     p.add_argument("--quant-group-size", type=int, default=128,
                    help="input columns per INT8 scale in the int8 configurations (0: one per output row)")
     p.add_argument("--warmup", type=int, default=1, help="untimed generations per decoding mode first")

@@ -49,13 +49,10 @@ def load(spec: dict[str, Any], world: int) -> nn.Module:
     cfg, dtype = spec["config"], getattr(torch, spec["dtype"])
     if cfg["impl"] == "transformers":
         model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
-    elif cfg.get("quantize"):  # quantizing needs the whole weights: load them, then shard online
-        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
-        model = autotp.shard(model, world, fuse_allreduce=cfg["fuse"], quantize=cfg["quantize"],
-                             quant_group_size=spec["quant_group_size"])
-    else:
+    else:  # INT8 configurations quantize each rank's slices while loading (or read a quantized checkpoint)
         model = autotp.from_pretrained(spec["model_dir"], dtype=dtype, world_size=world,
-                                       fuse_allreduce=cfg["fuse"])
+                                       fuse_allreduce=cfg["fuse"], quantize=cfg.get("quantize"),
+                                       quant_group_size=spec["quant_group_size"] if cfg.get("quantize") else None)
     return model.eval()
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from autotp.comm import TPGroup
 from autotp.plan import HeadSlice, Plan, ShardingError, Style
-from autotp.sharding.quantize import quantize_shard
+from autotp.sharding.quantize import int8_layout, quantize_shard
 from autotp.sharding.layers import (ColumnParallelLinear, ParallelLayer, PartialSums, RowParallelLinear,
                                     VocabParallelLMHead, make_vocab_parallel_embedding)
 
@@ -26,7 +26,9 @@ def apply_plan(model: nn.Module, plan: Plan, group: TPGroup, share_weights: bool
     ``share_weights`` the shards of Linear layers may be views of the original weights (for
     simulations that keep the original alive anyway). With ``int8_group_size`` (0: one scale
     per output row) the column- and row-parallel layers hold weight-only INT8 made from the
-    full weights (autotp.sharding.quantize); the lm_head and embeddings keep their dtype."""
+    full weights (autotp.sharding.quantize); the lm_head and embeddings keep their dtype. On
+    a model whose parameters are on the meta device (the loaders'), the INT8 layers get empty
+    meta weights and scales of their shard's shapes, to be assigned from a checkpoint."""
     check_not_sharded(model)
     if group.tp_size != plan.world_size:
         raise ShardingError(f"the plan is for world_size={plan.world_size} but the group has "
@@ -47,7 +49,9 @@ def apply_plan(model: nn.Module, plan: Plan, group: TPGroup, share_weights: bool
                 sums = fused.get(entry.deferred_to or entry.name)
                 layer = RowParallelLinear(source, ranges, group, sums, defer=entry.deferred_to is not None,
                                           copy=not share_weights)
-            if int8_group_size is not None:
+            if int8_group_size is not None and source.weight.is_meta:  # a loader fills it in later
+                layer.set_int8(int8_layout(source.weight.shape, entry, ranges, int8_group_size).empty())
+            elif int8_group_size is not None:
                 layer.set_int8(quantize_shard(source.weight.data, entry, ranges, int8_group_size))
             model.set_submodule(entry.name, layer)
         elif entry.style == Style.VOCAB and isinstance(source, nn.Embedding):

@@ -4,6 +4,11 @@
                                         per-rank files with size and sha256
     OUT_DIR/config.json, ...            copied from the source
     OUT_DIR/rank-00-of-02.safetensors   exactly the tensors rank 0 holds, sharded shapes
+
+A quantized checkpoint (create_shard_model --quantize int8) stores each column- and
+row-parallel layer's "<module>.weight" as int8 and its fp32 scales as "<module>.weight_scale",
+in the shapes autotp.sharding.quantize.int8_layout gives; autotp.json's "quantization" names
+the scheme and group size.
 """
 from __future__ import annotations
 
@@ -51,9 +56,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def write_manifest(directory: Path, plan: Plan, dtype: str, files: list[dict[str, Any]]) -> None:
+def write_manifest(directory: Path, plan: Plan, dtype: str, files: list[dict[str, Any]],
+                   quantization: dict[str, Any] | None = None) -> None:
+    """``dtype`` is the floating dtype of the unquantized tensors; ``quantization`` (None: none)
+    is the scheme and group size of the INT8 layers (autotp.sharding.quantize)."""
     manifest = {"format_version": FORMAT_VERSION, "world_size": plan.world_size, "dtype": dtype,
-                "architecture": plan.architecture, "files": files, "plan": plan.to_dict()}
+                "architecture": plan.architecture, "quantization": quantization, "files": files,
+                "plan": plan.to_dict()}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 

@@ -53,16 +53,12 @@ class PackableLinear(nn.Linear):
 
     def set_int8(self, shard: "Int8Shard") -> None:
         """Hold the INT8 ``shard`` (autotp.sharding.quantize) in place of the weight: ``weight``
-        becomes the int8 values and ``weight_scale`` their fp32 scales, packed for the native
-        INT8 GEMM where it runs (``AUTOTP_KERNELS``), else plain for the torch path, which
-        dequantises and multiplies in fp32 (the spec the kernel meets)."""
-        q, scales = shard.q, shard.scales
-        packed = kernels.native_enabled(torch.int8)
-        if packed:
-            q, scales = kernels.prepack_int8(q, scales)
-        self.weight = nn.Parameter(q, requires_grad=False)
-        self.weight_scale = nn.Parameter(scales, requires_grad=False)
-        self.packed, self.quant_group, self.quant_offset = packed, shard.group_size, shard.group_offset
+        becomes the int8 values and ``weight_scale`` their fp32 scales, plain until
+        ``pack_weight`` packs them for the native INT8 GEMM where it runs (``AUTOTP_KERNELS``);
+        unpacked, the torch path dequantises and multiplies in fp32 (the spec the kernel meets)."""
+        self.weight = nn.Parameter(shard.q, requires_grad=False)
+        self.weight_scale = nn.Parameter(shard.scales, requires_grad=False)
+        self.packed, self.quant_group, self.quant_offset = False, shard.group_size, shard.group_offset
 
     def int8_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q [out_features, in_features] int8, scales [out_features, groups] fp32) of an INT8 layer."""
@@ -74,22 +70,31 @@ class PackableLinear(nn.Linear):
 
     def pack_weight(self, release: Callable[[torch.Tensor], None] | None = None) -> bool:
         """Pack the weight for the native GEMM if ``autotp.kernels`` says it runs here for this
-        dtype; returns whether the layer is now packed. ``release`` is given the plain weight
-        once it has been copied (to hand back the pages of a memory-mapped checkpoint)."""
-        if not self.packed and not self.quant_group and kernels.native_enabled(self.weight.dtype):
-            plain = self.weight.data
-            if release is None:
-                packed = kernels.prepack(plain)
-            else:  # groups of 64 rows pack independently: a few MiB at a time, handed back at once
-                packed = torch.empty(kernels.packed_shape(*plain.shape), dtype=plain.dtype)
-                step = kernels.GROUP_N * max(1, (8 << 20) // (kernels.GROUP_N * plain[0].nbytes))
-                for start in range(0, plain.shape[0], step):
-                    rows = plain[start:start + step]
-                    packed[start // kernels.GROUP_N:][:kernels.packed_shape(*rows.shape)[0]] = kernels.prepack(rows)
-                    release(rows)
-            self.weight = nn.Parameter(packed, requires_grad=False)
-            self.packed = True
-        return self.packed
+        dtype (int8 for an INT8 layer); returns whether the layer is now packed. ``release`` is
+        given the plain weight once it has been copied (to hand back the pages of a
+        memory-mapped checkpoint)."""
+        if self.packed or not kernels.native_enabled(torch.int8 if self.quant_group else self.weight.dtype):
+            return self.packed
+        plain = self.weight.data
+        if self.quant_group:
+            scales = self.weight_scale.data
+            packed, packed_scales = kernels.prepack_int8(plain, scales)
+            self.weight_scale = nn.Parameter(packed_scales, requires_grad=False)
+            if release is not None:
+                release(plain)
+                release(scales)
+        elif release is None:
+            packed = kernels.prepack(plain)
+        else:  # groups of 64 rows pack independently: a few MiB at a time, handed back at once
+            packed = torch.empty(kernels.packed_shape(*plain.shape), dtype=plain.dtype)
+            step = kernels.GROUP_N * max(1, (8 << 20) // (kernels.GROUP_N * plain[0].nbytes))
+            for start in range(0, plain.shape[0], step):
+                rows = plain[start:start + step]
+                packed[start // kernels.GROUP_N:][:kernels.packed_shape(*rows.shape)[0]] = kernels.prepack(rows)
+                release(rows)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.packed = True
+        return True
 
     def unpacked_weight(self) -> torch.Tensor:
         """The [out_features, in_features] weight, unpacked if need be (a new tensor then); an

@@ -23,6 +23,8 @@ from autotp.policies import build_plan
 from autotp.policies.verify import release_free_memory
 from autotp.sharding.apply import apply_plan
 from autotp.sharding.layers import pack_layers
+from autotp.sharding.quantize import (DEFAULT_GROUP_SIZE, SCALE_SUFFIX, check_scheme, quantize_slice,
+                                      quantized_entries, stored_scheme)
 from autotp.sharding.format import is_presharded, param_slice, read_manifest
 from autotp.sharding.skeleton import build_skeleton, parameters_to_meta, source_tensors, stored_dtype
 from autotp.sharding.stfile import CheckpointError, MappedRegions, map_tensors, read_slice
@@ -31,7 +33,8 @@ from autotp.sharding.stfile import CheckpointError, MappedRegions, map_tensors, 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     world_size: int | None = None, process_group: Any = None,
                     overrides: Mapping[str, str | Style] | None = None, fuse_allreduce: bool = True,
-                    check_sha: bool = True) -> nn.Module:
+                    check_sha: bool = True, quantize: str | None = None,
+                    quant_group_size: int | None = None) -> nn.Module:
     """Load this rank's shard of a model, ready for ``generate()``.
 
     ``path`` is a pre-sharded directory written by create_shard_model / save_sharded (only this
@@ -39,7 +42,17 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     rank's slice of each tensor is read). ``world_size`` defaults to the process group's size;
     ``dtype`` defaults to the stored one. ``check_sha`` verifies this rank's file against the
     manifest before use. bf16 Linear shards are packed for the native kernels where they run
-    (``AUTOTP_KERNELS``, see ``autotp.kernels``)."""
+    (``AUTOTP_KERNELS``, see ``autotp.kernels``).
+
+    A pre-sharded checkpoint written with ``--quantize int8`` loads as INT8 as it is stored.
+    ``quantize="int8"`` on a Hugging Face directory quantizes while loading (each rank reads
+    its slice plus, for row-parallel layers, the columns of the INT8 groups its cut touches;
+    ``quant_group_size`` defaults to 128, 0 is one scale per row), giving exactly the shards
+    ``autotp.shard(model, n, quantize="int8")`` gives. An unquantized pre-sharded checkpoint
+    cannot be quantized at load time (its row-parallel files lack those columns): that raises."""
+    check_scheme(quantize, quant_group_size or 0)
+    if quantize is None and quant_group_size is not None:
+        raise ValueError("autotp: quant_group_size was given without quantize; pass quantize='int8' too")
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory; pass a Hugging Face checkpoint directory or one "
@@ -50,9 +63,10 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     want = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     mapped = MappedRegions()
     if is_presharded(directory):
-        model, plan, tensors = _presharded(directory, group, want, check_sha, mapped)
+        model, plan, tensors = _presharded(directory, group, want, check_sha, mapped, quantize, quant_group_size)
     else:
-        model, plan, tensors = _from_hf(directory, group, want, overrides, fuse_allreduce, mapped)
+        int8_group = None if quantize is None else DEFAULT_GROUP_SIZE if quant_group_size is None else quant_group_size
+        model, plan, tensors = _from_hf(directory, group, want, overrides, fuse_allreduce, mapped, int8_group)
     _assign(model, plan, tensors, directory)
     del tensors
     if pack_layers(model, mapped.release):  # the mapped pages of each packed weight go back at once
@@ -63,8 +77,9 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
 
 
 def _presharded(directory: Path, group: TPGroup, dtype: torch.dtype | None, check_sha: bool,
-                mapped: MappedRegions):
+                mapped: MappedRegions, quantize: str | None, quant_group_size: int | None):
     manifest = read_manifest(directory, group.tp_size, group.tp_rank, check_sha)
+    int8_group = stored_scheme(manifest, directory, quantize, quant_group_size)
     stored = manifest["dtype"]
     if dtype is not None and stored != str(dtype).removeprefix("torch."):
         raise CheckpointError(f"{directory} stores {stored} weights but dtype={dtype} was asked; load it "
@@ -72,14 +87,14 @@ def _presharded(directory: Path, group: TPGroup, dtype: torch.dtype | None, chec
     model = build_skeleton(directory, getattr(torch, stored) if stored != "mixed" else torch.float32)
     plan = Plan.from_dict(manifest["plan"])
     parameters_to_meta(model)
-    apply_plan(model, plan, group)
+    apply_plan(model, plan, group, int8_group_size=int8_group)
     tensors = map_tensors(directory / manifest["files"][group.tp_rank]["name"])
     mapped.add(tensors)
     return model, plan, tensors
 
 
 def _from_hf(directory: Path, group: TPGroup, dtype: torch.dtype | None, overrides, fuse_allreduce,
-             mapped: MappedRegions):
+             mapped: MappedRegions, int8_group: int | None):
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} has neither autotp.json nor config.json: it is not a model directory")
     model = build_skeleton(directory, dtype or stored_dtype(directory))
@@ -90,19 +105,33 @@ def _from_hf(directory: Path, group: TPGroup, dtype: torch.dtype | None, overrid
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)  # tied parameters are stored under one name
     parameters_to_meta(model)
-    apply_plan(model, plan, group)
+    apply_plan(model, plan, group, int8_group_size=int8_group)
+    int8 = quantized_entries(plan) if int8_group is not None else {}
     wanted = [k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"]
     by_name = {name: group_ for group_ in aliases.values() for name in group_}
     tensors = {}
     with _SourceReader(mapped) as reader:
         for key in wanted:
+            module, _, param = key.rpartition(".")
+            if module in int8 and param == "weight" + SCALE_SUFFIX:  # made with the weight
+                continue
             found = key if key in sources else next((a for a in by_name.get(key, ()) if a in sources), None)
             if found is None:  # left on meta: _assign reports it
                 continue
             path, info = sources[found]
-            dim, ranges = param_slice(plan, key, group.tp_rank)
             convert = dtype is not None and info.dtype.is_floating_point and info.dtype != dtype
-            tensors[key] = reader.read(path, info, dim, ranges, convert).to(dtype if convert else info.dtype)
+            to = dtype if convert else info.dtype
+
+            def read(dim: int | None, ranges: list | None) -> torch.Tensor:
+                return reader.read(path, info, dim, ranges, convert).to(to)
+
+            if module in int8 and param == "weight":
+                entry = int8[module]
+                shard = quantize_slice(read, info.shape, entry, entry.ranges[group.tp_rank], int8_group)
+                tensors[key], tensors[key + SCALE_SUFFIX] = shard.q, shard.scales
+                reader.release()
+            else:
+                tensors[key] = read(*param_slice(plan, key, group.tp_rank))
     return model, plan, tensors
 
 
@@ -115,6 +144,7 @@ class _SourceReader:
         self.mapped = mapped
         self.maps: dict[Path, dict[str, torch.Tensor]] = {}
         self.files: dict[Path, Any] = {}
+        self.last: torch.Tensor | None = None
 
     def __enter__(self) -> "_SourceReader":
         return self
@@ -129,9 +159,17 @@ class _SourceReader:
                 self.maps[path] = map_tensors(path)
                 self.mapped.add(self.maps[path])
             tensor = self.maps[path][info.name]
-            return tensor if dim is None else tensor[ranges[0][0]:ranges[0][1]]
+            self.last = tensor if dim is None else tensor[ranges[0][0]:ranges[0][1]]
+            return self.last
+        self.last = None
         handle = self.files.setdefault(path, open(path, "rb"))
         return read_slice(handle, info, dim, ranges)
+
+    def release(self) -> None:
+        """Hand back the mapped pages of the last tensor read, once it has been copied (quantized)."""
+        if self.last is not None:
+            self.mapped.release(self.last)
+            self.last = None
 
 
 def _assign(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], directory: Path) -> None:

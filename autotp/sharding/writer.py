@@ -21,6 +21,8 @@ from autotp.plan import Plan, Style
 from autotp.policies import build_plan
 from autotp.sharding.format import dtype_name, param_slice, rank_file, tied_keys, write_manifest
 from autotp.sharding.layers import take
+from autotp.sharding.quantize import (DEFAULT_GROUP_SIZE, SCALE_SUFFIX, Int8Layout, check_scheme, int8_layout,
+                                      manifest_entry, quantize_slice, quantized_entries)
 from autotp.sharding.skeleton import build_skeleton, check_keys, source_tensors, stored_dtype
 from autotp.sharding.stfile import CheckpointError, ShardFileWriter, read_slice
 from autotp.util import pid_alive
@@ -32,9 +34,17 @@ Reader = Callable[[str, int | None, list | None], torch.Tensor]
 def save_sharded(model_or_path: nn.Module | str | os.PathLike, save_dir: str | os.PathLike, world_size: int,
                  dtype: torch.dtype | str | None = None, overwrite: bool = False,
                  overrides: Mapping[str, str | Style] | None = None, fuse_allreduce: bool = True,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, quantize: str | None = None,
+                 quant_group_size: int = DEFAULT_GROUP_SIZE) -> Path:
     """Write a pre-sharded checkpoint of ``model_or_path`` (a model in memory, or a Hugging Face
-    checkpoint directory with safetensors) for ``world_size`` ranks into ``save_dir``."""
+    checkpoint directory with safetensors) for ``world_size`` ranks into ``save_dir``.
+
+    ``quantize="int8"`` stores the column- and row-parallel layers as weight-only INT8 (each
+    rank's file holds exactly its slice of the quantized whole, as ``autotp.shard(...,
+    quantize="int8")`` would make it; ``quant_group_size`` as there). The source weights are
+    converted to ``dtype`` (if given) before quantizing; a rank's scales and values are written
+    apart (the file keeps larger elements first), so each quantized weight is read twice."""
+    check_scheme(quantize, quant_group_size)
     target = Path(save_dir)
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target} already exists; choose another --save-path or pass overwrite=True "
@@ -49,10 +59,12 @@ def save_sharded(model_or_path: nn.Module | str | os.PathLike, save_dir: str | o
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     _remove_stale_partials(target)
     partial.mkdir(parents=True)
+    int8 = _Int8Writer(plan, specs, reader, quant_group_size) if quantize else None
     try:
-        files = _write_ranks(partial, plan, specs, reader, progress)
+        files = _write_ranks(partial, plan, specs, reader, progress, int8)
         copy_files(partial)
-        write_manifest(partial, plan, stored.pop() if len(stored) == 1 else "mixed", files)
+        write_manifest(partial, plan, stored.pop() if len(stored) == 1 else "mixed", files,
+                       manifest_entry(quantize, quant_group_size))
         _move_into_place(partial, target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -60,12 +72,46 @@ def save_sharded(model_or_path: nn.Module | str | os.PathLike, save_dir: str | o
     return target
 
 
+class _Int8Writer:
+    """The INT8 tensors of the quantized layers: "<module>.weight" becomes int8 and
+    "<module>.weight_scale" joins it, both in the shapes of each rank's Int8Layout."""
+
+    def __init__(self, plan: Plan, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], reader: Reader,
+                 group_size: int) -> None:
+        self.plan, self.specs, self.reader, self.group_size = plan, specs, reader, group_size
+        self.entries = quantized_entries(plan)
+
+    def source_key(self, key: str) -> str | None:
+        """The source weight behind ``key`` if ``key`` is one of the INT8 tensors, else None."""
+        base = key.removesuffix(SCALE_SUFFIX)
+        module, _, param = base.rpartition(".")
+        return base if param == "weight" and module in self.entries and base in self.specs else None
+
+    def rank_specs(self, key: str, rank: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        layout = self._layout(key, rank)
+        return [(key, torch.int8, layout.q_shape), (key + SCALE_SUFFIX, torch.float32, layout.scale_shape)]
+
+    def tensor(self, key: str, rank: int) -> torch.Tensor:
+        base = self.source_key(key)
+        entry, (shape, dtype) = self.entries[base.rpartition(".")[0]], self.specs[base]
+        shard = quantize_slice(lambda dim, ranges: self.reader(base, dim, ranges).to(dtype), shape, entry,
+                               entry.ranges[rank], self.group_size)
+        return shard.scales if key.endswith(SCALE_SUFFIX) else shard.q
+
+    def _layout(self, key: str, rank: int) -> Int8Layout:
+        entry = self.entries[key.rpartition(".")[0]]
+        return int8_layout(self.specs[key][0], entry, entry.ranges[rank], self.group_size)
+
+
 def _write_ranks(directory: Path, plan: Plan, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 reader: Reader, progress: bool) -> list[dict]:
+                 reader: Reader, progress: bool, int8: _Int8Writer | None = None) -> list[dict]:
     writers = []
-    for rank in range(plan.world_size):
+    for rank in range(plan.world_size):  # every layout is checked before anything is written
         rank_specs = []
         for key, (shape, dtype) in specs.items():
+            if int8 is not None and int8.source_key(key):
+                rank_specs += int8.rank_specs(key, rank)
+                continue
             dim, ranges = param_slice(plan, key, rank)
             local = list(shape)
             if dim is not None:
@@ -79,6 +125,9 @@ def _write_ranks(directory: Path, plan: Plan, specs: dict[str, tuple[tuple[int, 
             for key in writers[0].order:
                 whole = None
                 for rank, writer in enumerate(writers):
+                    if int8 is not None and int8.source_key(key):
+                        writer.write(key, int8.tensor(key, rank))
+                        continue
                     dim, ranges = param_slice(plan, key, rank)
                     if dim is None:
                         whole = whole if whole is not None else reader(key, None, None)
@@ -88,8 +137,9 @@ def _write_ranks(directory: Path, plan: Plan, specs: dict[str, tuple[tuple[int, 
                     writer.write(key, tensor.to(specs[key][1]))
                     del tensor  # one slice alive at a time
                 del whole
-                shape, dtype = specs[key]
-                bar.update(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size())
+                if key in specs:  # a quantized layer's scales add nothing to read: its weight counts
+                    shape, dtype = specs[key]
+                    bar.update(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size())
         done = [w.close() for w in writers]
     except BaseException:
         for w in writers:
