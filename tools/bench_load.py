@@ -7,12 +7,14 @@ measures, each in fresh processes:
                                 plain tensor-parallel job does first)
   autotp pre-sharded            N ranks, autotp.from_pretrained(OUT_DIR)
   autotp from HF directory      N ranks, autotp.from_pretrained(MODEL_DIR)
+and with --int8 the same three autotp rows for weight-only INT8 (create_shard_model --quantize
+int8; from_pretrained of that; from_pretrained(MODEL_DIR, quantize="int8")).
 Peak RSS (VmHWM) is taken after loading and one forward pass (so memory-mapped weights are
 counted once touched). Two baselines: a process that imports torch and transformers, and one
 that also reads the model's config with AutoConfig (which imports most of transformers'
 configuration machinery, ~80 MiB, a cost every loader of the model pays).
 
-    python tools/bench_load.py [--workdir /tmp/autotp-bench-load] [--world-size 2]
+    python tools/bench_load.py [--workdir /tmp/autotp-bench-load] [--world-size 2] [--int8]
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ elif mode == "shard":
     from autotp.cli import create_shard_model
     start = time.perf_counter()
     assert create_shard_model(["-m", path, "--world-size", sys.argv[3], "--save-path", sys.argv[4],
-                               "--overwrite", "--quiet"]) == 0
+                               "--overwrite", "--quiet", *sys.argv[5:]]) == 0
     result["wall"] = time.perf_counter() - start
 else:
     import autotp
@@ -49,7 +51,7 @@ else:
     if mode == "transformers":
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     else:
-        model = autotp.from_pretrained(path)
+        model = autotp.from_pretrained(path, quantize="int8" if mode == "hf-int8" else None)
     result["wall"] = time.perf_counter() - start
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 2, 3, 4]]))
@@ -103,6 +105,7 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--layers", type=int, default=32,
                         help="decoder layers of hidden 2048: 32 -> 1.6 B params, 3.1 GB; 16 -> 1.7 GB")
+    parser.add_argument("--int8", action="store_true", help="also measure INT8 sharding and loading")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +123,12 @@ def main() -> None:
     rows.append(("transformers from_pretrained (each rank)", run("transformers", [str(source)], args.world_size)))
     rows.append(("autotp.from_pretrained pre-sharded", run("presharded", [str(out)], args.world_size)))
     rows.append(("autotp.from_pretrained HF directory", run("hf", [str(source)], args.world_size)))
+    if args.int8:
+        out8 = workdir / f"{source.name}-int8-tp{args.world_size}"
+        rows.append(("create_shard_model --quantize int8",
+                     run("shard", [str(source), str(args.world_size), str(out8), "--quantize", "int8"])))
+        rows.append(("autotp.from_pretrained pre-sharded int8", run("presharded", [str(out8)], args.world_size)))
+        rows.append(("autotp.from_pretrained HF dir, quantize", run("hf-int8", [str(source)], args.world_size)))
 
     print(f"random Llama, {args.layers} layers, hidden 2048: {disk / 1e9:.2f} GB on disk (bf16), largest tensor "
           f"{largest / 2**20:.0f} MiB; {args.world_size} ranks")
@@ -135,6 +144,14 @@ def main() -> None:
     for i, name in ((4, "pre-sharded"), (5, "HF directory")):
         worst = max(r["peak_rss_mb"] for r in rows[i][1])
         print(f"per-rank load peak RSS, {name}: {worst / plain:.3f}x the plain full load (target < 0.6x)")
+    if args.int8:
+        rank_files = sorted(out8.glob("rank-*.safetensors"))
+        share = max(f.stat().st_size for f in rank_files) / 2**20
+        for i, name in ((7, "pre-sharded int8"), (8, "HF directory, quantize")):
+            worst = max(r["peak_rss_mb"] for r in rows[i][1])
+            print(f"per-rank load peak RSS, {name}: {worst:.0f} MiB = config baseline {base:.0f} + "
+                  f"{worst - base:.0f} MiB; its int8 rank file is {share:.0f} MiB "
+                  f"({(worst - base) / share:.2f}x); {worst / plain:.3f}x the plain full load")
 
 
 if __name__ == "__main__":

@@ -85,31 +85,45 @@ at::Tensor unpack_bf16(const at::Tensor& packed, int64_t N, int64_t K) {
       .narrow(0, 0, N).narrow(1, 0, K).contiguous();
 }
 
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                       int64_t N, std::optional<at::ScalarType> out_dtype) {
+// What both GEMMs check and set up alike: x's dtype and rank, out_dtype, the bias as fp32, the
+// AVX-512 guard, the output [..., N] and M. `finished` when there is nothing to multiply (M, N or
+// K zero; the output is then empty or the bias).
+struct LinearCall {
+  int64_t K, M;
+  at::Tensor out, bias;
+  bool finished;
+};
+
+LinearCall begin_linear(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t N,
+                        std::optional<at::ScalarType> out_dtype, const char* op, const char* without_avx512) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
-              "autotp::linear_bf16: x must be a bfloat16 or float32 CPU tensor, got ", x.scalar_type(),
-              " on ", x.device());
-  TORCH_CHECK(x.dim() >= 1, "autotp::linear_bf16: x must have at least one dimension");
+              op, ": x must be a bfloat16 or float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
   const int64_t K = x.size(-1);
-  check_packed(packed, N, K, "autotp::linear_bf16");
-  TORCH_CHECK(packed.is_contiguous(), "autotp::linear_bf16: packed weight must be contiguous");
   const at::ScalarType odt = out_dtype.value_or(x.scalar_type());
-  TORCH_CHECK(odt == at::kBFloat16 || odt == at::kFloat,
-              "autotp::linear_bf16: out_dtype must be bfloat16 or float32, got ", odt);
-  at::Tensor b = float_bias(bias, N, "autotp::linear_bf16");
-  TORCH_CHECK(avx512::cpu_supported(),
-              "autotp::linear_bf16: this CPU lacks AVX-512 (F, BW, DQ, VL); use F.linear on the unpacked weight");
+  TORCH_CHECK(odt == at::kBFloat16 || odt == at::kFloat, op, ": out_dtype must be bfloat16 or float32, got ", odt);
+  at::Tensor b = float_bias(bias, N, op);
+  TORCH_CHECK(avx512::cpu_supported(), op, ": this CPU lacks AVX-512 (F, BW, DQ, VL); ", without_avx512);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   const int64_t M = x.numel() / std::max<int64_t>(K, 1);
   at::Tensor out = at::empty(out_shape, x.options().dtype(odt));
-  if (M == 0 || N == 0) return out;
+  if (M > 0 && N > 0 && K == 0) out.zero_().add_(b.defined() ? b.to(odt) : at::zeros({N}, out.options()));
+  return {K, M, out, b, M == 0 || N == 0 || K == 0};
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                       int64_t N, std::optional<at::ScalarType> out_dtype) {
+  LinearCall call = begin_linear(x, bias, N, out_dtype, "autotp::linear_bf16", "use F.linear on the unpacked weight");
+  const int64_t K = call.K, M = call.M;
+  check_packed(packed, N, K, "autotp::linear_bf16");
+  TORCH_CHECK(packed.is_contiguous(), "autotp::linear_bf16: packed weight must be contiguous");
+  at::Tensor out = call.out, b = call.bias;
+  if (call.finished) return out;
+  const bool to_bf16 = out.scalar_type() == at::kBFloat16;
   const int64_t K2 = packed.size(1);
   at::Tensor xf;
-  if (K == 0) {
-    return out.zero_().add_(b.defined() ? b.to(odt) : at::zeros({N}, out.options()));
-  } else if (2 * K2 == K) {
+  if (2 * K2 == K) {
     xf = x.reshape({M, K}).to(at::kFloat).contiguous();
   } else {
     xf = at::zeros({M, 2 * K2}, x.options().dtype(at::kFloat));
@@ -118,7 +132,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   avx512::GemmArgs args{xf.data_ptr<float>(),
                         reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()),
                         b.defined() ? b.data_ptr<float>() : nullptr,
-                        out.data_ptr(), M, N, K2, N, odt == at::kBFloat16};
+                        out.data_ptr(), M, N, K2, N, to_bf16};
   const int64_t NB = ceil_div(N, kBlockN);  // blocks of 16 columns that hold outputs
   const int64_t rows = std::min(kBlockM, ceil_div(ceil_div(M, ceil_div(M, kBlockM)), kTileM) * kTileM);
   for_each_unit(M, rows, NB, avx512::kMaxItemBlocks, kGroupBlocks,
@@ -147,28 +161,16 @@ void check_int8_packed(const at::Tensor& qpacked, const at::Tensor& spacked, int
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at::Tensor& spacked,
                        const std::optional<at::Tensor>& bias, int64_t N, int64_t group_size, int64_t group_offset,
                        std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
-              "autotp::linear_int8: x must be a bfloat16 or float32 CPU tensor, got ", x.scalar_type(),
-              " on ", x.device());
-  TORCH_CHECK(x.dim() >= 1, "autotp::linear_int8: x must have at least one dimension");
-  const int64_t K = x.size(-1);
+  LinearCall call = begin_linear(x, bias, N, out_dtype, "autotp::linear_int8",
+                                 "use the torch path (dequantise, then F.linear)");
+  const int64_t K = call.K, M = call.M;
   check_int8_packed(qpacked, spacked, N, K, group_size, group_offset, "autotp::linear_int8");
-  const at::ScalarType odt = out_dtype.value_or(x.scalar_type());
-  TORCH_CHECK(odt == at::kBFloat16 || odt == at::kFloat,
-              "autotp::linear_int8: out_dtype must be bfloat16 or float32, got ", odt);
-  at::Tensor b = float_bias(bias, N, "autotp::linear_int8");
-  TORCH_CHECK(avx512::cpu_supported(), "autotp::linear_int8: this CPU lacks AVX-512 (F, BW, DQ, VL); "
-              "use the torch path (dequantise, then F.linear)");
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  const int64_t M = x.numel() / std::max<int64_t>(K, 1);
-  at::Tensor out = at::empty(out_shape, x.options().dtype(odt));
-  if (M == 0 || N == 0) return out;
-  if (K == 0) return out.zero_().add_(b.defined() ? b.to(odt) : at::zeros({N}, out.options()));
+  at::Tensor out = call.out, b = call.bias;
+  if (call.finished) return out;
   at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
   avx512::Int8GemmArgs args{xf.data_ptr<float>(), qpacked.data_ptr<int8_t>(), spacked.data_ptr<float>(),
                             b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K, group_size,
-                            group_offset, spacked.size(1), N, odt == at::kBFloat16};
+                            group_offset, spacked.size(1), N, out.scalar_type() == at::kBFloat16};
   const int64_t rows = M <= avx512::kInt8DirectM
       ? M  // few rows: one tile, so each weight row is widened once
       : std::min(avx512::kInt8BlockM, ceil_div(ceil_div(M, ceil_div(M, avx512::kInt8BlockM)), kTileM) * kTileM);
