@@ -92,3 +92,45 @@ def _collect(procs: list, results: Any, collected: dict[int, Any], errors: list[
             collected[rank] = value
         else:
             errors.append(f"rank {rank}:\n{value}")
+
+
+def run_calls(rank: int, world_size: int, calls: list[tuple[str, str, tuple]]) -> dict[str, Any]:
+    """Inside a rank: each (name, function of rank_checks, args) in turn, each with the
+    environment as it found it; results by name. A failure names its check."""
+    import rank_checks
+
+    out = {}
+    for name, function, args in calls:
+        saved = dict(os.environ)
+        try:
+            out[name] = getattr(rank_checks, function)(rank, world_size, *args)
+        except BaseException as exc:
+            raise RuntimeError(f"check '{name}' ({function}{args}) failed on rank {rank}") from exc
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    return out
+
+
+class RankChecks:
+    """Named checks run together: for each world size, one spawn of that many ranks runs all of
+    ``table[world_size]`` ({name: (function of rank_checks, args)}) on first use, and the
+    results are kept for the rest of the session. Starting ranks costs seconds of imports
+    each time; the checks themselves take a fraction of that."""
+
+    def __init__(self, table: dict[int, dict[str, tuple[str, tuple]]]) -> None:
+        self.table = table
+        self.runs: dict[int, list[dict[str, Any]] | BaseException] = {}
+
+    def __call__(self, world_size: int, name: str) -> list[Any]:
+        """Check ``name``'s result on each rank of the ``world_size`` run."""
+        if world_size not in self.runs:
+            calls = [(n, fn, args) for n, (fn, args) in self.table[world_size].items()]
+            try:
+                self.runs[world_size] = run_ranks(run_calls, world_size, calls)
+            except AssertionError as exc:  # every check of this run fails with the same report
+                self.runs[world_size] = exc
+        run = self.runs[world_size]
+        if isinstance(run, BaseException):
+            raise AssertionError(f"the {world_size}-rank run of {sorted(self.table[world_size])} failed:\n{run}")
+        return [per_rank[name] for per_rank in run]

@@ -27,11 +27,11 @@ def sources(tmp_path_factory):
     return dirs
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_presharded_and_hf_directories_match_unsharded(sources, tmp_path, world_size):
+@pytest.mark.parametrize("world_size,layout", [(2, "one file"), (3, "several files")])
+def test_presharded_and_hf_directories_match_unsharded(sources, tmp_path, world_size, layout):
     cases = []
     for family, hf_dirs in sources.items():
-        for hf in hf_dirs:
+        for hf in hf_dirs[:1] if layout == "one file" else hf_dirs[1:]:
             out = tmp_path / f"{hf.name}-tp{world_size}"
             assert create_shard_model(["-m", str(hf), "--world-size", str(world_size), "--save-path", str(out),
                                        "--quiet"]) == 0

@@ -6,15 +6,28 @@ import rank_checks
 import zoo
 from autotp import kernels
 from autotp.sharding.math import assign_heads, split_sizes
-from dist_helper import run_ranks
+from dist_helper import RankChecks
 
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=[2, 3, 4])
+BF16 = ["llama", "gptj", "bloom"]
+BEAM = ["llama", "bloom"]
+CHECKS = RankChecks({
+    2: {"all": ("compare_all", (zoo.FAMILIES,)),
+        **{f"bf16-{f}": ("compare_bf16", (f,)) for f in BF16},
+        **{f"bf16-torch-{f}": ("compare_bf16", (f, "torch")) for f in BF16},
+        **{f"beam-{f}": ("compare_family", (f, 4)) for f in BEAM},
+        "wrong-split": ("corrupted_plan", ("llama",)),
+        "errors": ("shard_errors", ())},
+    3: {"all": ("compare_all", (zoo.FAMILIES,)), **{f"bf16-{f}": ("compare_bf16", (f,)) for f in BF16}},
+    4: {"all": ("compare_all", (zoo.FAMILIES,))},
+})
+
+
+@pytest.fixture(params=[2, 3, 4])
 def results(request):
-    world_size = request.param
-    return world_size, run_ranks(rank_checks.compare_all, world_size, zoo.FAMILIES)
+    return request.param, CHECKS(request.param, "all")
 
 
 @pytest.mark.parametrize("family", zoo.FAMILIES)
@@ -46,36 +59,36 @@ def test_each_rank_holds_its_share_of_the_weights(results, family):
     assert vocab == split_sizes(130, world_size)
 
 
-@pytest.mark.parametrize("family", ["llama", "gptj", "bloom"])
+@pytest.mark.parametrize("family", BF16)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_bfloat16_error_at_most_twice_the_unsharded_error(family, world_size):
     """Default kernels: native (packed weights) on a CPU that runs them, and that is checked."""
     native = kernels.status()[0]
-    for r in run_ranks(rank_checks.compare_bf16, world_size, family):
+    for r in CHECKS(world_size, f"bf16-{family}"):
         assert r["sharded_err"] <= 2 * r["plain_err"], r
         assert r["layers"] > 0 and r["packed"] == (r["layers"] if native else 0), r
 
 
-@pytest.mark.parametrize("family", ["llama", "gptj", "bloom"])
+@pytest.mark.parametrize("family", BF16)
 def test_bfloat16_on_torch_kernels(family):
-    for r in run_ranks(rank_checks.compare_bf16, 2, family, "torch"):
+    for r in CHECKS(2, f"bf16-torch-{family}"):
         assert r["sharded_err"] <= 2 * r["plain_err"], r
         assert r["packed"] == 0, r
 
 
-@pytest.mark.parametrize("family", ["llama", "bloom"])
+@pytest.mark.parametrize("family", BEAM)
 def test_beam_search_matches(family):
-    for r in run_ranks(rank_checks.compare_family, 2, family, 4):
+    for r in CHECKS(2, f"beam-{family}"):
         assert r["tokens_equal"] and r["max_abs_diff"] <= TOL
 
 
 def test_negative_control_a_wrong_split_is_detected():
-    diffs = run_ranks(rank_checks.corrupted_plan, 2, "llama")
+    diffs = CHECKS(2, "wrong-split")
     assert min(diffs) > 100 * TOL
 
 
 def test_shard_errors_inside_a_process_group():
-    for messages in run_ranks(rank_checks.shard_errors, 2):
+    for messages in CHECKS(2, "errors"):
         assert messages["init_noop"]
         assert "process group has 2 ranks" in messages["wrong_world_size"]
         assert "already sharded" in messages["twice"]

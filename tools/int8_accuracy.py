@@ -1,30 +1,63 @@
 """Accuracy of weight-only INT8 against the bf16 model it was made from, on a named random
-shape (autotp.bench.shapes) or a checkpoint directory, in one process (world size 1: each rank
-of a sharded run holds exactly its slice of this model, tests/test_quantize.py).
+shape (autotp.bench.shapes) or a checkpoint directory, on 1, 2 and 3 ranks.
 
-    python tools/int8_accuracy.py [--model llama-1b] [--group 128 0] [--prompt 32] [--steps 32]
+    python tools/int8_accuracy.py [--model llama-1b] [--group 128 0] [--world-sizes 1 2 3]
+                                  [--prompt 32] [--steps 32]
 
-Prints, per group size: the max relative logits error on a random prompt (max |int8 - bf16| /
-max |bf16|) and the share of greedy steps on which INT8 picks the bf16 model's token, each step
-fed the bf16 model's own sequence so far (so one difference does not make the rest differ).
+The bf16 model greedily extends a random prompt by --steps tokens. Each INT8 model (one per
+group size and world size: autotp.from_pretrained(MODEL_DIR, quantize="int8") in each of N
+spawned ranks, gloo + the SHM all-reduce, one thread each) reads that whole sequence once.
+Printed per group size and world size: the max relative logits error (max |int8 - bf16| / max
+|bf16|), the share of greedy steps on which INT8 picks the bf16 model's token (each step fed
+the bf16 model's own sequence so far, so one difference does not make the rest differ), and
+how far the logits are from the 1-rank INT8 model's (every rank holds exactly its slice of the
+same quantized model; only the order of the sums differs).
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import os
+import socket
 from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
 import autotp
 from autotp.bench import shapes
 
 
+def _rank(rank: int, world: int, port: int, path: str, group: int, seq: torch.Tensor, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    autotp.init_distributed()
+    model = autotp.from_pretrained(path, quantize="int8", quant_group_size=group)
+    with torch.no_grad():
+        logits = model(input_ids=seq).logits.float()
+    if rank == 0:
+        torch.save(logits, out)
+    torch.distributed.destroy_process_group()
+
+
+def int8_logits(path: Path, group: int, world: int, seq: torch.Tensor, work: Path) -> torch.Tensor:
+    """The INT8 model's logits on ``seq``, computed by ``world`` ranks."""
+    out = work / f"int8-logits-g{group}-w{world}.pt"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(world, port, str(path), group, seq, str(out)), nprocs=world, join=True)
+    logits = torch.load(out)
+    out.unlink()
+    return logits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-1b", help="named shape or checkpoint directory")
     parser.add_argument("--group", type=int, nargs="+", default=[128, 0], help="group sizes (0: per row)")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 3], help="ranks to run INT8 on")
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--work-dir", type=Path, default=Path("bench-work"))
@@ -37,17 +70,22 @@ def main() -> None:
         seq = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=args.steps, min_new_tokens=args.steps, pad_token_id=0)
         ref = plain(input_ids=seq).logits.float()
+    del plain
     print(f"{args.model}: bf16 logits max |.| {ref.abs().max():.3f}, std {ref.std():.3f}; "
           f"prompt {args.prompt}, {args.steps} greedy steps")
-    print(f"{'group':>6} {'max rel logits err':>19} {'greedy agreement':>17}")
+    print(f"{'group':>6} {'ranks':>5} {'max rel logits err':>19} {'greedy agreement':>17} "
+          f"{'max |d| vs 1 rank':>18} {'argmax = 1 rank':>16}")
+    steps = slice(-args.steps - 1, -1)
     for group in args.group:
-        model = autotp.shard(copy.deepcopy(plain), 1, quantize="int8", quant_group_size=group)
-        with torch.no_grad():
-            got = model(input_ids=seq).logits.float()
-        rel = ((got - ref).abs().max() / ref.abs().max()).item()
-        picks = [t[:, -args.steps - 1:-1].argmax(-1) for t in (ref, got)]
-        agree = (picks[0] == picks[1]).float().mean().item()
-        print(f"{group or 'row':>6} {rel * 100:>18.2f}% {agree * 100:>16.1f}%")
+        first = None
+        for world in args.world_sizes:
+            got = int8_logits(path, group, world, seq, args.work_dir)
+            rel = ((got - ref).abs().max() / ref.abs().max()).item()
+            agree = (ref[:, steps].argmax(-1) == got[:, steps].argmax(-1)).float().mean().item()
+            first = got if first is None else first
+            same = (got.argmax(-1) == first.argmax(-1)).float().mean().item()
+            print(f"{group or 'row':>6} {world:>5} {rel * 100:>18.2f}% {agree * 100:>16.1f}% "
+                  f"{(got - first).abs().max().item():>18.4f} {same * 100:>15.1f}%", flush=True)
 
 
 if __name__ == "__main__":
