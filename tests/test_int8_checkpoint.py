@@ -60,6 +60,10 @@ def test_rank_files_hold_each_ranks_slice_of_the_quantized_whole(sources, tmp_pa
         for key, tensor in stored.items():  # the rest as in an unquantized checkpoint
             assert tensor.dtype == online[key].dtype and torch.equal(tensor, online[key]), (rank, key)
     assert checked == 3 * 7 * whole.config.num_hidden_layers
+    # from the model in memory: the same files, byte for byte
+    again = autotp.save_sharded(whole, tmp_path / "from-model", 3, progress=False, quantize="int8",
+                                quant_group_size=16)
+    assert json.loads((again / "autotp.json").read_text())["files"] == manifest["files"]
 
 
 @pytest.mark.parametrize("family,group", [("llama", 16), ("llama", 0), ("gptj", 32)])
