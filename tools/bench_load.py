@@ -59,9 +59,8 @@ else:
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 result["peak_rss_mb"] = int(hwm.split()[1]) / 1024
 print("RESULT " + json.dumps(result), flush=True)
-# what was to be measured is measured: leave without running interpreter and library teardown
-# (an intermittent abort at exit, "terminate called without an active exception", would
-# otherwise fail the run; see the README's known problems)
+# what was to be measured is measured: leave without interpreter and library teardown (which
+# only adds time, and once aborted intermittently: see the README's known problems)
 os._exit(0)
 '''
 

@@ -6,15 +6,31 @@ torch.distributed (``autotp.comm.shm`` decides, once, when the group is made).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
-from dataclasses import dataclass
+import time
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from autotp.comm import shm
+
+_live_groups: list[weakref.ref] = []  # the TPGroups alive in this process, for _settle_all
+
+
+def _settle_all() -> None:
+    """At exit, before the interpreter shuts down: let every group's latest collective settle."""
+    for ref in _live_groups:
+        group = ref()
+        if group is not None:
+            group.settle()
+
+
+atexit.register(_settle_all)
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> None:
@@ -38,6 +54,25 @@ class TPGroup:
     tp_size: int
     process_group: Any = None
     shm: Any = None  # the extension's ShmComm when the ranks share a host (autotp.comm.shm)
+    # the tensors of the latest torch.distributed collective, referenced until the next one
+    # (and, at exit, until the backend lets go of them: see settle)
+    in_flight: tuple = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _live_groups[:] = [ref for ref in _live_groups if ref() is not None] + [weakref.ref(self)]
+
+    def settle(self, timeout_s: float = 1.0) -> None:
+        """Wait until torch.distributed's worker threads hold no reference to the tensors of
+        this group's latest collective, then drop ours. gloo's worker lets go of a finished
+        collective's tensors a moment after the caller resumes; if Python had already freed
+        them, that last release must take the GIL to free their Python objects, and a worker
+        doing so while the interpreter shuts down aborts the process ("terminate called
+        without an active exception") after all its work is done. Holding the tensors (the
+        in_flight field) and settling at exit (atexit) keeps the last release Python's."""
+        deadline = time.monotonic() + timeout_s
+        while any(t._use_count() > 1 for t in self.in_flight) and time.monotonic() < deadline:
+            time.sleep(0.001)  # releases the GIL
+        self.in_flight = ()
 
     @property
     def backend(self) -> str:
@@ -68,6 +103,7 @@ class TPGroup:
         if self.shm is not None and tensor.dtype in (torch.float32, torch.bfloat16) and tensor.is_contiguous():
             return self.shm.all_reduce(tensor)
         dist.all_reduce(tensor, group=self.process_group)
+        self.in_flight = (tensor,)
         return tensor
 
     def all_gather_last_dim(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -80,4 +116,5 @@ class TPGroup:
         send = torch.nn.functional.pad(tensor, (0, pad)) if pad else tensor.contiguous()
         parts = [torch.empty_like(send) for _ in range(self.tp_size)]
         dist.all_gather(parts, send, group=self.process_group)
+        self.in_flight = (send, *parts)
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
