@@ -21,8 +21,8 @@ from autotp.plan import Plan, Style
 from autotp.policies import build_plan
 from autotp.sharding.format import dtype_name, param_slice, rank_file, tied_keys, write_manifest
 from autotp.sharding.layers import take
-from autotp.sharding.quantize import (DEFAULT_GROUP_SIZE, SCALE_SUFFIX, Int8Layout, check_scheme, int8_layout,
-                                      manifest_entry, quantize_slice, quantized_entries)
+from autotp.sharding.quantize import (DEFAULT_GROUP_SIZE, SCALE_SUFFIX, check_scheme, int8_layout, manifest_entry,
+                                      quantize_slice, quantized_entries)
 from autotp.sharding.skeleton import build_skeleton, check_keys, source_tensors, stored_dtype
 from autotp.sharding.stfile import CheckpointError, ShardFileWriter, read_slice
 from autotp.util import pid_alive
@@ -78,7 +78,7 @@ class _Int8Writer:
 
     def __init__(self, plan: Plan, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], reader: Reader,
                  group_size: int) -> None:
-        self.plan, self.specs, self.reader, self.group_size = plan, specs, reader, group_size
+        self.specs, self.reader, self.group_size = specs, reader, group_size
         self.entries = quantized_entries(plan)
 
     def source_key(self, key: str) -> str | None:
@@ -88,7 +88,9 @@ class _Int8Writer:
         return base if param == "weight" and module in self.entries and base in self.specs else None
 
     def rank_specs(self, key: str, rank: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        layout = self._layout(key, rank)
+        """The int8 values and fp32 scales that stand for source weight ``key`` in ``rank``'s file."""
+        entry = self.entries[key.rpartition(".")[0]]
+        layout = int8_layout(self.specs[key][0], entry, entry.ranges[rank], self.group_size)
         return [(key, torch.int8, layout.q_shape), (key + SCALE_SUFFIX, torch.float32, layout.scale_shape)]
 
     def tensor(self, key: str, rank: int) -> torch.Tensor:
@@ -97,10 +99,6 @@ class _Int8Writer:
         shard = quantize_slice(lambda dim, ranges: self.reader(base, dim, ranges).to(dtype), shape, entry,
                                entry.ranges[rank], self.group_size)
         return shard.scales if key.endswith(SCALE_SUFFIX) else shard.q
-
-    def _layout(self, key: str, rank: int) -> Int8Layout:
-        entry = self.entries[key.rpartition(".")[0]]
-        return int8_layout(self.specs[key][0], entry, entry.ranges[rank], self.group_size)
 
 
 def _write_ranks(directory: Path, plan: Plan, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
