@@ -7,16 +7,17 @@ import time
 
 import torch
 
-from autotp.plan import ShardingError
+from autotp.checkpoint.writer import save_sharded
+from autotp.plan import CheckpointError, ShardingError
+from autotp.runtime import Runtime
 from autotp.sharding.quantize import DEFAULT_GROUP_SIZE, SCHEMES
-from autotp.sharding.stfile import CheckpointError
-from autotp.sharding.writer import save_sharded
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
 
-def create_shard_model(argv: list[str] | None = None) -> int:
-    """Write a pre-sharded checkpoint: one safetensors file per rank plus autotp.json."""
+def create_shard_model(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
+    """Write a pre-sharded checkpoint: one safetensors file per rank plus autotp.json. ``runtime``
+    defaults to the environment's (``Runtime.from_env()``)."""
     parser = argparse.ArgumentParser(
         prog="create_shard_model",
         description="Shard a Hugging Face causal LM checkpoint for N tensor-parallel ranks, offline, in one "
@@ -42,10 +43,11 @@ def create_shard_model(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
+        rt = Runtime.from_env() if runtime is None else runtime
         out = save_sharded(args.model, args.save_path, args.world_size,
                            dtype=getattr(torch, args.dtype) if args.dtype else None, overwrite=args.overwrite,
                            fuse_allreduce=not args.no_fuse_allreduce, progress=not args.quiet,
-                           quantize=args.quantize, quant_group_size=args.quant_group_size)
+                           quantize=args.quantize, quant_group_size=args.quant_group_size, runtime=rt)
     except (CheckpointError, ShardingError, ValueError) as exc:
         print(f"create_shard_model: error: {exc}", file=sys.stderr)
         return 2

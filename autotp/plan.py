@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from autotp.plan_table import format_plan
+
 Ranges = list[tuple[int, int]]  # [start, stop) blocks along one weight dim, concatenated in order
 
 
@@ -37,12 +39,29 @@ class Style(str, enum.Enum):
             raise ValueError(f"unknown sharding style {value!r}; expected one of {names}") from None
 
 
+# Which dim of each parameter a style cuts (None: every rank holds it whole). Y = X A^T + b with
+# A [out, in]: COLUMN and VOCAB keep rows of A (and of b), ROW keeps columns of A and adds b
+# once after the all-reduce. The layers, the checkpoint writer and the loaders all read this.
+CUT_DIMS: dict["Style", dict[str, int | None]] = {}
+
+
+def cut_dim(style: "Style | None", param: str) -> int | None:
+    """The dim of parameter ``param`` ('weight', 'bias', ...) that ``style`` cuts, None for whole."""
+    return None if style is None else CUT_DIMS[style].get(param)
+
+
 _HF_STYLE_NAMES = {
     "colwise": Style.COLUMN,
     "rowwise": Style.ROW,
     "replicated": Style.REPLICATE,
     "vocab_parallel": Style.VOCAB,
 }
+CUT_DIMS.update({
+    Style.COLUMN: {"weight": 0, "bias": 0},
+    Style.ROW: {"weight": 1, "bias": None},
+    Style.VOCAB: {"weight": 0, "bias": 0},
+    Style.REPLICATE: {},
+})
 
 
 @dataclass
@@ -129,28 +148,77 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        """The plan ``to_dict`` wrote; malformed data raises ValueError (or KeyError / TypeError
+        for a missing or mistyped field) instead of giving a plan that fails later."""
         def ranges(raw: list) -> list[Ranges]:
-            return [[(int(a), int(b)) for a, b in per_rank] for per_rank in raw]
+            return [[(_count(a), _count(b)) for a, b in per_rank] for per_rank in raw]
 
         entries = {}
         for raw in data["entries"]:
             raw = {**raw, "style": Style(raw["style"]), "ranges": ranges(raw["ranges"])}
             entries[raw["name"]] = Entry(**raw)
-        return cls(
-            world_size=int(data["world_size"]),
+        plan = cls(
+            world_size=_count(data["world_size"]),
             architecture=data["architecture"],
             entries=entries,
             attrs=[AttrEdit(**a) for a in data["attrs"]],
             head_slices=[HeadSlice(**{**h, "ranges": ranges(h["ranges"])}) for h in data["head_slices"]],
         )
+        plan.check()
+        return plan
+
+    def check(self) -> None:
+        """Raise ValueError unless every field has its type and every per-rank list has one
+        item per rank (what ``apply_plan`` relies on)."""
+        ws = self.world_size
+        if not isinstance(self.architecture, str) or ws < 1:
+            raise ValueError(f"plan: architecture must be a string and world_size positive, got "
+                             f"{self.architecture!r}, {ws!r}")
+        names = set(self.entries)
+        for name, e in self.entries.items():
+            where = f"plan entry {name!r}"
+            if not isinstance(e.name, str) or not e.name or not all(isinstance(x, str) for x in [*e.fuses]):
+                raise ValueError(f"{where}: name and fuses must be strings")
+            if e.ranges and len(e.ranges) != ws or e.style != Style.REPLICATE and len(e.ranges) != ws:
+                raise ValueError(f"{where}: ranges must list {ws} ranks, got {len(e.ranges)}")
+            if any(a >= b for per_rank in e.ranges for a, b in per_rank):
+                raise ValueError(f"{where}: every range must be [start, stop) with start < stop")
+            for field_name in ("layer", "unit"):
+                value = getattr(e, field_name)
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                    raise ValueError(f"{where}: {field_name} must be an integer")
+            if not isinstance(e.all_reduce, bool) or not isinstance(e.heads, list) \
+                    or not all(isinstance(h, int) for h in e.heads):
+                raise ValueError(f"{where}: all_reduce must be a boolean and heads a list of integers")
+            for link in (e.tied_to, e.deferred_to, *e.fuses):
+                if link is not None and link not in names:
+                    raise ValueError(f"{where}: refers to {link!r}, which the plan does not have")
+        for a in self.attrs:
+            if not (isinstance(a.module, str) and isinstance(a.attr, str) and isinstance(a.values, list)
+                    and len(a.values) == ws and all(isinstance(v, int) for v in a.values)):
+                raise ValueError(f"plan attribute edit {a.module!r}.{a.attr!r}: needs one integer per rank")
+        for h in self.head_slices:
+            if not (isinstance(h.module, str) and isinstance(h.kwarg, str) and isinstance(h.num_heads, int)
+                    and len(h.ranges) == ws):
+                raise ValueError(f"plan head slice of {h.module!r}: needs module, kwarg, num_heads and {ws} ranges")
 
     # -- display -------------------------------------------------------------------------
     def __str__(self) -> str:
-        from autotp.plan_table import format_plan
-
         return format_plan(self)
+
+
+def _count(value: Any) -> int:
+    """A non-negative integer from JSON (not a bool, not a float, not a string)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"expected a non-negative integer, got {value!r}")
+    return value
 
 
 class ShardingError(ValueError):
     """A model, plan or world size autotp cannot shard correctly; the message says why and
     what to do."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written as asked; the message names the file, the
+    field and what to do."""

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from autotp.plan import Entry, Plan
+# No import of autotp.plan (which imports this module): entries and plans are read by their
+# fields only.
+Entry = Plan = Any
 
 
-def _pattern(entry: "Entry") -> str:
+def _pattern(entry: Entry) -> str:
     if entry.layer is None:
         return entry.name
     return re.sub(rf"\.{entry.layer}\.", ".*.", entry.name, count=1)
@@ -27,7 +28,7 @@ def _short(name: str, beside: str) -> str:
     return ".".join(a[common:])
 
 
-def _row(entry: "Entry", world_size: int) -> list[str]:
+def _row(entry: Entry, world_size: int) -> list[str]:
     sizes = "/".join(str(entry.local_size(r)) for r in range(world_size)) if entry.ranges else "-"
     heads = "/".join(str(h) for h in entry.heads) if entry.heads else ""
     note = f"tied to {entry.tied_to}" if entry.tied_to else ""
@@ -39,7 +40,7 @@ def _row(entry: "Entry", world_size: int) -> list[str]:
     return [_pattern(entry), entry.style.value, sizes, heads, reduce, note]
 
 
-def format_plan(plan: "Plan") -> str:
+def format_plan(plan: Plan) -> str:
     header = ["module", "style", "shard sizes per rank", "heads per rank", "collective", "note"]
     rows: list[list[str]] = []
     seen: dict[str, list[str]] = {}

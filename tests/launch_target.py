@@ -13,6 +13,11 @@ import zoo  # noqa: E402
 
 
 def main() -> None:
+    """``--host-id ID`` names this process's machine (Runtime.host_id), so that two launches on
+    one machine play two machines."""
+    runtime = autotp.Runtime.from_env()
+    if "--host-id" in sys.argv:
+        runtime = runtime.replace(host_id=sys.argv[sys.argv.index("--host-id") + 1])
     autotp.init_distributed()
     world = dist.get_world_size()
     inputs = zoo.batch()
@@ -22,7 +27,7 @@ def main() -> None:
         reference = zoo.build("llama", dtype)
         with torch.no_grad():
             ref = reference(**inputs).logits.float()
-            model = autotp.shard(zoo.build("llama", dtype), world)
+            model = autotp.shard(zoo.build("llama", dtype), world, runtime=runtime)
             got = model(**inputs).logits.float()
         group = next(m.group for m in model.modules() if hasattr(m, "group"))
         report[str(dtype)] = {"max_abs_diff": (got - ref).abs().max().item(), "backend": group.backend,

@@ -67,15 +67,14 @@ def compare_all(rank: int, world_size: int, families: list[str], fuse: bool = Tr
 
 def compare_bf16(rank: int, world_size: int, family: str, kernels: str = "auto") -> dict:
     """Logits error against an fp32 reference: unsharded bf16 vs sharded bf16, with the
-    sharded layers on the kernels ``AUTOTP_KERNELS=kernels`` picks (and which were used)."""
+    sharded layers on the kernels ``Runtime(kernels=kernels)`` picks (and which were used)."""
     from autotp.sharding.layers import PackableLinear
 
-    os.environ["AUTOTP_KERNELS"] = kernels
     inputs = zoo.batch()
     with torch.no_grad():
         ref = zoo.build(family)(**inputs).logits
         plain = zoo.build(family, torch.bfloat16)(**inputs).logits.float()
-        model = autotp.shard(zoo.build(family, torch.bfloat16), world_size)
+        model = autotp.shard(zoo.build(family, torch.bfloat16), world_size, runtime=autotp.Runtime(kernels=kernels))
         sharded = model(**inputs).logits.float()
     mask = inputs["attention_mask"].bool()
     layers = [m for m in model.modules() if isinstance(m, PackableLinear) and not getattr(m, "tied", False)]
@@ -87,10 +86,9 @@ def compare_bf16(rank: int, world_size: int, family: str, kernels: str = "auto")
 def count_collectives(rank: int, world_size: int, family: str, fuse: bool = True) -> dict:
     """Count the all-reduces and all-gathers one forward issues (on torch.distributed, where
     they can be counted)."""
-    os.environ["AUTOTP_COMM"] = "torch"
     model = zoo.build(family)
     plan = autotp.plan(model, world_size, fuse_allreduce=fuse)
-    autotp.shard(model, world_size, fuse_allreduce=fuse)
+    autotp.shard(model, world_size, fuse_allreduce=fuse, runtime=autotp.Runtime(comm="torch"))
     counts = {"all_reduce": 0, "all_gather": 0}
     real = {name: getattr(dist, name) for name in counts}
 
@@ -182,9 +180,8 @@ def shm_against_gloo(rank: int, world_size: int, sizes: list[int], repeats: int,
 
     from autotp.comm import TPGroup
 
-    os.environ["AUTOTP_COMM"] = "shm"
-    os.environ["AUTOTP_COMM_PORTABLE"] = "1" if portable else "0"
-    groups = [TPGroup.from_torch(world_size), TPGroup.from_torch(world_size)]
+    runtime = autotp.Runtime(comm="shm", comm_portable=portable)
+    groups = [TPGroup.from_torch(world_size, runtime=runtime), TPGroup.from_torch(world_size, runtime=runtime)]
     names = [g.shm.name() for g in groups]
     left_in_dev_shm = [n for n in names if (Path("/dev/shm") / n.lstrip("/")).exists()]
     gen = torch.Generator().manual_seed(rank)
@@ -216,9 +213,7 @@ def shm_peer_fails(rank: int, world_size: int, victim: int, how: str) -> dict | 
 
     from autotp.comm import TPGroup
 
-    os.environ["AUTOTP_COMM"] = "shm"
-    os.environ["AUTOTP_COMM_TIMEOUT"] = "3"
-    group = TPGroup.from_torch(world_size)
+    group = TPGroup.from_torch(world_size, runtime=autotp.Runtime(comm="shm", comm_timeout_s=3))
     x = torch.ones(1000)
     for _ in range(20):
         group.all_reduce(x.fill_(1.0))
@@ -277,7 +272,7 @@ def compare_int8(rank: int, world_size: int, family: str, group_size: int) -> di
     return {"spec_err": (got - spec)[mask].abs().max().item(), "spec_absmax": spec[mask].abs().max().item(),
             "bf16_rel_err": ((got16 - ref16)[mask].abs().max() / ref16[mask].abs().max()).item(),
             "token_agreement": (picks[0] == picks[1]).float().mean().item(),
-            "int8_layers": sum(bool(getattr(m, "quant_group", 0)) for m in sharded.modules())}
+            "int8_layers": sum(bool(getattr(m, "quantized", False)) for m in sharded.modules())}
 
 
 def load_int8_and_compare(rank: int, world_size: int, cases: list[tuple[str, str, int]]) -> list[dict]:
@@ -295,11 +290,12 @@ def load_int8_and_compare(rank: int, world_size: int, cases: list[tuple[str, str
                   "hf": autotp.from_pretrained(hf_dir, quantize="int8", quant_group_size=group)}
         with torch.no_grad():
             ref = online(**inputs).logits
-        layers = {n: m for n, m in online.named_modules() if getattr(m, "quant_group", 0)}
+        layers = {n: m for n, m in online.named_modules() if getattr(m, "quantized", False)}
         for how, model in loaded.items():
             mine = dict(model.named_modules())
             parts_equal = all(all(torch.equal(a, b) for a, b in zip(m.int8_parts(), mine[n].int8_parts()))
-                              and (mine[n].quant_group, mine[n].quant_offset) == (m.quant_group, m.quant_offset)
+                              and mine[n].weight_format.group_size == m.weight_format.group_size
+                              and mine[n].weight_format.group_offset == m.weight_format.group_offset
                               for n, m in layers.items())
             with torch.no_grad():
                 diff = (model(**inputs).logits - ref).abs().max().item()

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import autotp
-from autotp.sharding import writer as writer_module
-from autotp.sharding.stfile import CheckpointError, read_header, read_slice
+from autotp.checkpoint import writer as writer_module
+from autotp.checkpoint.stfile import read_header, read_slice
+from autotp.plan import CheckpointError
 import zoo
 
 

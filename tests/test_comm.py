@@ -8,6 +8,7 @@ import pytest
 
 import rank_checks
 from autotp import kernels
+from autotp.runtime import Runtime
 from autotp.comm import shm
 from dist_helper import run_ranks
 
@@ -67,7 +68,7 @@ def test_stale_segments_of_dead_creators_are_removed(tmp_path):
 
 def test_single_process_segment_round_trip():
     name = f"/autotp-{os.getpid()}-selftest{time.monotonic_ns()}"
-    handle = shm.open_segment(name, 0, 1, create=True, timeout=1.0)
+    handle = shm.open_segment(name, 0, 1, True, Runtime(comm_timeout_s=1.0))
     handle.unlink()
     assert not Path("/dev/shm", name.lstrip("/")).exists()
     import torch
@@ -75,12 +76,3 @@ def test_single_process_segment_round_trip():
     assert torch.equal(handle.all_reduce(x), torch.arange(5.0))  # one rank: the identity
     with pytest.raises(RuntimeError, match="contiguous float32 or bfloat16"):
         handle.all_reduce(torch.ones(4, dtype=torch.int32))
-
-
-def test_mode_errors_name_the_variable(monkeypatch):
-    monkeypatch.setenv(shm.ENV, "fast")
-    with pytest.raises(ValueError, match="AUTOTP_COMM='fast'"):
-        shm.mode()
-    monkeypatch.setenv(shm.TIMEOUT_ENV, "soon")
-    with pytest.raises(ValueError, match="AUTOTP_COMM_TIMEOUT='soon'"):
-        shm.timeout_s()

@@ -10,6 +10,7 @@ from torch import nn
 
 from autotp import kernels
 from autotp.comm.threads import ThreadWorld
+from autotp.runtime import Runtime
 from autotp.sharding.layers import ColumnParallelLinear, PackableLinear, RowParallelLinear, pack_layers
 
 AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
@@ -142,15 +143,17 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.autotp.linear_bf16.default, args)
 
 
-def two_rank_layers(kind: type, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
-    """Run a column or row layer of 2 simulated ranks; returns each rank's output."""
+def two_rank_layers(kind: type, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor,
+                    runtime: Runtime | None = None) -> list[torch.Tensor]:
+    """Run a column or row layer of 2 simulated ranks, packed as ``runtime`` says; returns
+    whether each packed and each rank's output."""
     source = nn.Linear(w.shape[1], w.shape[0], bias=True, dtype=w.dtype)
     source.weight.data, source.bias.data = w, b
     world = ThreadWorld(2)
     half = (w.shape[0] if kind is ColumnParallelLinear else w.shape[1]) // 2
     ranges = [[(0, half)], [(half, 2 * half)]]
     layers = [kind(source, ranges[r], world.group(r)) for r in range(2)]
-    packed = [layer.pack_weight() for layer in layers]
+    packed = [layer.pack_weight(runtime) for layer in layers]
     xs = [x, x] if kind is ColumnParallelLinear else [x[..., :half], x[..., half:]]
     outs = world.run(lambda r: layers[r](xs[r]))
     return [packed, outs]
@@ -158,12 +161,11 @@ def two_rank_layers(kind: type, w: torch.Tensor, b: torch.Tensor, x: torch.Tenso
 
 @pytest.mark.parametrize("mode", ["native", "torch"])
 @pytest.mark.parametrize("kind", [ColumnParallelLinear, RowParallelLinear])
-def test_parallel_layers_dispatch_and_match_nn_linear(monkeypatch, mode, kind):
+def test_parallel_layers_dispatch_and_match_nn_linear(mode, kind):
     if mode == "native" and not kernels.status()[0]:
         pytest.skip(kernels.status()[1])
-    monkeypatch.setenv(kernels.ENV, mode)
     w, b, x = bf16(64, 96, seed=1), bf16(64, seed=2), bf16(3, 5, 96, seed=3)
-    packed, outs = two_rank_layers(kind, w, b, x)
+    packed, outs = two_rank_layers(kind, w, b, x, Runtime(kernels=mode))
     assert packed == [mode == "native"] * 2
     expect = F.linear(x.float(), w.float(), b.float())
     if kind is ColumnParallelLinear:
@@ -174,34 +176,28 @@ def test_parallel_layers_dispatch_and_match_nn_linear(monkeypatch, mode, kind):
     assert (got - expect).abs().max() <= 0.02 * expect.abs().max()  # bf16 output rounding
 
 
-def test_unknown_kernel_mode_is_an_error_naming_the_variable(monkeypatch):
-    monkeypatch.setenv(kernels.ENV, "fast")
-    with pytest.raises(ValueError, match="AUTOTP_KERNELS='fast' is not one of auto, native, torch"):
-        kernels.native_enabled()
-
-
-def test_float32_layers_stay_on_torch(monkeypatch):
-    monkeypatch.setenv(kernels.ENV, "auto")
+def test_float32_layers_stay_on_torch():
     layer = ColumnParallelLinear(nn.Linear(8, 8), [(0, 8)], ThreadWorld(1).group(0))
-    assert not layer.pack_weight() and not layer.packed
+    assert not layer.pack_weight(Runtime(kernels="auto")) and not layer.packed
 
 
 def test_build_failure_falls_back_once_or_raises_when_forced(monkeypatch):
     """A machine where the extension cannot build: auto warns once and stays on torch; native
     raises with the cause."""
-    monkeypatch.setattr(kernels, "_state", {})
-    monkeypatch.setattr(kernels, "_build", lambda: (_ for _ in ()).throw(OSError("g++: not found")))
-    monkeypatch.setenv(kernels.ENV, "auto")
+    def failing(verbose: bool) -> str:
+        raise OSError("g++: not found")
+
+    monkeypatch.setattr(kernels, "_EXTENSION", kernels.Extension(build=failing))
+    auto = Runtime(kernels="auto")
     model = nn.Sequential(ColumnParallelLinear(nn.Linear(8, 8, dtype=torch.bfloat16), [(0, 8)],
                                                ThreadWorld(1).group(0)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert pack_layers(model) == 0
-        assert not kernels.native_enabled()
+        assert pack_layers(model, auto) == 0
+        assert not kernels.native_enabled(runtime=auto)
     assert len(caught) == 1 and "g++: not found" in str(caught[0].message)
-    monkeypatch.setenv(kernels.ENV, "native")
     with pytest.raises(RuntimeError, match="AUTOTP_KERNELS=native but .*g\\+\\+: not found"):
-        kernels.native_enabled()
+        kernels.native_enabled(runtime=Runtime(kernels="native"))
 
 
 @native
@@ -221,6 +217,6 @@ def test_packing_in_row_chunks_with_release_equals_whole():
     released = []
     layer = ColumnParallelLinear(nn.Linear(4000, 1100, dtype=torch.bfloat16), [(0, 1100)], ThreadWorld(1).group(0))
     layer.weight.data = w.clone()
-    assert layer.pack_weight(released.append)
+    assert layer.pack_weight(release=released.append)
     assert torch.equal(layer.weight, kernels.prepack(w))
     assert [r.shape[0] for r in released] == [1024, 76]

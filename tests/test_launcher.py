@@ -69,12 +69,13 @@ def test_bind_cores_gives_each_rank_its_own_core_and_sharding_still_matches():
 
 def test_two_machines_on_loopback_use_torch_distributed_and_match():
     """Two launches, one process each, --nnodes 2 with a shared rendezvous on 127.0.0.1; the
-    host ids differ (AUTOTP_HOST_ID), as on two machines, so the all-reduce is gloo's."""
+    host ids differ (Runtime.host_id, given to the target as --host-id), as on two machines, so
+    the all-reduce is gloo's."""
     port = str(free_port())
     common = ["--nproc", "1", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port]
-    procs = [subprocess.Popen([sys.executable, "-m", "autotp.launcher", *common, "--node-rank", str(node), TARGET],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "AUTOTP_HOST_ID": f"machine-{node}"})
+    procs = [subprocess.Popen([sys.executable, "-m", "autotp.launcher", *common, "--node-rank", str(node), TARGET,
+                               "--host-id", f"machine-{node}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
              for node in (0, 1)]
     outputs = []
     for p in procs:

@@ -14,6 +14,7 @@ from autotp import kernels
 from autotp.comm import TPGroup
 from autotp.plan import Style
 from autotp.sharding.apply import apply_plan
+from autotp.sharding.quantize import QuantScheme
 from dist_helper import RankChecks
 
 
@@ -24,7 +25,7 @@ def test_each_rank_holds_its_slice_of_the_quantized_whole(family, world_size, gr
     plan = autotp.plan(whole, world_size)
     checked = 0
     for rank in range(world_size):
-        model = apply_plan(copy.deepcopy(whole), plan, TPGroup(rank, world_size), int8_group_size=group)
+        model = apply_plan(copy.deepcopy(whole), plan, TPGroup(rank, world_size), quant=QuantScheme("int8", group))
         for name, entry in plan.entries.items():
             if entry.style not in (Style.COLUMN, Style.ROW):
                 continue
@@ -38,19 +39,19 @@ def test_each_rank_holds_its_slice_of_the_quantized_whole(family, world_size, gr
             else:
                 (k0, k1), = entry.ranges[rank]
                 expect_q, expect_s = whole_q[:, k0:k1], whole_s[:, k0 // g:math.ceil(k1 / g)]
-                assert layer.quant_offset == k0 % g
+                assert layer.weight_format.group_offset == k0 % g
             assert torch.equal(q, expect_q) and torch.equal(s, expect_s), f"{name} rank {rank}"
             checked += 1
     assert checked >= 2 * world_size * zoo.build(family).config.num_hidden_layers
 
 
-def test_int8_layers_on_torch_kernels_equal_the_spec(monkeypatch):
-    """AUTOTP_KERNELS=torch keeps Q and S plain and dequantises; it is the spec the kernel is held to."""
+def test_int8_layers_on_torch_kernels_equal_the_spec():
+    """Runtime(kernels="torch") keeps Q and S plain and dequantises; it is the spec the kernel is held to."""
     inputs = zoo.batch()
     spec = rank_checks.int8_spec_model("llama", 1, 16)
-    monkeypatch.setenv("AUTOTP_KERNELS", "torch")
-    model = autotp.shard(zoo.build("llama"), 1, quantize="int8", quant_group_size=16)
-    layers = [m for m in model.modules() if getattr(m, "quant_group", 0)]
+    model = autotp.shard(zoo.build("llama"), 1, quantize="int8", quant_group_size=16,
+                         runtime=autotp.Runtime(kernels="torch"))
+    layers = [m for m in model.modules() if getattr(m, "quantized", False)]
     assert layers and not any(m.packed for m in layers)
     with torch.no_grad():
         assert torch.allclose(model(**inputs).logits, spec(**inputs).logits, atol=1e-5, rtol=0)

@@ -42,8 +42,7 @@ def main() -> None:
     autotp.init_distributed()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     world, rank = dist.get_world_size(), dist.get_rank()
-    os.environ["AUTOTP_COMM"] = "shm"
-    group = TPGroup.from_torch(world)
+    group = TPGroup.from_torch(world, runtime=autotp.Runtime.from_env().replace(comm="shm"))
     dtype = getattr(torch, args.dtype)
     rows = []
     for size in SIZES:

@@ -3,10 +3,10 @@ oneDNN path, and autotp's weight-only INT8 GEMM (bf16 activations) against the n
 measured interleaved in one run, with GFLOP/s and, for decoding shapes (M <= 16), the weight
 bytes read per second as a share of the machine's read bandwidth.
 
-    python tools/bench_gemm.py [--threads 1 2] [--m 1 4 16 64 256 1024] [--rounds 3] [--int8-group 128]
+    python tools/bench_gemm.py [--threads 1 2] [--m 1 4 16 64 256 1024] [--rounds 3] [--quant-group-size 128]
 
 The read bandwidth is measured by the same script, interleaved with the GEMMs: an AVX-512
-streaming read of a 1 GiB buffer (torch.ops.autotp.read_probe) on the same threads, median
+streaming read of a 1 GiB buffer (autotp.kernels.read_probe) on the same threads, median
 over the run. Ratios are time of the other path / time of native: above 1.00 native is faster.
 The script prints the CPU's ISA first: AMX tiles and AVX-512 BF16 decide what oneDNN can use
 (without them oneDNN emulates bf16, and native's fp32 FMAs on widened weights win).
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024])
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the four paths per shape")
-    parser.add_argument("--int8-group", type=int, default=128,
+    parser.add_argument("--quant-group-size", type=int, default=128,
                         help="input columns per INT8 scale (0: one scale per output row)")
     args = parser.parse_args()
     flags = cpu_flags()
@@ -67,13 +67,13 @@ def main() -> None:
         rows = []
 
         def read_bw() -> None:
-            bandwidths.append(probe.numel() / timed(lambda: torch.ops.autotp.read_probe(probe), 0.0, 3))
+            bandwidths.append(probe.numel() / timed(lambda: kernels.read_probe(probe), 0.0, 3))
 
         for n, k in SHAPES:
             w = (torch.randn(n, k) * 0.02).bfloat16()
             packed_native = kernels.prepack(w)
             packed_onednn = torch.ops.mkldnn._reorder_linear_weight(w, None)
-            group = args.int8_group or k
+            group = args.quant_group_size or k
             q8, s8 = kernels.prepack_int8(*kernels.quantize_int8(w, group))
             int8_bytes = q8.numel() + s8.numel() * 4  # what one product streams
             for m in args.m:

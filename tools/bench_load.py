@@ -115,7 +115,7 @@ def main() -> None:
     source = make_model(workdir, args.layers)
     out = workdir / f"{source.name}-tp{args.world_size}"
     disk = sum(f.stat().st_size for f in source.glob("*.safetensors"))
-    from autotp.sharding.stfile import read_header
+    from autotp.checkpoint.stfile import read_header
 
     largest = max((i.end - i.start) for f in source.glob("*.safetensors") for i in read_header(f)[0].values())
     bare = run("baseline", ["-"])[0]["peak_rss_mb"]

@@ -31,8 +31,7 @@ def build(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def shard_with(model: torch.nn.Module, world: int, side: str) -> torch.nn.Module:
-    os.environ[kernels.ENV] = side
-    return autotp.shard(model, world)
+    return autotp.shard(model, world, runtime=autotp.Runtime.from_env().replace(kernels=side))
 
 
 def main() -> None:

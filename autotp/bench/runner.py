@@ -14,6 +14,7 @@ floor that memory bandwidth sets and each configuration's logits error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ import torch
 from autotp import kernels
 from autotp.bench import report, shapes
 from autotp.launcher import physical_cores
+from autotp.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -104,28 +106,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def available(configs: list[RunConfig], log) -> list[RunConfig]:
-    """The configurations this machine can run, saying why any other is left out."""
-    native_ok, why = kernels.status()
+def available(configs: list[RunConfig], runtime: Runtime, log) -> list[RunConfig]:
+    """The configurations this machine can run under ``runtime``: where the native GEMM cannot
+    run, the native ones run on torch kernels (and are labelled so); where the extension does
+    not build, those that need shared memory run over gloo."""
+    native_ok, why = kernels.status(runtime)
     kept = []
     for cfg in configs:
         if cfg.impl == "autotp" and cfg.kernels == "native" and not native_ok:
-            log(f"leaving out {cfg.key}: native kernels unavailable ({why})")
-        elif cfg.impl == "autotp" and cfg.ranks > 1 and cfg.comm == "shm" and not kernels.extension_loaded():
-            log(f"leaving out {cfg.key}: the shared-memory all-reduce needs the C++ extension ({why})")
-        else:
-            kept.append(cfg)
+            log(f"{cfg.key} runs on torch kernels: the native ones are unavailable here ({why})")
+            cfg = dataclasses.replace(cfg, kernels="torch")
+        if cfg.impl == "autotp" and cfg.ranks > 1 and cfg.comm == "shm" and not kernels.extension_loaded(runtime):
+            log(f"{cfg.key} runs over gloo: the shared-memory all-reduce needs the C++ extension ({why})")
+            cfg = dataclasses.replace(cfg, comm="torch")
+        kept.append(cfg)
     return kept
 
 
-def launch(cfg: RunConfig, spec: dict[str, Any], spec_path: Path, log_path: Path, timeout: float) -> dict | None:
-    """Run one configuration's ranks; their result, or None (the log says why)."""
+def launch(cfg: RunConfig, spec: dict[str, Any], spec_path: Path, log_path: Path, timeout: float,
+           runtime: Runtime) -> dict | None:
+    """Run one configuration's ranks, each with ``runtime`` less what the configuration
+    chooses (kernels, all-reduce); their result, or None (the log says why)."""
     spec_path.write_text(json.dumps(spec))
     Path(spec["result_path"]).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "autotp.launcher", "--nproc", str(cfg.ranks), "--bind-cores",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            "-m", "autotp.bench.worker", str(spec_path)]
-    env = dict(os.environ, AUTOTP_KERNELS=cfg.kernels, AUTOTP_COMM=cfg.comm, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, **runtime.replace(kernels=cfg.kernels, comm=cfg.comm).as_env(), PYTHONUNBUFFERED="1")
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
@@ -142,7 +149,7 @@ def launch(cfg: RunConfig, spec: dict[str, Any], spec_path: Path, log_path: Path
     return json.loads(result.read_text())
 
 
-def machine_facts(cores: list[int]) -> dict[str, Any]:
+def machine_facts(cores: list[int], runtime: Runtime) -> dict[str, Any]:
     import transformers
 
     cpu, flags = "unknown", set()
@@ -156,11 +163,15 @@ def machine_facts(cores: list[int]) -> dict[str, Any]:
         pass
     isa = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
     return {"cpu": cpu, "isa": isa, "physical_cores": len(cores), "torch": torch.__version__,
-            "transformers": transformers.__version__, "native_kernels": kernels.status()[1]}
+            "transformers": transformers.__version__, "native_kernels": kernels.status(runtime)[1],
+            "runtime": dataclasses.asdict(runtime)}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> None:
+    """Run the benchmark; ``runtime`` (default ``Runtime.from_env()``) is what every rank runs
+    with, less the kernels and all-reduce each configuration chooses."""
     args = parse_args(argv)
+    runtime = Runtime.from_env() if runtime is None else runtime
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"autotp-bench: --ranks {args.ranks} needs 2 to {len(cores)} (the physical cores "
                          "this process may use)")
     dtype = getattr(torch, args.dtype)
-    configs = available([c for c in all_configs(args.ranks) if c.key in args.configs], log)
+    configs = available([c for c in all_configs(args.ranks) if c.key in args.configs], runtime, log)
     cases = [{"beams": b, "input": n} for b in args.beams for n in args.input]
     for sub in ("logs", "raw"):
         (args.work_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -186,8 +197,8 @@ def main(argv: list[str] | None = None) -> None:
             mine = [c for c in mine if c.fuse]  # unfused would be the same plan
         models[label] = {"path": str(path), "model_type": config.model_type,
                          "parameters": shapes.parameter_count(config), "configs": [c.key for c in mine]}
-        raw[label] = run_model(label, path, mine, cases, args, len(cores), log)
-    doc = report.build(args, machine_facts(cores), models, raw,
+        raw[label] = run_model(label, path, mine, cases, args, len(cores), runtime, log)
+    doc = report.build(args, machine_facts(cores, runtime), models, raw,
                        {c.key: c.label(len(cores)) for c in configs},
                        {c.key: c.bf16_twin for c in configs if c.bf16_twin})
     report.write(doc, args.out, log)
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_model(label: str, path: Path, configs: list[RunConfig], cases: list[dict], args: argparse.Namespace,
-              cores: int, log) -> dict[str, Any]:
+              cores: int, runtime: Runtime, log) -> dict[str, Any]:
     """Every pass of every configuration on one model: {phase: {config key: [results]}}."""
     phases = ([("check", "float32", 1, 0, 1)] if not args.no_check else []) + \
              [("time", args.dtype, args.rounds, args.warmup, args.runs)]
@@ -216,7 +227,7 @@ def run_model(label: str, path: Path, configs: list[RunConfig], cases: list[dict
                 log(f"{label} {dtype} {cfg.label(cores)} (round {rnd + 1}/{rounds}) ...")
                 start = time.perf_counter()
                 result = launch(cfg, spec, args.work_dir / "raw" / f"{stem}.spec.json",
-                                args.work_dir / "logs" / f"{stem}.log", args.timeout)
+                                args.work_dir / "logs" / f"{stem}.log", args.timeout, runtime)
                 if result is not None:
                     result["logits_path"] = spec["logits_path"]
                     out[phase][cfg.key].append(result)

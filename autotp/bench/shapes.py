@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 import autotp
-from autotp.sharding.format import MANIFEST, is_presharded
+from autotp.checkpoint.format import MANIFEST, is_presharded
 
 # name -> (model type, config fields). The 1B shapes keep the widths of the large models'
 # families at fewer layers, so that they run (and can be checked in fp32) on a small machine.

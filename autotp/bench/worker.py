@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 import autotp
 from autotp import kernels
 from autotp.comm.group import TPGroup
+from autotp.runtime import Runtime
 
 PROBE_BYTES = 512 << 20  # per rank: far beyond any last-level cache
 
@@ -45,14 +46,15 @@ def case_ids(vocab: int, batch: int, length: int) -> torch.Tensor:
     return torch.randint(min(100, vocab - 1), vocab, (batch, length), generator=gen)
 
 
-def load(spec: dict[str, Any], world: int) -> nn.Module:
+def load(spec: dict[str, Any], world: int, runtime: Runtime) -> nn.Module:
     cfg, dtype = spec["config"], getattr(torch, spec["dtype"])
     if cfg["impl"] == "transformers":
         model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
     else:  # INT8 configurations quantize each rank's slices while loading (or read a quantized checkpoint)
         model = autotp.from_pretrained(spec["model_dir"], dtype=dtype, world_size=world,
                                        fuse_allreduce=cfg["fuse"], quantize=cfg.get("quantize"),
-                                       quant_group_size=spec["quant_group_size"] if cfg.get("quantize") else None)
+                                       quant_group_size=spec["quant_group_size"] if cfg.get("quantize") else None,
+                                       runtime=runtime)
     return model.eval()
 
 
@@ -73,19 +75,20 @@ def streamed_bytes(model: nn.Module) -> int:
     return total
 
 
-def read_bandwidth(world: int, repeats: int = 5) -> float | None:
-    """Bytes per second this rank reads while every rank reads at once (AVX-512 streaming
-    probe of the extension; None where it is not built)."""
-    if not kernels.extension_loaded():
+def read_bandwidth(world: int, runtime: Runtime, repeats: int = 5) -> float | None:
+    """Bytes per second this rank reads while every rank reads at once (the extension's
+    streaming probe: AVX-512 loads where the CPU has them, portable ones elsewhere; None where
+    the extension is not built)."""
+    if not kernels.extension_loaded(runtime):
         return None
     buf = torch.ones(PROBE_BYTES, dtype=torch.uint8)
-    torch.ops.autotp.read_probe(buf)  # touch every page first
+    kernels.read_probe(buf, runtime)  # touch every page first
     times = []
     for _ in range(repeats):
         if world > 1:
             dist.barrier()
         start = time.perf_counter()
-        torch.ops.autotp.read_probe(buf)
+        kernels.read_probe(buf, runtime)
         times.append(time.perf_counter() - start)
     return PROBE_BYTES / statistics.median(times)
 
@@ -159,14 +162,15 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         raise SystemExit(__doc__)
     spec = json.loads(Path(argv[0]).read_text())
+    runtime = Runtime.from_env()  # what the runner gave this rank
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         autotp.init_distributed()
     rank = dist.get_rank() if world > 1 else 0
-    model = load(spec, world)
+    model = load(spec, world, runtime)
     vocab = model.config.get_text_config().vocab_size
     groups = [m.group for m in model.modules() if isinstance(getattr(m, "group", None), TPGroup)]
-    facts = {"bytes": streamed_bytes(model), "bandwidth": read_bandwidth(world)}
+    facts = {"bytes": streamed_bytes(model), "bandwidth": read_bandwidth(world, runtime)}
     probe = case_ids(vocab, 1, spec["probe_tokens"])
     with torch.no_grad():
         logits = model(input_ids=probe).logits[0].float()
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     if world > 1:
         dist.all_gather_object(per_rank, facts)
     packed = sum(bool(getattr(m, "packed", False)) for m in model.modules())
-    int8 = sum(bool(getattr(m, "quant_group", 0)) for m in model.modules())
+    int8 = sum(bool(getattr(m, "quantized", False)) for m in model.modules())
     if rank == 0:
         torch.save(logits, spec["logits_path"])
         floors = [f["bytes"] / f["bandwidth"] for f in per_rank if f["bandwidth"]]
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             "threads": torch.get_num_threads(), "cores": sorted(os.sched_getaffinity(0)),
             "backend": groups[0].backend if groups and world > 1 else None,
             "packed_layers": packed, "int8_layers": int8,
-            "native_kernels": kernels.status()[1] if packed else None,
+            "native_kernels": kernels.status(runtime)[1] if packed else None,
             "collectives_per_token": collectives,
             "bytes_per_rank": max(f["bytes"] for f in per_rank),
             "bandwidth_per_rank": [f["bandwidth"] for f in per_rank],

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import os
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -18,19 +17,14 @@ import torch
 import torch.distributed as dist
 
 from autotp.comm import shm
-
-_live_groups: list[weakref.ref] = []  # the TPGroups alive in this process, for _settle_all
-
-
-def _settle_all() -> None:
-    """At exit, before the interpreter shuts down: let every group's latest collective settle."""
-    for ref in _live_groups:
-        group = ref()
-        if group is not None:
-            group.settle()
+from autotp.runtime import Runtime, missing_launch_variables, resolve
 
 
-atexit.register(_settle_all)
+def _settle_at_exit(ref: "weakref.ref[TPGroup]") -> None:
+    """At exit, before the interpreter shuts down: let the group's latest collective settle."""
+    group = ref()
+    if group is not None:
+        group.settle()
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> None:
@@ -38,7 +32,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> No
     MASTER_ADDR, MASTER_PORT); gloo on CPU. A no-op when a process group already exists."""
     if dist.is_initialized():
         return
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    missing = missing_launch_variables()
     if missing:
         raise RuntimeError(
             f"autotp.init_distributed: environment variables {missing} are not set; start the "
@@ -58,9 +52,6 @@ class TPGroup:
     # (and, at exit, until the backend lets go of them: see settle)
     in_flight: tuple = field(default=(), repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        _live_groups[:] = [ref for ref in _live_groups if ref() is not None] + [weakref.ref(self)]
-
     def settle(self, timeout_s: float = 1.0) -> None:
         """Wait until torch.distributed's worker threads hold no reference to the tensors of
         this group's latest collective, then drop ours. gloo's worker lets go of a finished
@@ -68,7 +59,8 @@ class TPGroup:
         them, that last release must take the GIL to free their Python objects, and a worker
         doing so while the interpreter shuts down aborts the process ("terminate called
         without an active exception") after all its work is done. Holding the tensors (the
-        in_flight field) and settling at exit (atexit) keeps the last release Python's."""
+        in_flight field) and settling at exit (registered by ``from_torch``, which makes groups
+        over torch.distributed) keeps the last release Python's."""
         deadline = time.monotonic() + timeout_s
         while any(t._use_count() > 1 for t in self.in_flight) and time.monotonic() < deadline:
             time.sleep(0.001)  # releases the GIL
@@ -80,8 +72,9 @@ class TPGroup:
         return "shm" if self.shm is not None else "torch"
 
     @classmethod
-    def from_torch(cls, world_size: int, process_group: Any = None) -> "TPGroup":
-        """The group of the running process, checked against the world size the caller expects."""
+    def from_torch(cls, world_size: int, process_group: Any = None, runtime: Runtime | None = None) -> "TPGroup":
+        """The group of the running process, checked against the world size the caller expects;
+        its all-reduce is chosen by ``runtime`` (``Runtime.comm``, see autotp.comm.shm)."""
         if world_size == 1 and not dist.is_initialized():
             return cls(0, 1, None)
         if not dist.is_initialized():
@@ -94,7 +87,9 @@ class TPGroup:
                 f"autotp.shard was asked for world_size={world_size} but the process group has "
                 f"{size} ranks; pass world_size={size} or launch {world_size} processes")
         rank = dist.get_rank(process_group)
-        return cls(rank, size, process_group, shm.connect(process_group, rank, size))
+        group = cls(rank, size, process_group, shm.connect(process_group, rank, size, resolve(runtime)))
+        atexit.register(_settle_at_exit, weakref.ref(group))
+        return group
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the group in place and return it."""

@@ -1,12 +1,13 @@
 """Choosing the all-reduce: shared memory between the ranks of one host, else torch.distributed.
 
-``AUTOTP_COMM`` picks the side:
+``Runtime.comm`` (``AUTOTP_COMM``) picks the side:
   ``auto`` (default)  shared memory when every rank of the group is on this host and has the
                       C++ extension loaded, else torch.distributed (gloo on CPU);
   ``shm``             shared memory, and an error naming the cause where it cannot be used;
   ``torch``           always torch.distributed.
 
-``AUTOTP_COMM_TIMEOUT`` (seconds, default 300, the same as ``init_distributed``'s) bounds how
+``Runtime.comm_timeout_s`` (``AUTOTP_COMM_TIMEOUT``, default 300 s, the same as
+``init_distributed``'s) bounds how
 long a rank waits in a shared-memory all-reduce for the others; a rank whose process exits is
 noticed within 0.1 s whatever the timeout. Either way the waiting ranks raise instead of hanging.
 
@@ -27,38 +28,21 @@ from typing import Any
 import torch.distributed as dist
 
 from autotp import kernels
-from autotp.util import env_choice, pid_alive
+from autotp.runtime import ENV_NAMES, Runtime
+from autotp.util import pid_alive
 
-ENV = "AUTOTP_COMM"
-TIMEOUT_ENV = "AUTOTP_COMM_TIMEOUT"
-MODES = ("auto", "shm", "torch")
-DEFAULT_TIMEOUT_S = 300.0
+ENV = ENV_NAMES["comm"]
 SLOT_BYTES = 4 << 20  # per rank and buffer: larger tensors go in chunks of this size
 PREFIX = "autotp-"
 
 
-def mode() -> str:
-    """The side ``AUTOTP_COMM`` asks for; an unknown value is an error naming the variable."""
-    return env_choice(ENV, MODES)
-
-
-def timeout_s() -> float:
-    raw = os.environ.get(TIMEOUT_ENV, "")
-    try:
-        value = float(raw) if raw else DEFAULT_TIMEOUT_S
-    except ValueError:
-        raise ValueError(f"autotp: {TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"autotp: {TIMEOUT_ENV} must be positive, got {value}")
-    return value
-
-
-def host_id() -> str:
-    """Identifies this machine (boot) so that ranks can tell they share memory. ``AUTOTP_HOST_ID``
-    overrides it: ranks given different ids never use shared memory together (containers
-    that share a kernel but not /dev/shm; tests that play several machines on one)."""
-    if os.environ.get("AUTOTP_HOST_ID"):
-        return os.environ["AUTOTP_HOST_ID"]
+def host_id(runtime: Runtime) -> str:
+    """Identifies this machine (boot) so that ranks can tell they share memory.
+    ``Runtime.host_id`` (``AUTOTP_HOST_ID``) overrides it: ranks given different ids never use
+    shared memory together (containers that share a kernel but not /dev/shm; tests that play
+    several machines on one)."""
+    if runtime.host_id:
+        return runtime.host_id
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
@@ -80,23 +64,25 @@ def remove_stale_segments(shm_dir: Path = Path("/dev/shm")) -> list[str]:
     return removed
 
 
-def open_segment(name: str, rank: int, size: int, create: bool, timeout: float | None = None) -> Any:
+def open_segment(name: str, rank: int, size: int, create: bool, runtime: Runtime) -> Any:
     """The extension's ShmComm handle for segment ``name`` (created by the one rank passing
-    ``create``)."""
+    ``create``); the reduction is portable code when ``runtime`` asks for it
+    (``comm_portable``, or ``isa="generic"``)."""
     import torch
 
-    portable = os.environ.get("AUTOTP_COMM_PORTABLE") == "1"  # the non-AVX-512 reduction, for tests
-    return torch.classes.autotp.ShmComm(name, rank, size, SLOT_BYTES, create, timeout or timeout_s(), portable)
+    portable = runtime.comm_portable or kernels.isa(runtime) != "avx512"
+    return torch.classes.autotp.ShmComm(name, rank, size, SLOT_BYTES, create, float(runtime.comm_timeout_s),
+                                        portable)
 
 
-def connect(process_group: Any, rank: int, size: int) -> Any | None:
+def connect(process_group: Any, rank: int, size: int, runtime: Runtime) -> Any | None:
     """A shared-memory all-reduce for the group, or None for torch.distributed. Collective:
     every rank of the group calls it at the same point."""
-    chosen = mode()
+    chosen = runtime.comm
     if chosen == "torch" or size == 1:
         return None
     facts = [None] * size
-    dist.all_gather_object(facts, (host_id(), kernels.extension_loaded()), group=process_group)
+    dist.all_gather_object(facts, (host_id(runtime), kernels.extension_loaded(runtime)), group=process_group)
     hosts = {h for h, _ in facts}
     without = [r for r, (_, ok) in enumerate(facts) if not ok]
     if len(hosts) > 1 or without:
@@ -112,7 +98,7 @@ def connect(process_group: Any, rank: int, size: int) -> Any | None:
         remove_stale_segments()
         name = f"/{PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
         try:
-            handle = open_segment(name, 0, size, create=True)
+            handle = open_segment(name, 0, size, True, runtime)
         except Exception as exc:
             error = str(exc)
         offer = [(name, error)]
@@ -120,7 +106,7 @@ def connect(process_group: Any, rank: int, size: int) -> Any | None:
     name, error = offer[0]
     if rank != 0 and not error:
         try:
-            handle = open_segment(name, rank, size, create=False)
+            handle = open_segment(name, rank, size, False, runtime)
         except Exception as exc:
             error = str(exc)
     errors = [None] * size

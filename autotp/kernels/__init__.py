@@ -1,40 +1,34 @@
 """The native kernels: a C++ extension compiled on first use, and the choice between it and torch.
 
-``AUTOTP_KERNELS`` picks the side:
-  ``auto`` (default)  native where it can run (bf16 weights, a CPU with AVX-512, the extension
-                      built), else torch, saying once why native is off;
+``Runtime.kernels`` (``AUTOTP_KERNELS``) picks the side:
+  ``auto`` (default)  native where it can run (bf16 or int8 weights, a CPU with AVX-512 and
+                      ``Runtime.isa`` allowing it, the extension built), else torch, saying once
+                      why native is off;
   ``native``          native, and an error naming the cause where it cannot run;
   ``torch``           always ``F.linear`` on plain weights.
 
 The extension is compiled with the machine's g++ against the installed torch
 (``torch.utils.cpp_extension.load``, cached under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``); ranks starting together wait on the same build lock.
+``~/.cache/torch_extensions``); ranks starting together wait on the same build lock. The one
+piece of state here is the handle of that extension (built or not, and what it has said).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from autotp.util import env_choice
+from autotp.runtime import ENV_NAMES, ISAS, Runtime, put_on_path, resolve
 
-ENV = "AUTOTP_KERNELS"
-MODES = ("auto", "native", "torch")
+ENV = ENV_NAMES["kernels"]
 GROUP_N = 64  # output columns per packed group (csrc/gemm_avx512.h)
-
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
-def mode() -> str:
-    """The side ``AUTOTP_KERNELS`` asks for; an unknown value is an error naming the variable."""
-    return env_choice(ENV, MODES)
+GEMM_ISAS = ("avx512",)  # instruction sets the native GEMMs have code for
 
 
 def _ensure_ninja_on_path() -> None:
@@ -50,13 +44,13 @@ def _ensure_ninja_on_path() -> None:
         pass
     for folder in candidates:
         if (folder / "ninja").exists():
-            os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+            put_on_path(folder)
             return
 
 
-def _build() -> str:
-    """Compile (or find cached) and load the extension; returns the ISA it runs with ("" for
-    none). Raises with the compiler's message when the build fails."""
+def _build(verbose: bool = False) -> str:
+    """Compile (or find cached) and load the extension; returns the best ISA it has code for on
+    this CPU. Raises with the compiler's message when the build fails."""
     from torch.utils.cpp_extension import load
 
     _ensure_ninja_on_path()
@@ -64,60 +58,107 @@ def _build() -> str:
     load(name="autotp_kernels",
          sources=[str(csrc / "ops.cpp"), str(csrc / "gemm_avx512.cpp"), str(csrc / "gemm_int8.cpp"),
                  str(csrc / "shm_comm.cpp")],
-         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp", "-lrt"], is_python_module=False, verbose=os.environ.get("AUTOTP_VERBOSE_BUILD") == "1")
+         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp", "-lrt"], is_python_module=False,
+         verbose=verbose)
     return torch.ops.autotp.kernel_isa()
 
 
-def _load() -> None:
-    with _lock:
-        if "built" in _state:
-            return
-        try:
-            isa = _build()
-        except Exception as exc:  # a missing compiler, headers, ninja: the message says which
-            _state["built"], _state["isa"] = False, ""
-            _state["why"] = f"the C++ extension did not build or load: {exc}"
-            return
-        _state["built"], _state["isa"] = True, isa
-        _state["why"] = isa or "this CPU lacks AVX-512 (F, BW, DQ, VL), which the native GEMM needs"
-        _register_fakes()
+class Extension:
+    """The handle of the C++ extension: built once per process, on first need, and what it has
+    already warned about (so each reason is said once)."""
+
+    def __init__(self, build: Callable[[bool], str] = _build) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self.built: bool | None = None  # None: not tried yet
+        self.cpu_isa = ""  # the best ISA the extension has code for on this CPU ("" unbuilt)
+        self.error = ""
+        self.said: set[str] = set()
+
+    def load(self, verbose: bool = False) -> bool:
+        with self._lock:
+            if self.built is None:
+                try:
+                    self.cpu_isa = self._build(verbose)
+                    self.built = True
+                except Exception as exc:  # a missing compiler, headers, ninja: the message says which
+                    self.built, self.error = False, f"the C++ extension did not build or load: {exc}"
+                if self.built:
+                    _register_fakes()
+            return bool(self.built)
+
+    def warn_once(self, message: str) -> None:
+        with self._lock:
+            if message in self.said:
+                return
+            self.said.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
-def extension_loaded() -> bool:
-    """Whether the C++ extension built and loaded (the shared-memory all-reduce needs only
-    this; the GEMM also needs the CPU's AVX-512). Builds on first call."""
-    _load()
-    return bool(_state["built"])
+_EXTENSION = Extension()
 
 
-def status() -> tuple[bool, str]:
-    """(whether the native GEMM can run here, why not / which ISA). Builds on first call."""
-    _load()
-    return bool(_state["built"] and _state["isa"]), str(_state["why"])
+def extension_loaded(runtime: Runtime | None = None) -> bool:
+    """Whether the C++ extension built and loaded (the shared-memory all-reduce and the read
+    probe need only this; the GEMM also needs an instruction set it has code for). Builds on
+    first call."""
+    return _EXTENSION.load(resolve(runtime).verbose_build)
 
 
-def native_enabled(dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether layers with weights of ``dtype`` should use the native GEMM, per ``AUTOTP_KERNELS``.
-    Warns once (``auto``) or raises (``native``) when the native side cannot run."""
-    chosen = mode()
-    if chosen == "torch":
+def isa(runtime: Runtime | None = None) -> str:
+    """The instruction set native code runs with under ``runtime``: the best this CPU has that
+    the extension has code for, capped by ``Runtime.isa``; "" when the extension is not built."""
+    rt = resolve(runtime)
+    if not extension_loaded(rt):
+        return ""
+    best = _EXTENSION.cpu_isa
+    if rt.isa == "auto":
+        return best
+    return min(best, rt.isa, key=ISAS.index)
+
+
+def status(runtime: Runtime | None = None) -> tuple[bool, str]:
+    """(whether the native GEMM can run here under ``runtime``, why not / which ISA). Builds on
+    first call."""
+    rt = resolve(runtime)
+    if not extension_loaded(rt):
+        return False, _EXTENSION.error
+    chosen = isa(rt)
+    if chosen in GEMM_ISAS:
+        return True, chosen
+    if _EXTENSION.cpu_isa in GEMM_ISAS:
+        return False, (f"{ENV_NAMES['isa']}={rt.isa} caps native code at {chosen}, and the native GEMM "
+                       "has no code below AVX-512 yet")
+    return False, "this CPU lacks AVX-512 (F, BW, DQ, VL), which the native GEMM needs"
+
+
+def native_enabled(dtype: torch.dtype = torch.bfloat16, runtime: Runtime | None = None) -> bool:
+    """Whether layers with weights of ``dtype`` should use the native GEMM under ``runtime``
+    (``Runtime.kernels``). Warns once (``auto``) or raises (``native``) when the native side
+    cannot run."""
+    rt = resolve(runtime)
+    if rt.kernels == "torch":
         return False
     if dtype not in (torch.bfloat16, torch.int8):
-        if chosen == "native" and not _state.get("dtype_warned"):
-            _state["dtype_warned"] = True
-            warnings.warn(f"autotp: {ENV}=native covers bfloat16 and int8 weights; {dtype} layers run on torch",
-                          stacklevel=2)
+        if rt.kernels == "native":
+            _EXTENSION.warn_once(f"autotp: {ENV}=native covers bfloat16 and int8 weights; {dtype} layers run "
+                                 "on torch")
         return False
-    ok, why = status()
+    ok, why = status(rt)
     if ok:
         return True
-    if chosen == "native":
+    if rt.kernels == "native":
         raise RuntimeError(f"autotp: {ENV}=native but the native kernels cannot run: {why}. "
                            f"Unset {ENV} (or set it to torch) to run on torch kernels.")
-    if not _state.get("warned"):
-        _state["warned"] = True
-        warnings.warn(f"autotp: native kernels off, running on torch: {why}", stacklevel=2)
+    _EXTENSION.warn_once(f"autotp: native kernels off, running on torch: {why}")
     return False
+
+
+def read_probe(buffer: torch.Tensor, runtime: Runtime | None = None) -> int:
+    """Read every byte of ``buffer`` once on ATen's threads (a measure of read bandwidth, for
+    benchmarks); AVX-512 loads where the CPU has them and ``runtime`` allows, portable ones
+    elsewhere. Needs the extension built (:func:`extension_loaded`); returns a checksum."""
+    return torch.ops.autotp.read_probe(buffer, isa(runtime) != "avx512")
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:
@@ -205,10 +246,8 @@ def linear_int8(x: torch.Tensor, qpacked: torch.Tensor, spacked: torch.Tensor, b
 
 
 def _register_fakes() -> None:
-    """Shape functions, so the ops trace under torch.compile / FakeTensor (and pass opcheck)."""
-    if _state.get("fakes"):
-        return
-    _state["fakes"] = True
+    """Shape functions, so the ops trace under torch.compile / FakeTensor (and pass opcheck).
+    Called once, by the extension handle, right after the extension loads."""
 
     @torch.library.register_fake("autotp::prepack_bf16")
     def _(weight):

@@ -132,7 +132,9 @@ def _sub_plan(plan: Plan, prefix: str) -> Plan:
     sub = Plan(plan.world_size, plan.architecture)
     for name, entry in plan.entries.items():
         if name.startswith(prefix) and entry.style.value in ("column", "row"):
-            sub.entries[cut(name)] = dataclasses.replace(entry, name=cut(name))
+            sub.entries[cut(name)] = dataclasses.replace(
+                entry, name=cut(name), fuses=[cut(f) for f in entry.fuses],
+                deferred_to=cut(entry.deferred_to) if entry.deferred_to else None)
     sub.attrs = [AttrEdit(cut(a.module), a.attr, a.values) for a in plan.attrs if a.module.startswith(prefix)]
     sub.head_slices = [HeadSlice(cut(h.module), h.kwarg, h.num_heads, h.ranges)
                        for h in plan.head_slices if h.module.startswith(prefix)]

@@ -8,9 +8,10 @@ from torch import nn
 
 from autotp.comm import TPGroup
 from autotp.plan import HeadSlice, Plan, ShardingError, Style
-from autotp.sharding.quantize import int8_layout, quantize_shard
-from autotp.sharding.layers import (ColumnParallelLinear, ParallelLayer, PartialSums, RowParallelLinear,
-                                    VocabParallelLMHead, make_vocab_parallel_embedding)
+from autotp.sharding.layers import (ColumnParallelLinear, DeferredRowParallelLinear, FusedRowParallelLinear,
+                                    ParallelLayer, PartialSums, RowParallelLinear, VocabParallelLMHead,
+                                    make_vocab_parallel_embedding)
+from autotp.sharding.quantize import QuantScheme
 
 
 def check_not_sharded(model: nn.Module) -> None:
@@ -21,14 +22,14 @@ def check_not_sharded(model: nn.Module) -> None:
 
 
 def apply_plan(model: nn.Module, plan: Plan, group: TPGroup, share_weights: bool = False,
-               int8_group_size: int | None = None) -> nn.Module:
+               quant: QuantScheme | None = None) -> nn.Module:
     """Replace every planned module of ``model`` by this rank's shard, in place. With
     ``share_weights`` the shards of Linear layers may be views of the original weights (for
-    simulations that keep the original alive anyway). With ``int8_group_size`` (0: one scale
-    per output row) the column- and row-parallel layers hold weight-only INT8 made from the
-    full weights (autotp.sharding.quantize); the lm_head and embeddings keep their dtype. On
-    a model whose parameters are on the meta device (the loaders'), the INT8 layers get empty
-    meta weights and scales of their shard's shapes, to be assigned from a checkpoint."""
+    simulations that keep the original alive anyway). With ``quant`` the column- and
+    row-parallel layers hold weight-only INT8 made from the full weights (autotp.sharding.quantize);
+    the lm_head and embeddings keep their dtype. On a model whose parameters are on the meta
+    device (the loaders'), the INT8 layers get empty meta weights and scales of their shard's
+    shapes, to be assigned from a checkpoint."""
     check_not_sharded(model)
     if group.tp_size != plan.world_size:
         raise ShardingError(f"the plan is for world_size={plan.world_size} but the group has "
@@ -43,16 +44,11 @@ def apply_plan(model: nn.Module, plan: Plan, group: TPGroup, share_weights: bool
                                 "was the plan made for another architecture?")
         ranges = entry.ranges[rank] if entry.ranges else []
         if entry.style in (Style.COLUMN, Style.ROW):
-            if entry.style == Style.COLUMN:
-                layer = ColumnParallelLinear(source, ranges, group, not share_weights)
-            else:
-                sums = fused.get(entry.deferred_to or entry.name)
-                layer = RowParallelLinear(source, ranges, group, sums, defer=entry.deferred_to is not None,
-                                          copy=not share_weights)
-            if int8_group_size is not None and source.weight.is_meta:  # a loader fills it in later
-                layer.set_int8(int8_layout(source.weight.shape, entry, ranges, int8_group_size).empty())
-            elif int8_group_size is not None:
-                layer.set_int8(quantize_shard(source.weight.data, entry, ranges, int8_group_size))
+            layer = _linear_shard(source, entry, ranges, group, fused, not share_weights)
+            if quant is not None and source.weight.is_meta:  # a loader fills it in later
+                layer.set_int8(quant.layout(tuple(source.weight.shape), entry, ranges).empty())
+            elif quant is not None:
+                layer.set_int8(quant.quantize_shard(source.weight.data, entry, ranges))
             model.set_submodule(entry.name, layer)
         elif entry.style == Style.VOCAB and isinstance(source, nn.Embedding):
             make_vocab_parallel_embedding(source, ranges[0][0], ranges[0][1], group)
@@ -66,6 +62,22 @@ def apply_plan(model: nn.Module, plan: Plan, group: TPGroup, share_weights: bool
         hook = _HeadSliceHook(head_slice, rank)
         model.get_submodule(head_slice.module).register_forward_pre_hook(hook, with_kwargs=True)
     return model
+
+
+def _linear_shard(source: nn.Linear, entry, ranges, group: TPGroup, fused: dict[str, PartialSums],
+                  copy: bool) -> ColumnParallelLinear | RowParallelLinear:
+    """The parallel layer an entry of style COLUMN or ROW makes: a row layer of a fused block
+    hands its partial sum on (deferred) or reduces everyone's (the one the others defer to)."""
+    if entry.style == Style.COLUMN:
+        return ColumnParallelLinear(source, ranges, group, copy)
+    if entry.deferred_to is not None:
+        if entry.deferred_to not in fused:
+            raise ShardingError(f"the plan defers '{entry.name}' to '{entry.deferred_to}', which fuses no "
+                                "all-reduce in this plan; re-plan, or pass fuse_allreduce=False")
+        return DeferredRowParallelLinear(source, ranges, group, fused[entry.deferred_to], copy)
+    if entry.name in fused:
+        return FusedRowParallelLinear(source, ranges, group, fused[entry.name], copy)
+    return RowParallelLinear(source, ranges, group, copy)
 
 
 class _HeadSliceHook:

@@ -14,13 +14,12 @@ right shapes before the stored values arrive).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 
 from autotp import kernels
-from autotp.plan import Entry, Plan, Ranges, ShardingError, Style
-from autotp.sharding.stfile import CheckpointError
+from autotp.plan import CUT_DIMS, CheckpointError, Entry, Plan, Ranges, ShardingError, Style
 
 SCHEMES = ("int8",)
 DEFAULT_GROUP_SIZE = 128
@@ -61,90 +60,111 @@ class Int8Layout:
                          self.group_size, self.group_offset)
 
 
-def check_scheme(quantize: str | None, group_size: int) -> None:
-    if quantize is not None and quantize not in SCHEMES:
-        raise ValueError(f"autotp: quantize={quantize!r} is not a scheme autotp knows; pass one of {SCHEMES} "
-                         "or None")
-    if group_size < 0:
-        raise ValueError(f"autotp: quant_group_size must be a number of input columns (0: one scale per "
-                         f"output row), got {group_size}")
+@dataclass(frozen=True)
+class QuantScheme:
+    """How the column- and row-parallel weights are quantized: the scheme (``int8``: symmetric,
+    weight-only) and ``group_size``, the input columns of the whole weight that share one scale
+    (0: one scale per output row). The one value ``autotp.shard``, the checkpoint writer and both
+    loaders use: it gives each rank's layout, makes its shard, and is what autotp.json records."""
 
+    name: str = "int8"
+    group_size: int = DEFAULT_GROUP_SIZE
 
-def quantized_entries(plan: Plan) -> dict[str, Entry]:
-    """The plan entries whose Linear weights become INT8: the column- and row-parallel ones (the
-    lm_head and embeddings keep their dtype)."""
-    return {name: e for name, e in plan.entries.items() if e.style in (Style.COLUMN, Style.ROW)}
+    def __post_init__(self) -> None:
+        if self.name not in SCHEMES:
+            raise ValueError(f"autotp: quantize={self.name!r} is not a scheme autotp knows; pass one of {SCHEMES} "
+                             "or None")
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 0:
+            raise ValueError(f"autotp: quant_group_size must be a number of input columns (0: one scale per "
+                             f"output row), got {self.group_size!r}")
 
+    @classmethod
+    def parse(cls, quantize: str | None, group_size: int | None = None) -> "QuantScheme | None":
+        """The scheme the public arguments ``quantize`` / ``quant_group_size`` ask for (None:
+        unquantized; ``group_size`` None takes the default). A group size without a scheme is
+        an error."""
+        if quantize is None:
+            if group_size is not None:
+                raise ValueError("autotp: quant_group_size was given without quantize; pass quantize='int8' too")
+            return None
+        return cls(quantize, DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
-def int8_layout(shape: tuple[int, ...], entry: Entry | None, ranges: Ranges, group_size: int) -> Int8Layout:
-    """The INT8 layout of this rank's shard of a full weight of ``shape`` [N, K] under the plan
-    ``entry`` (None: the layer is not split) with ``ranges`` the rank's blocks; ``group_size``
-    0 means one group per whole row."""
-    n, k = shape
-    g = group_size or max(k, 1)
-    if entry is not None and entry.style == Style.ROW:
-        if len(ranges) != 1:
-            raise ShardingError(f"INT8 quantization of '{entry.name}': this rank keeps {len(ranges)} separate "
-                                "blocks of its input columns; the INT8 kernel takes one contiguous range. "
-                                "Leave this layer unquantized or shard on fewer ranks")
-        (k0, k1), = ranges
-        first, last = k0 // g, -(-k1 // g)
-        start = first * g
-        return Int8Layout(g, k0 % g, 1, [(start, min(k, last * g))], (k0 - start, k1 - start), (n, k1 - k0),
-                          (n, last - first))
-    if entry is None:
-        return Int8Layout(g, 0, None, None, None, (n, k), (n, -(-k // g)))
-    rows = sum(b - a for a, b in ranges)
-    return Int8Layout(g, 0, 0, ranges, None, (rows, k), (rows, -(-k // g)))
+    # -- which layers, which shapes ------------------------------------------------------
+    @staticmethod
+    def entries(plan: Plan) -> dict[str, Entry]:
+        """The plan entries whose Linear weights are quantized: the column- and row-parallel
+        ones (the lm_head and embeddings keep their dtype)."""
+        return {name: e for name, e in plan.entries.items() if e.style in (Style.COLUMN, Style.ROW)}
 
-
-def quantize_slice(read: SliceReader, shape: tuple[int, ...], entry: Entry | None, ranges: Ranges,
-                   group_size: int) -> Int8Shard:
-    """This rank's INT8 shard, reading from the full weight only the blocks its layout needs."""
-    layout = int8_layout(shape, entry, ranges, group_size)
-    weight = read(layout.read_dim, layout.read_ranges)
-    q = torch.empty(layout.q_shape, dtype=torch.int8)
-    scales = torch.empty(layout.scale_shape, dtype=torch.float32)
-    a, b = layout.keep or (0, weight.shape[1])
-    step = max(1, (4 << 20) // max(weight.shape[1], 1))  # rows are independent: bound the fp32 temporaries
-    for start in range(0, weight.shape[0], step):
-        rows_q, scales[start:start + step] = kernels.quantize_int8(weight[start:start + step], layout.group_size)
-        q[start:start + step] = rows_q[:, a:b]
-    return Int8Shard(q, scales, layout.group_size, layout.group_offset)
-
-
-def quantize_shard(weight: torch.Tensor, entry: Entry | None, ranges: Ranges, group_size: int) -> Int8Shard:
-    """This rank's INT8 shard of the full ``weight`` [N, K] (see :func:`int8_layout`)."""
-    def read(dim: int | None, blocks: Ranges | None) -> torch.Tensor:
+    def layout(self, shape: tuple[int, ...], entry: Entry | None, ranges: Ranges) -> Int8Layout:
+        """The layout of this rank's shard of a full weight of ``shape`` [N, K] under the plan
+        ``entry`` (None: the layer is not split), ``ranges`` the rank's blocks."""
+        n, k = shape
+        g = self.group_size or max(k, 1)
+        dim = CUT_DIMS[entry.style]["weight"] if entry is not None else None
+        if dim == 1:
+            if len(ranges) != 1:
+                raise ShardingError(f"INT8 quantization of '{entry.name}': this rank keeps {len(ranges)} separate "
+                                    "blocks of its input columns; the INT8 kernel takes one contiguous range. "
+                                    "Leave this layer unquantized or shard on fewer ranks")
+            (k0, k1), = ranges
+            first, last = k0 // g, -(-k1 // g)
+            start = first * g
+            return Int8Layout(g, k0 % g, 1, [(start, min(k, last * g))], (k0 - start, k1 - start), (n, k1 - k0),
+                              (n, last - first))
         if dim is None:
-            return weight
-        return torch.cat([weight.narrow(dim, a, b - a) for a, b in blocks], dim=dim)
+            return Int8Layout(g, 0, None, None, None, (n, k), (n, -(-k // g)))
+        rows = sum(b - a for a, b in ranges)
+        return Int8Layout(g, 0, 0, ranges, None, (rows, k), (rows, -(-k // g)))
 
-    return quantize_slice(read, tuple(weight.shape), entry, ranges, group_size)
+    # -- the maths -------------------------------------------------------------------------
+    def quantize(self, weight: torch.Tensor, group_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, scales) of an [N, K] weight by this scheme's definition (kernels.quantize_int8)."""
+        return kernels.quantize_int8(weight, self.group_size or None, group_offset)
 
+    def dequantize(self, q: torch.Tensor, scales: torch.Tensor, group_offset: int = 0) -> torch.Tensor:
+        """float32 Q * S: the weight the INT8 GEMM multiplies by."""
+        return kernels.dequantize_int8(q, scales, self.group_size or None, group_offset)
 
-def manifest_entry(quantize: str | None, group_size: int) -> dict[str, Any] | None:
-    """What autotp.json records of a checkpoint's quantization (None: not quantized)."""
-    return None if quantize is None else {"scheme": quantize, "group_size": group_size}
+    def quantize_slice(self, read: SliceReader, shape: tuple[int, ...], entry: Entry | None,
+                       ranges: Ranges) -> Int8Shard:
+        """This rank's INT8 shard, reading from the full weight only the blocks its layout needs."""
+        layout = self.layout(shape, entry, ranges)
+        weight = read(layout.read_dim, layout.read_ranges)
+        q = torch.empty(layout.q_shape, dtype=torch.int8)
+        scales = torch.empty(layout.scale_shape, dtype=torch.float32)
+        a, b = layout.keep or (0, weight.shape[1])
+        step = max(1, (4 << 20) // max(weight.shape[1], 1))  # rows are independent: bound the fp32 temporaries
+        for start in range(0, weight.shape[0], step):
+            rows_q, scales[start:start + step] = kernels.quantize_int8(weight[start:start + step], layout.group_size)
+            q[start:start + step] = rows_q[:, a:b]
+        return Int8Shard(q, scales, layout.group_size, layout.group_offset)
 
+    def quantize_shard(self, weight: torch.Tensor, entry: Entry | None, ranges: Ranges) -> Int8Shard:
+        """This rank's INT8 shard of the full ``weight`` [N, K] (see :meth:`layout`)."""
+        def read(dim: int | None, blocks: Ranges | None) -> torch.Tensor:
+            if dim is None:
+                return weight
+            return torch.cat([weight.narrow(dim, a, b - a) for a, b in blocks], dim=dim)
 
-def stored_scheme(manifest: Mapping[str, Any], directory: Any, quantize: str | None,
-                  group_size: int | None) -> int | None:
-    """The INT8 group size to load a pre-sharded checkpoint with (None: not quantized), after
-    checking that what the caller asks for is what the checkpoint stores."""
-    stored = manifest.get("quantization")
-    if stored is not None and stored.get("scheme") not in SCHEMES:
-        raise CheckpointError(f"{directory} stores weights quantized as {stored.get('scheme')!r}, which this "
-                            f"autotp does not know (it knows {SCHEMES}); upgrade autotp")
-    if quantize is None:
-        return None if stored is None else stored["group_size"]
-    if stored is None:
-        raise CheckpointError(f"{directory} stores unquantized weights split for {manifest['world_size']} ranks; a "
-                            "row-parallel rank's file lacks the columns its INT8 groups need, so it cannot be "
-                            f"quantized at load time. Re-create it with create_shard_model --quantize {quantize}, "
-                            "or load the Hugging Face checkpoint directory with quantize=")
-    if group_size is not None and group_size != stored["group_size"]:
-        raise CheckpointError(f"{directory} stores INT8 weights with group size {stored['group_size']}, not "
-                            f"{group_size}; load it without quant_group_size, or re-create it with "
-                            f"create_shard_model --quantize int8 --quant-group-size {group_size}")
-    return stored["group_size"]
+        return self.quantize_slice(read, tuple(weight.shape), entry, ranges)
+
+    # -- what a checkpoint records -------------------------------------------------------------
+    def to_manifest(self) -> dict[str, Any]:
+        return {"scheme": self.name, "group_size": self.group_size}
+
+    @classmethod
+    def from_manifest(cls, raw: Any, where: str) -> "QuantScheme | None":
+        """The scheme autotp.json's "quantization" field records (None: unquantized); anything
+        malformed is a CheckpointError naming the field."""
+        if raw is None:
+            return None
+        if not isinstance(raw, dict) or not isinstance(raw.get("scheme"), str) \
+                or not isinstance(raw.get("group_size"), int) or isinstance(raw.get("group_size"), bool) \
+                or raw["group_size"] < 0:
+            raise CheckpointError(f"{where}: field 'quantization' must be null or {{\"scheme\": str, \"group_size\": "
+                                  f"int >= 0}}, got {raw!r}; re-create the checkpoint with create_shard_model")
+        if raw["scheme"] not in SCHEMES:
+            raise CheckpointError(f"{where} stores weights quantized as {raw['scheme']!r}, which this autotp does "
+                                  f"not know (it knows {SCHEMES}); upgrade autotp")
+        return cls(raw["scheme"], raw["group_size"])

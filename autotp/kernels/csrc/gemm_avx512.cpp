@@ -177,7 +177,10 @@ uint64_t stream_read(const uint8_t* data, int64_t bytes) {
     d = _mm512_xor_si512(d, _mm512_loadu_si512(data + i + 192));
   }
   a = _mm512_xor_si512(_mm512_xor_si512(a, b), _mm512_xor_si512(c, d));
-  uint64_t out = static_cast<uint64_t>(_mm512_reduce_or_epi64(a));
+  alignas(64) uint64_t lanes[8];
+  _mm512_store_si512(lanes, a);
+  uint64_t out = 0;
+  for (uint64_t lane : lanes) out ^= lane;  // the XOR of every 8-byte word: what the portable loop gives
   for (; i < bytes; ++i) out ^= data[i];
   return out;
 }

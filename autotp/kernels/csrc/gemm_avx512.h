@@ -46,8 +46,9 @@ void gemm_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1
 void store_rows(const float* c, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* bias,
                 void* out, int64_t ldo, bool out_bf16);
 
-// Reads [data, data + bytes) with 64-byte loads and returns their XOR (so the loads are not
-// optimised away): the read bandwidth a streaming kernel can reach, for benchmarks.
+// Reads [data, data + bytes) with 64-byte loads and returns the XOR of its 8-byte words (so the
+// loads are not optimised away; the bytes past the last 256-byte block are XORed one by one):
+// the read bandwidth a streaming kernel can reach, for benchmarks.
 uint64_t stream_read(const uint8_t* data, int64_t bytes);
 
 // out[i] = sum over s of srcs[s][i], summed in fp32 in the order of srcs (the shared-memory

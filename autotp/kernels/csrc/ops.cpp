@@ -5,14 +5,15 @@
 //   linear_bf16(x[..., K], packed, bias?, N, out_dtype?) -> y[..., N] = x W^T + bias
 //   linear_int8(x[..., K], qpacked, spacked, bias?, N, G, O, out_dtype?) -> y[..., N] = x (Q S)^T + bias
 //                                                          (layouts and spec: gemm_int8.h)
-//   read_probe(buffer) -> checksum                        (read bandwidth, for benchmarks)
+//   read_probe(buffer, portable) -> checksum              (read bandwidth, for benchmarks; any CPU)
 //   class ShmComm(name, rank, size, slot_bytes, create, timeout_s, portable): all_reduce(t), unlink(), name()
-//   kernel_isa() -> "avx512" when the GEMM can run on this CPU, else ""
+//   kernel_isa() -> the best instruction set of this CPU the extension has code for: "avx512" or "generic"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstring>
 #include <optional>
 #include <string>
 
@@ -179,22 +180,38 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   return out;
 }
 
+// The portable read: 8-byte words XORed in four independent chains (so the compiler keeps
+// several loads in flight), the bytes past the last whole word one by one.
+uint64_t stream_read_portable(const uint8_t* data, int64_t bytes) {
+  uint64_t a = 0, b = 0, c = 0, d = 0, w[4];
+  int64_t i = 0;
+  for (; i + 32 <= bytes; i += 32) {
+    std::memcpy(w, data + i, 32);
+    a ^= w[0], b ^= w[1], c ^= w[2], d ^= w[3];
+  }
+  uint64_t out = a ^ b ^ c ^ d;
+  for (; i < bytes; ++i) out ^= data[i];
+  return out;
+}
+
 // Reads every byte of `buffer` once, split over the threads: a benchmark's measure of the read
-// bandwidth the GEMM's weight streaming can be compared with. Returns a checksum.
-int64_t read_probe(const at::Tensor& buffer) {
+// bandwidth the GEMM's weight streaming can be compared with. Returns a checksum. AVX-512 loads
+// where the CPU has them unless `portable`; the portable loop anywhere.
+int64_t read_probe(const at::Tensor& buffer, bool portable) {
   TORCH_CHECK(buffer.device().is_cpu() && buffer.is_contiguous(), "autotp::read_probe: needs a contiguous CPU tensor");
-  TORCH_CHECK(avx512::cpu_supported(), "autotp::read_probe: this CPU lacks AVX-512");
+  const bool vector = !portable && avx512::cpu_supported();
   const auto* data = static_cast<const uint8_t*>(buffer.data_ptr());
   const int64_t bytes = buffer.numel() * buffer.element_size(), piece = 1 << 20;
   std::atomic<uint64_t> sum{0};
   at::parallel_for(0, ceil_div(bytes, piece), 1, [&](int64_t begin, int64_t end) {
     const int64_t start = begin * piece, stop = std::min(bytes, end * piece);
-    sum.fetch_xor(avx512::stream_read(data + start, stop - start));
+    sum.fetch_xor(vector ? avx512::stream_read(data + start, stop - start)
+                         : stream_read_portable(data + start, stop - start));
   });
   return static_cast<int64_t>(sum.load());
 }
 
-std::string kernel_isa() { return avx512::cpu_supported() ? "avx512" : ""; }
+std::string kernel_isa() { return avx512::cpu_supported() ? "avx512" : "generic"; }
 
 }  // namespace
 }  // namespace autotp
@@ -210,7 +227,7 @@ TORCH_LIBRARY(autotp, m) {
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features, ScalarType? out_dtype=None) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qpacked, Tensor spacked, Tensor? bias, int out_features, int group_size, "
         "int group_offset=0, ScalarType? out_dtype=None) -> Tensor");
-  m.def("read_probe(Tensor buffer) -> int");
+  m.def("read_probe(Tensor buffer, bool portable=False) -> int");
   m.def("kernel_isa() -> str", &autotp::kernel_isa);
 }
 

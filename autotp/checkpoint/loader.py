@@ -17,32 +17,32 @@ import torch.distributed as dist
 from torch import nn
 from transformers import GenerationConfig
 
+from autotp.checkpoint.format import Manifest, is_presharded, param_slice, read_manifest
+from autotp.checkpoint.skeleton import build_skeleton, parameters_to_meta
+from autotp.checkpoint.source import HFSource
+from autotp.checkpoint.stfile import MappedRegions, map_tensors, read_slice
 from autotp.comm import TPGroup
-from autotp.plan import Plan, Style
-from autotp.policies import build_plan
+from autotp.plan import CheckpointError, Plan, Style
 from autotp.policies.verify import release_free_memory
+from autotp.runtime import Runtime, resolve
 from autotp.sharding.apply import apply_plan
 from autotp.sharding.layers import pack_layers
-from autotp.sharding.quantize import (DEFAULT_GROUP_SIZE, SCALE_SUFFIX, check_scheme, quantize_slice,
-                                      quantized_entries, stored_scheme)
-from autotp.sharding.format import is_presharded, param_slice, read_manifest
-from autotp.sharding.skeleton import build_skeleton, parameters_to_meta, source_tensors, stored_dtype
-from autotp.sharding.stfile import CheckpointError, MappedRegions, map_tensors, read_slice
+from autotp.sharding.quantize import SCALE_SUFFIX, QuantScheme
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     world_size: int | None = None, process_group: Any = None,
                     overrides: Mapping[str, str | Style] | None = None, fuse_allreduce: bool = True,
                     check_sha: bool = True, quantize: str | None = None,
-                    quant_group_size: int | None = None) -> nn.Module:
+                    quant_group_size: int | None = None, runtime: Runtime | None = None) -> nn.Module:
     """Load this rank's shard of a model, ready for ``generate()``.
 
     ``path`` is a pre-sharded directory written by create_shard_model / save_sharded (only this
     rank's file is read) or a Hugging Face checkpoint directory with safetensors (only this
     rank's slice of each tensor is read). ``world_size`` defaults to the process group's size;
     ``dtype`` defaults to the stored one. ``check_sha`` verifies this rank's file against the
-    manifest before use. bf16 Linear shards are packed for the native kernels where they run
-    (``AUTOTP_KERNELS``, see ``autotp.kernels``).
+    manifest before use. bf16 Linear shards are packed for the native kernels where they run;
+    ``runtime`` (default ``Runtime.from_env()``) holds those settings and the all-reduce's.
 
     A pre-sharded checkpoint written with ``--quantize int8`` loads as INT8 as it is stored.
     ``quantize="int8"`` on a Hugging Face directory quantizes while loading (each rank reads
@@ -50,72 +50,95 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     ``quant_group_size`` defaults to 128, 0 is one scale per row), giving exactly the shards
     ``autotp.shard(model, n, quantize="int8")`` gives. An unquantized pre-sharded checkpoint
     cannot be quantized at load time (its row-parallel files lack those columns): that raises."""
-    check_scheme(quantize, quant_group_size or 0)
-    if quantize is None and quant_group_size is not None:
-        raise ValueError("autotp: quant_group_size was given without quantize; pass quantize='int8' too")
+    rt = resolve(runtime)
+    asked = QuantScheme.parse(quantize, quant_group_size)
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory; pass a Hugging Face checkpoint directory or one "
                               "written by create_shard_model")
     if world_size is None:
         world_size = dist.get_world_size(process_group) if dist.is_initialized() else 1
-    group = TPGroup.from_torch(world_size, process_group)
     want = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     mapped = MappedRegions()
     if is_presharded(directory):
-        model, plan, tensors = _presharded(directory, group, want, check_sha, mapped, quantize, quant_group_size)
+        manifest = read_manifest(directory, world_size, _rank(world_size, process_group), check_sha)
+        quant = _stored_scheme(manifest, directory, quantize, quant_group_size)
+        _check_dtype(manifest, directory, want)
+        group = TPGroup.from_torch(world_size, process_group, rt)  # the plan is known valid: meet the others
+        model, plan, tensors = _presharded(directory, manifest, group, mapped, quant)
     else:
-        int8_group = None if quantize is None else DEFAULT_GROUP_SIZE if quant_group_size is None else quant_group_size
-        model, plan, tensors = _from_hf(directory, group, want, overrides, fuse_allreduce, mapped, int8_group)
+        source = HFSource.open(directory, world_size, want, overrides, fuse_allreduce)
+        release_free_memory()  # what the trace freed, before the weights arrive
+        group = TPGroup.from_torch(world_size, process_group, rt)
+        model, plan, tensors = _from_hf(source, group, want, mapped, asked)
     _assign(model, plan, tensors, directory)
     del tensors
-    if pack_layers(model, mapped.release):  # the mapped pages of each packed weight go back at once
+    if pack_layers(model, rt, mapped.release):  # the mapped pages of each packed weight go back at once
         release_free_memory()  # and the heap the plain copies (column cuts) held
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model
 
 
-def _presharded(directory: Path, group: TPGroup, dtype: torch.dtype | None, check_sha: bool,
-                mapped: MappedRegions, quantize: str | None, quant_group_size: int | None):
-    manifest = read_manifest(directory, group.tp_size, group.tp_rank, check_sha)
-    int8_group = stored_scheme(manifest, directory, quantize, quant_group_size)
-    stored = manifest["dtype"]
-    if dtype is not None and stored != str(dtype).removeprefix("torch."):
-        raise CheckpointError(f"{directory} stores {stored} weights but dtype={dtype} was asked; load it "
+def _rank(world_size: int, process_group: Any) -> int:
+    """This process's rank (0 without a process group, where only world size 1 can run)."""
+    return dist.get_rank(process_group) if dist.is_initialized() and world_size > 1 else 0
+
+
+def _check_dtype(manifest: Manifest, directory: Path, dtype: torch.dtype | None) -> None:
+    if dtype is not None and manifest.dtype != str(dtype).removeprefix("torch."):
+        raise CheckpointError(f"{directory} stores {manifest.dtype} weights but dtype={dtype} was asked; load it "
                               f"without dtype, or re-shard with create_shard_model --dtype {dtype}")
+
+
+def _stored_scheme(manifest: Manifest, directory: Path, quantize: str | None,
+                   group_size: int | None) -> QuantScheme | None:
+    """The scheme to load a pre-sharded checkpoint with (None: unquantized), after checking
+    that what the caller asks for is what the checkpoint stores."""
+    stored = manifest.quantization
+    if quantize is None:
+        return stored
+    if stored is None:
+        raise CheckpointError(f"{directory} stores unquantized weights split for {manifest.world_size} ranks; a "
+                              "row-parallel rank's file lacks the columns its INT8 groups need, so it cannot be "
+                              f"quantized at load time. Re-create it with create_shard_model --quantize {quantize}, "
+                              "or load the Hugging Face checkpoint directory with quantize=")
+    if quantize != stored.name:
+        raise CheckpointError(f"{directory} stores {stored.name} weights, not {quantize}; load it without quantize, "
+                              f"or re-create it with create_shard_model --quantize {quantize}")
+    if group_size is not None and group_size != stored.group_size:
+        raise CheckpointError(f"{directory} stores {stored.name} weights with group size {stored.group_size}, not "
+                              f"{group_size}; load it without quant_group_size, or re-create it with "
+                              f"create_shard_model --quantize {quantize} --quant-group-size {group_size}")
+    return stored
+
+
+def _presharded(directory: Path, manifest: Manifest, group: TPGroup, mapped: MappedRegions,
+                quant: QuantScheme | None):
+    stored = manifest.dtype
     model = build_skeleton(directory, getattr(torch, stored) if stored != "mixed" else torch.float32)
-    plan = Plan.from_dict(manifest["plan"])
+    plan = manifest.plan
     parameters_to_meta(model)
-    apply_plan(model, plan, group, int8_group_size=int8_group)
-    tensors = map_tensors(directory / manifest["files"][group.tp_rank]["name"])
+    apply_plan(model, plan, group, quant=quant)
+    tensors = map_tensors(directory / manifest.files[group.tp_rank].name)
     mapped.add(tensors)
     return model, plan, tensors
 
 
-def _from_hf(directory: Path, group: TPGroup, dtype: torch.dtype | None, overrides, fuse_allreduce,
-             mapped: MappedRegions, int8_group: int | None):
-    if not (directory / "config.json").is_file():
-        raise CheckpointError(f"{directory} has neither autotp.json nor config.json: it is not a model directory")
-    model = build_skeleton(directory, dtype or stored_dtype(directory))
-    sources = source_tensors(directory, model)
-    plan = build_plan(model, group.tp_size, overrides, fuse_allreduce=fuse_allreduce)
-    release_free_memory()  # what the trace freed, before the weights arrive
-    aliases: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)  # tied parameters are stored under one name
+def _from_hf(source: HFSource, group: TPGroup, dtype: torch.dtype | None, mapped: MappedRegions,
+             quant: QuantScheme | None):
+    model, plan, sources = source.model, source.plan, source.tensors
     parameters_to_meta(model)
-    apply_plan(model, plan, group, int8_group_size=int8_group)
-    int8 = quantized_entries(plan) if int8_group is not None else {}
+    apply_plan(model, plan, group, quant=quant)
+    int8 = quant.entries(plan) if quant is not None else {}
     wanted = [k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"]
-    by_name = {name: group_ for group_ in aliases.values() for name in group_}
     tensors = {}
     with _SourceReader(mapped) as reader:
         for key in wanted:
             module, _, param = key.rpartition(".")
             if module in int8 and param == "weight" + SCALE_SUFFIX:  # made with the weight
                 continue
-            found = key if key in sources else next((a for a in by_name.get(key, ()) if a in sources), None)
+            found = source.find(key)
             if found is None:  # left on meta: _assign reports it
                 continue
             path, info = sources[found]
@@ -127,7 +150,7 @@ def _from_hf(directory: Path, group: TPGroup, dtype: torch.dtype | None, overrid
 
             if module in int8 and param == "weight":
                 entry = int8[module]
-                shard = quantize_slice(read, info.shape, entry, entry.ranges[group.tp_rank], int8_group)
+                shard = quant.quantize_slice(read, info.shape, entry, entry.ranges[group.tp_rank])
                 tensors[key], tensors[key + SCALE_SUFFIX] = shard.q, shard.scales
                 reader.release()
             else:

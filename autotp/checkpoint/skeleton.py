@@ -15,11 +15,30 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
-from autotp.sharding.stfile import CheckpointError, read_header, TensorInfo
+from autotp.checkpoint.stfile import TensorInfo, read_header
+from autotp.plan import CheckpointError
+
+
+def load_config(directory: Path):
+    """The model config of ``directory``; a config.json that is not JSON, or names no
+    architecture transformers knows, is a CheckpointError saying so."""
+    path = directory / "config.json"
+    try:
+        json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({str(exc)[:80]}); restore it from the original model "
+                              "(or re-create the checkpoint)") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc}); every model directory needs its config.json") from None
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a config transformers can read ({type(exc).__name__}: "
+                              f"{str(exc)[:160]}); restore it from the original model") from None
 
 
 def build_skeleton(directory: Path, dtype: torch.dtype) -> nn.Module:
-    config = AutoConfig.from_pretrained(directory)
+    config = load_config(directory)
     with no_init_weights():  # also skips the tying that init_weights does: tie explicitly
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
@@ -47,7 +66,12 @@ def weight_files(directory: Path) -> list[Path]:
                               "save_pretrained(..., safe_serialization=True), or convert it, and try again")
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        wanted = set(json.loads(index.read_text())["weight_map"].values())
+        try:
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            wanted = {v for v in weight_map.values() if isinstance(v, str)}
+        except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of "
+                                  "tensor name -> file name); restore it from the original model") from None
         files = [f for f in files if f.name in wanted]
     return files
 

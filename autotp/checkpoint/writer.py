@@ -17,14 +17,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from autotp.plan import Plan, Style
+from autotp.checkpoint.format import dtype_name, param_slice, rank_file, tied_keys, write_manifest
+from autotp.checkpoint.skeleton import check_keys
+from autotp.checkpoint.source import HFSource
+from autotp.checkpoint.stfile import ShardFileWriter, read_slice
+from autotp.plan import CheckpointError, Plan, Style
 from autotp.policies import build_plan
-from autotp.sharding.format import dtype_name, param_slice, rank_file, tied_keys, write_manifest
+from autotp.runtime import Runtime, resolve
 from autotp.sharding.layers import take
-from autotp.sharding.quantize import (DEFAULT_GROUP_SIZE, SCALE_SUFFIX, check_scheme, int8_layout, manifest_entry,
-                                      quantize_slice, quantized_entries)
-from autotp.sharding.skeleton import build_skeleton, check_keys, source_tensors, stored_dtype
-from autotp.sharding.stfile import CheckpointError, ShardFileWriter, read_slice
+from autotp.sharding.quantize import DEFAULT_GROUP_SIZE, SCALE_SUFFIX, QuantScheme
 from autotp.util import pid_alive
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -35,7 +36,7 @@ def save_sharded(model_or_path: nn.Module | str | os.PathLike, save_dir: str | o
                  dtype: torch.dtype | str | None = None, overwrite: bool = False,
                  overrides: Mapping[str, str | Style] | None = None, fuse_allreduce: bool = True,
                  progress: bool = True, quantize: str | None = None,
-                 quant_group_size: int = DEFAULT_GROUP_SIZE) -> Path:
+                 quant_group_size: int = DEFAULT_GROUP_SIZE, runtime: Runtime | None = None) -> Path:
     """Write a pre-sharded checkpoint of ``model_or_path`` (a model in memory, or a Hugging Face
     checkpoint directory with safetensors) for ``world_size`` ranks into ``save_dir``.
 
@@ -43,8 +44,10 @@ def save_sharded(model_or_path: nn.Module | str | os.PathLike, save_dir: str | o
     rank's file holds exactly its slice of the quantized whole, as ``autotp.shard(...,
     quantize="int8")`` would make it; ``quant_group_size`` as there). The source weights are
     converted to ``dtype`` (if given) before quantizing; a rank's scales and values are written
-    apart (the file keeps larger elements first), so each quantized weight is read twice."""
-    check_scheme(quantize, quant_group_size)
+    apart (the file keeps larger elements first), so each quantized weight is read twice.
+    ``runtime`` (default ``Runtime.from_env()``) holds autotp's settings."""
+    resolve(runtime)  # checked now: a bad setting fails before any work
+    quant = QuantScheme.parse(quantize, quant_group_size if quantize else None)
     target = Path(save_dir)
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target} already exists; choose another --save-path or pass overwrite=True "
@@ -59,12 +62,11 @@ def save_sharded(model_or_path: nn.Module | str | os.PathLike, save_dir: str | o
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     _remove_stale_partials(target)
     partial.mkdir(parents=True)
-    int8 = _Int8Writer(plan, specs, reader, quant_group_size) if quantize else None
+    int8 = _Int8Writer(plan, specs, reader, quant) if quant is not None else None
     try:
         files = _write_ranks(partial, plan, specs, reader, progress, int8)
         copy_files(partial)
-        write_manifest(partial, plan, stored.pop() if len(stored) == 1 else "mixed", files,
-                       manifest_entry(quantize, quant_group_size))
+        write_manifest(partial, plan, stored.pop() if len(stored) == 1 else "mixed", files, quant)
         _move_into_place(partial, target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -77,9 +79,9 @@ class _Int8Writer:
     "<module>.weight_scale" joins it, both in the shapes of each rank's Int8Layout."""
 
     def __init__(self, plan: Plan, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], reader: Reader,
-                 group_size: int) -> None:
-        self.specs, self.reader, self.group_size = specs, reader, group_size
-        self.entries = quantized_entries(plan)
+                 quant: QuantScheme) -> None:
+        self.specs, self.reader, self.quant = specs, reader, quant
+        self.entries = quant.entries(plan)
 
     def source_key(self, key: str) -> str | None:
         """The source weight behind ``key`` if ``key`` is one of the INT8 tensors, else None."""
@@ -90,14 +92,14 @@ class _Int8Writer:
     def rank_specs(self, key: str, rank: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """The int8 values and fp32 scales that stand for source weight ``key`` in ``rank``'s file."""
         entry = self.entries[key.rpartition(".")[0]]
-        layout = int8_layout(self.specs[key][0], entry, entry.ranges[rank], self.group_size)
+        layout = self.quant.layout(self.specs[key][0], entry, entry.ranges[rank])
         return [(key, torch.int8, layout.q_shape), (key + SCALE_SUFFIX, torch.float32, layout.scale_shape)]
 
     def tensor(self, key: str, rank: int) -> torch.Tensor:
         base = self.source_key(key)
         entry, (shape, dtype) = self.entries[base.rpartition(".")[0]], self.specs[base]
-        shard = quantize_slice(lambda dim, ranges: self.reader(base, dim, ranges).to(dtype), shape, entry,
-                               entry.ranges[rank], self.group_size)
+        shard = self.quant.quantize_slice(lambda dim, ranges: self.reader(base, dim, ranges).to(dtype), shape,
+                                          entry, entry.ranges[rank])
         return shard.scales if key.endswith(SCALE_SUFFIX) else shard.q
 
 
@@ -174,17 +176,13 @@ def _from_model(model: nn.Module, world_size: int, dtype: torch.dtype | None, ov
     return plan, specs, reader, copy_files
 
 
-def _from_directory(source: Path, world_size: int, dtype: torch.dtype | None, overrides, fuse_allreduce):
-    if not (source / "config.json").is_file():
-        raise CheckpointError(f"{source} is not a Hugging Face model directory (no config.json)")
-    skeleton = build_skeleton(source, dtype or stored_dtype(source))
-    tensors = source_tensors(source, skeleton)
-    plan = build_plan(skeleton, world_size, overrides, fuse_allreduce=fuse_allreduce)
+def _from_directory(directory: Path, world_size: int, dtype: torch.dtype | None, overrides, fuse_allreduce):
+    source = HFSource.open(directory, world_size, dtype, overrides, fuse_allreduce)
+    skeleton, tensors, plan = source.model, source.tensors, source.plan
     keys = _stored_keys(skeleton, plan)
-    aliases = _tie_aliases(skeleton)
-    lookup = {k: k if k in tensors else next((a for a in aliases.get(k, ()) if a in tensors), k) for k in keys}
+    lookup = {k: source.find(k) or k for k in keys}
     check_keys({k for k in keys if k in dict(skeleton.named_parameters(remove_duplicate=False))},
-               {k for k in keys if lookup[k] in tensors}, source)
+               {k for k in keys if lookup[k] in tensors}, directory)
     keys = [k for k in keys if lookup[k] in tensors]  # persistent buffers absent from the source stay computed
     specs = {}
     for key in keys:
@@ -196,22 +194,14 @@ def _from_directory(source: Path, world_size: int, dtype: torch.dtype | None, ov
         path, info = tensors[lookup[key]]
         return read_slice(handles[path], info, dim, ranges)
 
-    def copy_files(directory: Path) -> None:
+    def copy_files(target: Path) -> None:
         for handle in handles.values():
             handle.close()
-        for item in source.iterdir():
+        for item in directory.iterdir():
             if item.is_file() and not item.name.endswith(_WEIGHT_FILES) and item.name != "autotp.json":
-                shutil.copy2(item, directory / item.name)
+                shutil.copy2(item, target / item.name)
 
     return plan, specs, reader, copy_files
-
-
-def _tie_aliases(model: nn.Module) -> dict[str, list[str]]:
-    """Parameter name -> the other names of the same (tied) parameter."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return {n: [m for m in group if m != n] for group in names.values() for n in group}
 
 
 def _remove_stale_partials(target: Path) -> None:

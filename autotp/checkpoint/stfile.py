@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -19,17 +20,13 @@ from typing import BinaryIO
 
 import torch
 
-from autotp.plan import Ranges
+from autotp.plan import CheckpointError, Ranges
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or written as asked; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -42,28 +39,85 @@ class TensorInfo:
 
 
 def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """The tensors of a safetensors file (name -> TensorInfo) and its string metadata."""
+    """The tensors of a safetensors file (name -> TensorInfo) and its string metadata. Whatever
+    the bytes, the result is a header whose every tensor lies inside the file with exactly
+    shape x element size bytes, no two overlapping, or a CheckpointError naming the file and
+    the field; nothing larger than the header is read or allocated."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if length < 0 or length > min(_MAX_HEADER, size - 8):
+        if length < 2 or length > min(_MAX_HEADER, size - 8):
             raise CheckpointError(f"{path} is not a complete safetensors file (truncated or corrupt header); "
                                   "re-create or re-download it")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError:
-            raise CheckpointError(f"{path} has an unreadable safetensors header; re-create it") from None
-    metadata = header.pop("__metadata__", None) or {}
+        raw = f.read(length)
+    header = parse_header(raw, str(path))
     infos = {}
-    for name, raw in header.items():
-        begin, end = raw["data_offsets"]
-        info = TensorInfo(name, DTYPES[raw["dtype"]], tuple(raw["shape"]), 8 + length + begin, 8 + length + end)
-        if info.end > size:
-            raise CheckpointError(f"{path} is truncated: tensor '{name}' ends at byte {info.end} of {size}; "
-                                  "re-create or re-download it")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        info = _tensor_info(name, entry, 8 + length, size, str(path))
         infos[name] = info
-    return infos, metadata
+        spans.append((info.start, info.end, name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(f"{path}: tensors '{first}' and '{second}' overlap (field data_offsets); the file "
+                                  "is corrupt: re-create or re-download it")
+    return infos, header.get("__metadata__") or {}
+
+
+def parse_header(raw: bytes, where: str) -> dict:
+    """The JSON object of a safetensors header, with a well-formed ``__metadata__`` (string to
+    string) if present; anything else is a CheckpointError."""
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
+        raise CheckpointError(f"{where} has an unreadable safetensors header (not JSON); re-create it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: the safetensors header must be a JSON object, got {type(header).__name__}; "
+                              "re-create it")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{where}: field __metadata__ of the safetensors header must map strings to strings; "
+                              "re-create it")
+    return header
+
+
+def _tensor_info(name: str, entry: object, data_start: int, size: int, where: str) -> TensorInfo:
+    """One header entry, checked: a known dtype, a shape of non-negative integers, and
+    data_offsets [begin, end] inside the file holding exactly the tensor's bytes."""
+    def bad(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{where}: tensor '{name}' has {why} (field {field}); the file is corrupt or "
+                               "not a safetensors file: re-create or re-download it")
+
+    if not isinstance(entry, dict):
+        raise bad("the entry", f"a header entry that is not an object ({type(entry).__name__})")
+    dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+    if dtype is None:
+        raise bad("dtype", f"an unknown dtype {entry.get('dtype')!r} (known: {', '.join(DTYPES)})")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad("shape", f"a shape that is not a list of non-negative integers: {shape!r}")
+    offsets = entry.get("data_offsets")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise bad("data_offsets", f"data_offsets that are not two non-negative integers: {offsets!r}")
+    begin, end = offsets
+    if begin > end:
+        raise bad("data_offsets", f"data_offsets out of order: {begin} > {end}")
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if end - begin != nbytes:
+        raise bad("data_offsets", f"{end - begin} bytes where shape {shape} of {entry['dtype']} needs {nbytes}")
+    if data_start + end > size:
+        raise CheckpointError(f"{where} is truncated: tensor '{name}' ends at byte {data_start + end} of {size}; "
+                              "re-create or re-download it")
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def map_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -71,7 +125,15 @@ def map_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     infos, _ = read_header(path)
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=os.path.getsize(path))
     flat = torch.empty(0, dtype=torch.uint8).set_(storage)
-    return {name: flat[i.start:i.end].view(i.dtype).reshape(i.shape) for name, i in infos.items()}
+    return {name: _view(flat[i.start:i.end], i) for name, i in infos.items()}
+
+
+def _view(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """The bytes of one tensor as that tensor: a view where they are aligned to its element size
+    (as every writer we know aligns them), else a copy."""
+    if info.start % torch.empty(0, dtype=info.dtype).element_size():
+        raw = raw.clone()
+    return raw.view(info.dtype).reshape(info.shape)
 
 
 class MappedRegions:

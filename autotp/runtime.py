@@ -1,0 +1,130 @@
+"""Runtime: every setting of autotp in one frozen value, read from the environment here only.
+
+``Runtime.from_env()`` reads the ``AUTOTP_*`` variables once; the entry points (``shard``,
+``plan``, ``save_sharded``, ``from_pretrained``, the console scripts) take ``runtime=`` and pass
+it down, so nothing below them looks at the environment and two configurations can run in one
+process. This module is also the one place that touches the process environment otherwise
+(torchrun's variables, the build's PATH).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+KERNEL_MODES = ("auto", "native", "torch")
+COMM_MODES = ("auto", "shm", "torch")
+# instruction sets the native code may use, lowest first; "auto" takes the best the CPU has
+ISAS = ("generic", "avx512")
+ISA_CHOICES = ("auto", *ISAS)
+DEFAULT_COMM_TIMEOUT_S = 300.0
+
+# field -> the environment variable it is read from (README: "Settings")
+ENV_NAMES = {
+    "kernels": "AUTOTP_KERNELS",
+    "isa": "AUTOTP_ISA",
+    "comm": "AUTOTP_COMM",
+    "comm_timeout_s": "AUTOTP_COMM_TIMEOUT",
+    "host_id": "AUTOTP_HOST_ID",
+    "comm_portable": "AUTOTP_COMM_PORTABLE",
+    "verbose_build": "AUTOTP_VERBOSE_BUILD",
+}
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The settings one call of autotp runs with.
+
+    kernels         ``auto``: native GEMMs where they run, else torch (said once); ``native``:
+                    an error where they cannot run; ``torch``: always ``F.linear``.
+    isa             the highest instruction set native code may use: ``auto`` (the best the
+                    CPU has), ``avx512``, or ``generic`` (portable code only: the read probe and
+                    the all-reduce's sums run portably, and the GEMMs, which have no portable
+                    native path yet, run on torch).
+    comm            ``auto``: shared-memory all-reduce when every rank is on this host, else
+                    torch.distributed; ``shm``: an error where shared memory cannot be used;
+                    ``torch``: always torch.distributed.
+    comm_timeout_s  how long a rank waits in a shared-memory all-reduce for the others.
+    host_id         names this machine for the shared-memory check (None: hostname and boot id);
+                    ranks with different ids never share memory.
+    comm_portable   the shared-memory all-reduce sums with portable code (also on with
+                    ``isa="generic"``).
+    verbose_build   show the compiler's output when the extension is built.
+    """
+
+    kernels: str = "auto"
+    isa: str = "auto"
+    comm: str = "auto"
+    comm_timeout_s: float = DEFAULT_COMM_TIMEOUT_S
+    host_id: str | None = None
+    comm_portable: bool = False
+    verbose_build: bool = False
+
+    def __post_init__(self) -> None:
+        for name, choices in (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"autotp: Runtime({name}={getattr(self, name)!r}) is not one of "
+                                 f"{', '.join(choices)} (environment variable {ENV_NAMES[name]})")
+        if not isinstance(self.comm_timeout_s, (int, float)) or not self.comm_timeout_s > 0:
+            raise ValueError(f"autotp: Runtime(comm_timeout_s={self.comm_timeout_s!r}) must be a positive number "
+                             f"of seconds (environment variable {ENV_NAMES['comm_timeout_s']})")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Runtime":
+        """The runtime the ``AUTOTP_*`` variables of ``environ`` (default: this process's
+        environment) describe; unset or empty variables take the defaults. A value that is not
+        one of the choices is an error naming the variable."""
+        env = os.environ if environ is None else environ
+        raw = {field: env.get(var, "").strip() for field, var in ENV_NAMES.items()}
+        values: dict[str, object] = {}
+        for field, choices in (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES)):
+            value = raw[field].lower() or choices[0]
+            if value not in choices:
+                raise ValueError(f"autotp: {ENV_NAMES[field]}={value!r} is not one of {', '.join(choices)}")
+            values[field] = value
+        if raw["comm_timeout_s"]:
+            try:
+                values["comm_timeout_s"] = float(raw["comm_timeout_s"])
+            except ValueError:
+                raise ValueError(f"autotp: {ENV_NAMES['comm_timeout_s']}={raw['comm_timeout_s']!r} is not a number "
+                                 "of seconds") from None
+            if not values["comm_timeout_s"] > 0:
+                raise ValueError(f"autotp: {ENV_NAMES['comm_timeout_s']} must be positive, got {raw['comm_timeout_s']}")
+        values["host_id"] = raw["host_id"] or None
+        for field in ("comm_portable", "verbose_build"):
+            if raw[field] not in ("", "0", "1"):
+                raise ValueError(f"autotp: {ENV_NAMES[field]}={raw[field]!r} must be 0 or 1")
+            values[field] = raw[field] == "1"
+        return cls(**values)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> "Runtime":
+        """A copy with some fields changed (checked like a new Runtime)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def as_env(self) -> dict[str, str]:
+        """The environment variables that give this runtime to a child process (a rank)."""
+        env = {ENV_NAMES["kernels"]: self.kernels, ENV_NAMES["isa"]: self.isa, ENV_NAMES["comm"]: self.comm,
+               ENV_NAMES["comm_timeout_s"]: repr(float(self.comm_timeout_s)),
+               ENV_NAMES["comm_portable"]: "1" if self.comm_portable else "0",
+               ENV_NAMES["verbose_build"]: "1" if self.verbose_build else "0"}
+        if self.host_id:
+            env[ENV_NAMES["host_id"]] = self.host_id
+        return env
+
+
+def resolve(runtime: Runtime | None) -> Runtime:
+    """``runtime``, or the environment's when None (what every entry point does with ``runtime=``)."""
+    return Runtime.from_env() if runtime is None else runtime
+
+
+def missing_launch_variables() -> list[str]:
+    """torchrun's variables that torch.distributed's env:// start needs and this process lacks."""
+    return [k for k in LAUNCH_VARIABLES if k not in os.environ]
+
+
+def put_on_path(folder: Path) -> None:
+    """Put ``folder`` first on this process's PATH (for the tools a build runs, such as ninja)."""
+    os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
