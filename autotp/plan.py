@@ -39,29 +39,27 @@ class Style(str, enum.Enum):
             raise ValueError(f"unknown sharding style {value!r}; expected one of {names}") from None
 
 
-# Which dim of each parameter a style cuts (None: every rank holds it whole). Y = X A^T + b with
-# A [out, in]: COLUMN and VOCAB keep rows of A (and of b), ROW keeps columns of A and adds b
-# once after the all-reduce. The layers, the checkpoint writer and the loaders all read this.
-CUT_DIMS: dict["Style", dict[str, int | None]] = {}
-
-
-def cut_dim(style: "Style | None", param: str) -> int | None:
-    """The dim of parameter ``param`` ('weight', 'bias', ...) that ``style`` cuts, None for whole."""
-    return None if style is None else CUT_DIMS[style].get(param)
-
-
 _HF_STYLE_NAMES = {
     "colwise": Style.COLUMN,
     "rowwise": Style.ROW,
     "replicated": Style.REPLICATE,
     "vocab_parallel": Style.VOCAB,
 }
-CUT_DIMS.update({
+
+# Which dim of each parameter a style cuts (None: every rank holds it whole). Y = X A^T + b with
+# A [out, in]: COLUMN and VOCAB keep rows of A (and of b), ROW keeps columns of A and adds b
+# once after the all-reduce. The layers, the checkpoint writer and the loaders all read this.
+CUT_DIMS: dict[Style, dict[str, int | None]] = {
     Style.COLUMN: {"weight": 0, "bias": 0},
     Style.ROW: {"weight": 1, "bias": None},
     Style.VOCAB: {"weight": 0, "bias": 0},
     Style.REPLICATE: {},
-})
+}
+
+
+def cut_dim(style: Style | None, param: str) -> int | None:
+    """The dim of parameter ``param`` ('weight', 'bias', ...) that ``style`` cuts, None for whole."""
+    return None if style is None else CUT_DIMS[style].get(param)
 
 
 @dataclass

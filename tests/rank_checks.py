@@ -67,14 +67,17 @@ def compare_all(rank: int, world_size: int, families: list[str], fuse: bool = Tr
 
 def compare_bf16(rank: int, world_size: int, family: str, kernels: str = "auto") -> dict:
     """Logits error against an fp32 reference: unsharded bf16 vs sharded bf16, with the
-    sharded layers on the kernels ``Runtime(kernels=kernels)`` picks (and which were used)."""
+    sharded layers on the kernels ``kernels`` picks (and which were used). Runtimes here start
+    from ``Runtime.from_env()``: whoever runs the suite may cap the ISA (AUTOTP_ISA=generic plays
+    a CPU without AVX-512), and the parent's expectations read the same environment."""
     from autotp.sharding.layers import PackableLinear
 
     inputs = zoo.batch()
+    runtime = autotp.Runtime.from_env().replace(kernels=kernels)
     with torch.no_grad():
         ref = zoo.build(family)(**inputs).logits
         plain = zoo.build(family, torch.bfloat16)(**inputs).logits.float()
-        model = autotp.shard(zoo.build(family, torch.bfloat16), world_size, runtime=autotp.Runtime(kernels=kernels))
+        model = autotp.shard(zoo.build(family, torch.bfloat16), world_size, runtime=runtime)
         sharded = model(**inputs).logits.float()
     mask = inputs["attention_mask"].bool()
     layers = [m for m in model.modules() if isinstance(m, PackableLinear) and not getattr(m, "tied", False)]
@@ -88,7 +91,7 @@ def count_collectives(rank: int, world_size: int, family: str, fuse: bool = True
     they can be counted)."""
     model = zoo.build(family)
     plan = autotp.plan(model, world_size, fuse_allreduce=fuse)
-    autotp.shard(model, world_size, fuse_allreduce=fuse, runtime=autotp.Runtime(comm="torch"))
+    autotp.shard(model, world_size, fuse_allreduce=fuse, runtime=autotp.Runtime.from_env().replace(comm="torch"))
     counts = {"all_reduce": 0, "all_gather": 0}
     real = {name: getattr(dist, name) for name in counts}
 
@@ -180,7 +183,7 @@ def shm_against_gloo(rank: int, world_size: int, sizes: list[int], repeats: int,
 
     from autotp.comm import TPGroup
 
-    runtime = autotp.Runtime(comm="shm", comm_portable=portable)
+    runtime = autotp.Runtime.from_env().replace(comm="shm", comm_portable=portable)
     groups = [TPGroup.from_torch(world_size, runtime=runtime), TPGroup.from_torch(world_size, runtime=runtime)]
     names = [g.shm.name() for g in groups]
     left_in_dev_shm = [n for n in names if (Path("/dev/shm") / n.lstrip("/")).exists()]
@@ -213,7 +216,8 @@ def shm_peer_fails(rank: int, world_size: int, victim: int, how: str) -> dict | 
 
     from autotp.comm import TPGroup
 
-    group = TPGroup.from_torch(world_size, runtime=autotp.Runtime(comm="shm", comm_timeout_s=3))
+    runtime = autotp.Runtime.from_env().replace(comm="shm", comm_timeout_s=3)
+    group = TPGroup.from_torch(world_size, runtime=runtime)
     x = torch.ones(1000)
     for _ in range(20):
         group.all_reduce(x.fill_(1.0))

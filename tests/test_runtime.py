@@ -73,7 +73,7 @@ def test_two_runtimes_in_one_process_each_give_their_own_kernels():
                   for name, rt in [("torch", Runtime(kernels="torch")), ("auto", Runtime(kernels="auto")),
                                    ("generic", Runtime(kernels="auto", isa="generic"))]}
         logits = {name: m(**inputs).logits.float() for name, m in models.items()}
-    native = kernels.status()[0]
+    native = kernels.status(Runtime(kernels="auto"))[0]
     packed = {name: layer_kinds(m) for name, m in models.items()}
     assert packed["torch"][0] == 0 and packed["generic"][0] == 0
     assert packed["auto"][0] == (packed["auto"][1] if native else 0)

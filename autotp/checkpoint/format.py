@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from autotp.checkpoint.stfile import DTYPES, sha256_of
-from autotp.plan import CheckpointError, Plan, Style, cut_dim
+from autotp.plan import CheckpointError, Plan, cut_dim
 from autotp.sharding.quantize import QuantScheme
 
 FORMAT_VERSION = 1
@@ -107,7 +107,8 @@ def parse_manifest(raw: bytes | str, where: str) -> Manifest:
         raise _bad(where, f"field 'world_size' must be a positive integer, got {world_size!r}")
     dtype = _field(data, "dtype", str, where)
     if dtype not in FLOAT_DTYPES:
-        raise _bad(where, f"field 'dtype' must name a floating dtype ({', '.join(sorted(FLOAT_DTYPES))}), got {dtype!r}")
+        raise _bad(where, f"field 'dtype' must name a floating dtype ({', '.join(sorted(FLOAT_DTYPES))}), "
+                          f"got {dtype!r}")
     architecture = _field(data, "architecture", str, where)
     quant = QuantScheme.from_manifest(data.get("quantization"), where)
     files = [_rank_file(f, i, where) for i, f in enumerate(_field(data, "files", list, where))]
@@ -123,7 +124,8 @@ def read_manifest(directory: Path, world_size: int, rank: int, check_sha: bool =
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"{path} cannot be read ({exc}); re-create the checkpoint with create_shard_model") from None
+        raise CheckpointError(f"{path} cannot be read ({exc}); re-create the checkpoint with "
+                              "create_shard_model") from None
     manifest = parse_manifest(raw, str(path))
     if manifest.world_size != world_size:
         raise CheckpointError(

@@ -10,7 +10,6 @@ With Y = X A^T + b and A of shape [out, in]:
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import nn
@@ -232,7 +231,6 @@ def pack_layers(model: nn.Module, runtime: Runtime | None = None, release: Relea
     return count
 
 
-@functools.cache
 def _vocab_parallel_class(cls: type) -> type:
     return type(f"VocabParallel{cls.__name__}", (VocabParallelEmbeddingMixin, cls), {})
 
