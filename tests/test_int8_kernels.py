@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from autotp import kernels
-from test_kernels import bf16, native
+from test_kernels import bf16, native, paths
 
 
 def deq_reference(x, q, s, g, b, offset=0):
@@ -52,11 +52,11 @@ def test_packed_layouts_follow_their_definition():
     assert (qp[1, :, 6:] == 0).all() and (sp[1, :, 6:] == 0).all()  # past N
 
 
-@native
+@paths
 @pytest.mark.parametrize("n,k,g", [(1, 1, None), (15, 3, 2), (64, 64, 16), (100, 129, 32), (257, 1000, 128),
                                    (48, 4096, None), (130, 300, 7)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_gemm_shape_sweep_against_float64(n, k, g, bias):
+def test_int8_gemm_shape_sweep_against_float64(n, k, g, bias, isa):
     w = bf16(n, k, seed=n * 5 + k)
     b = bf16(n, seed=k) if bias else None
     q, s = kernels.quantize_int8(w, g)
@@ -65,12 +65,12 @@ def test_int8_gemm_shape_sweep_against_float64(n, k, g, bias):
     for m in (1, 2, 3, 4, 5, 6, 7, 13, 97, 300):
         x = bf16(m, k, seed=m)
         expect, bound = deq_reference(x, q, s, group, b)
-        y32 = kernels.linear_int8(x, qp, sp, b, n, group, out_dtype=torch.float32)
+        y32 = kernels.linear_int8(x, qp, sp, b, n, group, out_dtype=torch.float32, isa=isa)
         err = (y32.double() - expect).abs()
-        assert (err <= bound).all(), f"M={m} N={n} K={k} G={g}: max err {err.max():.3g}, bound {bound.max():.3g}"
-        assert torch.equal(kernels.linear_int8(x, qp, sp, b, n, group), y32.bfloat16())
+        assert (err <= bound).all(), f"{isa} M={m} N={n} K={k} G={g}: max err {err.max():.3g}, bound {bound.max():.3g}"
+        assert torch.equal(kernels.linear_int8(x, qp, sp, b, n, group, isa=isa), y32.bfloat16())
         # few rows take the in-register path, many the fp32 panel: the same sums in the same order
-        assert torch.equal(kernels.linear_int8(x[:1], qp, sp, b, n, group, out_dtype=torch.float32), y32[:1])
+        assert torch.equal(kernels.linear_int8(x[:1], qp, sp, b, n, group, out_dtype=torch.float32, isa=isa), y32[:1])
 
 
 def test_quantizing_a_shard_that_cuts_groups_with_an_offset_equals_slicing_the_whole():
@@ -85,9 +85,9 @@ def test_quantizing_a_shard_that_cuts_groups_with_an_offset_equals_slicing_the_w
         assert torch.equal(deq, kernels.dequantize_int8(q, s, 16)[:, k0:k1])
 
 
-@native
+@paths
 @pytest.mark.parametrize("k0,k1", [(40, 80), (37, 100), (5, 9), (0, 100)])
-def test_int8_gemm_with_a_group_offset_against_float64(k0, k1):
+def test_int8_gemm_with_a_group_offset_against_float64(k0, k1, isa):
     w, b = bf16(130, 100, seed=11), bf16(130, seed=12)
     q, s = kernels.quantize_int8(w, 16)
     first, last = k0 // 16, -(-k1 // 16)
@@ -96,12 +96,12 @@ def test_int8_gemm_with_a_group_offset_against_float64(k0, k1):
     for m in (1, 3, 7, 40):
         x = bf16(m, k1 - k0, seed=m)
         expect, bound = deq_reference(x, ql, sl, 16, b, k0 % 16)
-        y = kernels.linear_int8(x, qp, sp, b, 130, 16, k0 % 16, torch.float32)
+        y = kernels.linear_int8(x, qp, sp, b, 130, 16, k0 % 16, torch.float32, isa)
         assert ((y.double() - expect).abs() <= bound).all(), f"M={m} [{k0}, {k1})"
 
 
-@native
-def test_int8_gemm_is_the_same_on_any_number_of_threads():
+@paths
+def test_int8_gemm_is_the_same_on_any_number_of_threads(isa):
     q, s = kernels.quantize_int8(bf16(300, 512, seed=3), 64)
     qp, sp = kernels.prepack_int8(q, s)
     x = bf16(37, 512, seed=4)
@@ -110,7 +110,7 @@ def test_int8_gemm_is_the_same_on_any_number_of_threads():
         outs = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outs.append(kernels.linear_int8(x, qp, sp, None, 300, 64, out_dtype=torch.float32))
+            outs.append(kernels.linear_int8(x, qp, sp, None, 300, 64, out_dtype=torch.float32, isa=isa))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
@@ -131,10 +131,10 @@ def test_int8_gemm_errors_name_the_fix():
         kernels.linear_int8(x.half(), qp, sp, None, 64, 8)
 
 
-@native
-def test_int8_ops_pass_opcheck():
+@paths
+def test_int8_ops_pass_opcheck(isa):
     q, s = kernels.quantize_int8(bf16(70, 40, seed=7), 8, 3)  # offset 3: the first group holds 5 columns
     assert s.shape == (70, 6)
     qp, sp = kernels.prepack_int8(q, s)
     torch.library.opcheck(torch.ops.autotp.linear_int8.default,
-                          (bf16(3, 40, seed=8), qp, sp, bf16(70, seed=9), 70, 8, 3, torch.float32))
+                          (bf16(3, 40, seed=8), qp, sp, bf16(70, seed=9), 70, 8, 3, torch.float32, isa))

@@ -23,15 +23,24 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def test_extension_builds_where_the_cpu_supports_it():
+def test_extension_builds_and_picks_the_best_path_the_cpu_has():
     ok, why = kernels.status(Runtime())  # the CPU's own answer, whatever AUTOTP_ISA the caller set
-    if AVX512 <= cpu_flags():
+    flags = cpu_flags()
+    if AVX512 | {"fma"} <= flags:
         assert ok and why == "avx512", why
+    elif {"avx2", "fma"} <= flags:
+        assert ok and why == "avx2", why
     else:
-        assert not ok and "AVX-512" in why
+        assert not ok and "neither AVX2" in why
+    assert kernels.available_isas(Runtime())[-1] == "generic"  # the spec runs on every CPU
 
 
 native = pytest.mark.skipif(not kernels.status()[0], reason=f"native kernels unavailable: {kernels.status()[1]}")
+# every path this machine can run (capped by AUTOTP_ISA when whoever runs the suite sets it),
+# each tested on its own; the generic one everywhere the extension builds
+PATHS = kernels.available_isas(Runtime.from_env())
+paths = pytest.mark.parametrize("isa", PATHS or [pytest.param("", marks=pytest.mark.skip(
+    reason=f"extension unavailable: {kernels.status()[1]}"))])
 
 
 def bf16(*shape: int, seed: int) -> torch.Tensor:
@@ -51,10 +60,10 @@ def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tuple
     return y, mag * (k + 2) * 2.0**-24 + 1e-30
 
 
-@native
+@paths
 @pytest.mark.parametrize("n,k", [(1, 1), (15, 3), (16, 32), (17, 31), (100, 129), (257, 1000), (48, 4096)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemm_shape_sweep_against_float64(n, k, bias):
+def test_gemm_shape_sweep_against_float64(n, k, bias, isa):
     w = bf16(n, k, seed=n * 7 + k)
     b = bf16(n, seed=k) if bias else None
     packed = kernels.prepack(w)
@@ -63,28 +72,28 @@ def test_gemm_shape_sweep_against_float64(n, k, bias):
             continue
         x = bf16(m, k, seed=m)
         expect, bound = reference(x, w, b)
-        y32 = kernels.linear(x, packed, b, n, torch.float32)
+        y32 = kernels.linear(x, packed, b, n, torch.float32, isa)
         err = (y32.double() - expect).abs()
         assert (err <= bound).all(), f"M={m} N={n} K={k}: max err {err.max():.3g}, bound {bound.max():.3g}"
         # bf16 output: the fp32 result rounded once, to nearest even
-        assert torch.equal(kernels.linear(x, packed, b, n), y32.bfloat16()), f"M={m} N={n} K={k}"
+        assert torch.equal(kernels.linear(x, packed, b, n, isa=isa), y32.bfloat16()), f"{isa} M={m} N={n} K={k}"
 
 
-@native
-def test_gemm_leading_dims_fp32_input_and_empty():
+@paths
+def test_gemm_leading_dims_fp32_input_and_empty(isa):
     w, b = bf16(40, 24, seed=1), bf16(40, seed=2)
     packed = kernels.prepack(w)
     x = bf16(2, 3, 24, seed=3)
-    y = kernels.linear(x, packed, b, 40)
+    y = kernels.linear(x, packed, b, 40, isa=isa)
     assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
-    assert torch.equal(y, kernels.linear(x.reshape(6, 24), packed, b, 40).reshape(2, 3, 40))
-    y32 = kernels.linear(x.float(), packed, b, 40)
+    assert torch.equal(y, kernels.linear(x.reshape(6, 24), packed, b, 40, isa=isa).reshape(2, 3, 40))
+    y32 = kernels.linear(x.float(), packed, b, 40, isa=isa)
     assert y32.dtype == torch.float32 and torch.allclose(y32, y.float(), atol=0.05)
-    assert kernels.linear(bf16(0, 24, seed=4), packed, None, 40).shape == (0, 40)
+    assert kernels.linear(bf16(0, 24, seed=4), packed, None, 40, isa=isa).shape == (0, 40)
 
 
-@native
-def test_gemm_reaches_all_columns_and_rows_with_many_threads():
+@paths
+def test_gemm_reaches_all_columns_and_rows_with_many_threads(isa):
     """Every output element written exactly once whatever the split (poisoned output would show)."""
     w = bf16(1000, 64, seed=5)
     packed = kernels.prepack(w)
@@ -94,8 +103,8 @@ def test_gemm_reaches_all_columns_and_rows_with_many_threads():
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            y = kernels.linear(x, packed, None, 1000, torch.float32)
-            assert ((y.double() - expect).abs() <= bound).all(), threads
+            y = kernels.linear(x, packed, None, 1000, torch.float32, isa)
+            assert ((y.double() - expect).abs() <= bound).all(), (isa, threads)
     finally:
         torch.set_num_threads(before)
 
@@ -132,14 +141,14 @@ def test_op_errors_name_the_problem():
         kernels.linear(bf16(2, 10, seed=2).half(), packed, None, 20)
 
 
-@native
-def test_opcheck():
+@paths
+def test_opcheck(isa):
     w, b = bf16(33, 70, seed=1), bf16(33, seed=2)
     packed = kernels.prepack(w)
     x = bf16(5, 70, seed=3)
     torch.library.opcheck(torch.ops.autotp.prepack_bf16.default, (w,))
     torch.library.opcheck(torch.ops.autotp.unpack_bf16.default, (packed, 33, 70))
-    for args in [(x, packed, b, 33), (x, packed, None, 33), (x, packed, b, 33, torch.float32)]:
+    for args in [(x, packed, b, 33, None, isa), (x, packed, None, 33, None, isa), (x, packed, b, 33, torch.float32, isa)]:
         torch.library.opcheck(torch.ops.autotp.linear_bf16.default, args)
 
 
@@ -159,14 +168,15 @@ def two_rank_layers(kind: type, w: torch.Tensor, b: torch.Tensor, x: torch.Tenso
     return [packed, outs]
 
 
-@pytest.mark.parametrize("mode", ["native", "torch"])
+@pytest.mark.parametrize("mode", ["native", "torch", *(f"native-{isa}" for isa in PATHS)])
 @pytest.mark.parametrize("kind", [ColumnParallelLinear, RowParallelLinear])
 def test_parallel_layers_dispatch_and_match_nn_linear(mode, kind):
+    runtime = Runtime(kernels=mode.split("-")[0], isa=mode.split("-")[1] if "-" in mode else "auto")
     if mode == "native" and not kernels.status()[0]:
         pytest.skip(kernels.status()[1])
     w, b, x = bf16(64, 96, seed=1), bf16(64, seed=2), bf16(3, 5, 96, seed=3)
-    packed, outs = two_rank_layers(kind, w, b, x, Runtime(kernels=mode))
-    assert packed == [mode == "native"] * 2
+    packed, outs = two_rank_layers(kind, w, b, x, runtime)
+    assert packed == [mode != "torch"] * 2
     expect = F.linear(x.float(), w.float(), b.float())
     if kind is ColumnParallelLinear:
         got = torch.cat(outs, dim=-1).float()
@@ -181,10 +191,40 @@ def test_float32_layers_stay_on_torch():
     assert not layer.pack_weight(Runtime(kernels="auto")) and not layer.packed
 
 
+def test_self_check_passes_every_path_here():
+    assert kernels.selfcheck.check_paths(PATHS) == {}
+    assert kernels._EXTENSION.disabled == {}
+
+
+@pytest.mark.skipif(not PATHS, reason="extension unavailable")
+def test_negative_control_self_check_switches_off_a_wrong_kernel(monkeypatch):
+    """A deliberately wrong GEMM (off by 1e-3 of the output's scale in one column) registered
+    for a path: the self-check names the ISA and the shape, and the handle drops that path."""
+    def wrong(x, packed, bias, n, out_dtype, isa):
+        y = torch.ops.autotp.linear_bf16(x, packed, bias, n, out_dtype, "generic")
+        y[..., 3] += 1e-3 * y.abs().max()
+        return y
+
+    failed = kernels.selfcheck.check_paths(["avx2", "generic"], linear_bf16=wrong)
+    assert set(failed) == {"avx2"} and "bf16 GEMM differs" in failed["avx2"] and "M=1 N=70 K=33" in failed["avx2"]
+
+    def wrong_int8(x, q, s, bias, n, g, o, out_dtype, isa):
+        y = torch.ops.autotp.linear_int8(x, q, s, bias, n, g, o, out_dtype, "generic")
+        return y * (1 + 1e-4)
+
+    assert "INT8 GEMM differs" in kernels.selfcheck.check_paths(["avx512"], linear_int8=wrong_int8)["avx512"]
+    handle = kernels.Extension(build=lambda verbose: ["avx2", "generic"],
+                               check=lambda isas: kernels.selfcheck.check_paths(isas, linear_bf16=wrong))
+    monkeypatch.setattr(kernels, "_EXTENSION", handle)
+    with pytest.warns(UserWarning, match="avx2 kernels are switched off on this CPU: its bf16 GEMM differs"):
+        assert kernels.extension_loaded()
+    assert kernels.available_isas(Runtime()) == ["generic"] and not kernels.status(Runtime())[0]
+
+
 def test_build_failure_falls_back_once_or_raises_when_forced(monkeypatch):
     """A machine where the extension cannot build: auto warns once and stays on torch; native
     raises with the cause."""
-    def failing(verbose: bool) -> str:
+    def failing(verbose: bool) -> list[str]:
         raise OSError("g++: not found")
 
     monkeypatch.setattr(kernels, "_EXTENSION", kernels.Extension(build=failing))

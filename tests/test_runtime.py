@@ -36,7 +36,7 @@ def test_as_env_gives_the_same_runtime_to_a_child():
 @pytest.mark.parametrize("var,value,message", [
     ("AUTOTP_KERNELS", "fast", "AUTOTP_KERNELS='fast' is not one of auto, native, torch"),
     ("AUTOTP_COMM", "fast", "AUTOTP_COMM='fast' is not one of auto, shm, torch"),
-    ("AUTOTP_ISA", "avx9", "AUTOTP_ISA='avx9' is not one of auto, generic, avx512"),
+    ("AUTOTP_ISA", "avx9", "AUTOTP_ISA='avx9' is not one of auto, generic, avx2, avx512"),
     ("AUTOTP_COMM_TIMEOUT", "soon", "AUTOTP_COMM_TIMEOUT='soon' is not a number of seconds"),
     ("AUTOTP_COMM_TIMEOUT", "-1", "AUTOTP_COMM_TIMEOUT must be positive"),
     ("AUTOTP_COMM_PORTABLE", "yes", "AUTOTP_COMM_PORTABLE='yes' must be 0 or 1"),
@@ -63,7 +63,8 @@ def layer_kinds(model) -> tuple[int, int]:
 
 def test_two_runtimes_in_one_process_each_give_their_own_kernels():
     """One model on torch kernels, one on native (where they run), one capped at the generic
-    ISA, one INT8 on torch: each packs as its runtime says, all match the unsharded model."""
+    ISA (auto kernels: torch), one forced onto the generic native GEMM: each packs as its runtime
+    says, all match the unsharded model."""
     inputs = zoo.batch()
     mask = inputs["attention_mask"].bool()
     with torch.no_grad():
@@ -71,18 +72,19 @@ def test_two_runtimes_in_one_process_each_give_their_own_kernels():
         plain16 = zoo.build("llama", torch.bfloat16)(**inputs).logits.float()
         models = {name: autotp.shard(zoo.build("llama", torch.bfloat16), 1, runtime=rt)
                   for name, rt in [("torch", Runtime(kernels="torch")), ("auto", Runtime(kernels="auto")),
-                                   ("generic", Runtime(kernels="auto", isa="generic"))]}
+                                   ("generic", Runtime(kernels="auto", isa="generic")),
+                                   ("native-generic", Runtime(kernels="native", isa="generic"))]}
         logits = {name: m(**inputs).logits.float() for name, m in models.items()}
     native = kernels.status(Runtime(kernels="auto"))[0]
     packed = {name: layer_kinds(m) for name, m in models.items()}
     assert packed["torch"][0] == 0 and packed["generic"][0] == 0
     assert packed["auto"][0] == (packed["auto"][1] if native else 0)
+    assert packed["native-generic"][0] == packed["native-generic"][1]
+    assert {m.weight_format.isa for m in models["native-generic"].modules() if getattr(m, "packed", False)} == {"generic"}
     own = (plain16 - ref)[mask].abs().max()
     for name, got in logits.items():
         assert (got - ref)[mask].abs().max() <= 2 * own + 1e-3, name  # bf16: about the unsharded model's error
     assert torch.equal(logits["torch"], logits["generic"])  # the same torch path both times
-    with pytest.raises(RuntimeError, match="AUTOTP_KERNELS=native but .*AUTOTP_ISA=generic"):
-        autotp.shard(zoo.build("llama", torch.bfloat16), 1, runtime=Runtime(kernels="native", isa="generic"))
 
 
 @pytest.mark.skipif(not kernels.extension_loaded(), reason=f"extension unavailable: {kernels.status()[1]}")

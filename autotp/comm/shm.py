@@ -70,9 +70,8 @@ def open_segment(name: str, rank: int, size: int, create: bool, runtime: Runtime
     (``comm_portable``, or ``isa="generic"``)."""
     import torch
 
-    portable = runtime.comm_portable or kernels.isa(runtime) != "avx512"
-    return torch.classes.autotp.ShmComm(name, rank, size, SLOT_BYTES, create, float(runtime.comm_timeout_s),
-                                        portable)
+    isa = "generic" if runtime.comm_portable else kernels.isa(runtime)
+    return torch.classes.autotp.ShmComm(name, rank, size, SLOT_BYTES, create, float(runtime.comm_timeout_s), isa)
 
 
 def connect(process_group: Any, rank: int, size: int, runtime: Runtime) -> Any | None:

@@ -1,16 +1,20 @@
 """The native kernels: a C++ extension compiled on first use, and the choice between it and torch.
 
 ``Runtime.kernels`` (``AUTOTP_KERNELS``) picks the side:
-  ``auto`` (default)  native where it can run (bf16 or int8 weights, a CPU with AVX-512 and
-                      ``Runtime.isa`` allowing it, the extension built), else torch, saying once
-                      why native is off;
+  ``auto`` (default)  native where it pays (bf16 or int8 weights, a vector path: AVX2 or
+                      AVX-512, allowed by ``Runtime.isa``, the extension built), else torch,
+                      saying once why native is off;
   ``native``          native, and an error naming the cause where it cannot run;
   ``torch``           always ``F.linear`` on plain weights.
 
 The extension is compiled with the machine's g++ against the installed torch
 (``torch.utils.cpp_extension.load``, cached under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``); ranks starting together wait on the same build lock. The one
-piece of state here is the handle of that extension (built or not, and what it has said).
+``~/.cache/torch_extensions``); ranks starting together wait on the same build lock. Every
+source compiles on any architecture (each ISA's file holds code only where its architecture
+can run it), and the instruction sets it holds are listed best first (``csrc/kernel_list.cpp``).
+The one piece of state here is the handle of that extension: built or not, which ISAs this CPU
+runs, which the first-use self-check switched off (``autotp.kernels.selfcheck``), and what it
+has said.
 """
 from __future__ import annotations
 
@@ -24,11 +28,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from autotp.kernels.selfcheck import check_paths
 from autotp.runtime import ENV_NAMES, ISAS, Runtime, put_on_path, resolve
 
 ENV = ENV_NAMES["kernels"]
-GROUP_N = 64  # output columns per packed group (csrc/gemm_avx512.h)
-GEMM_ISAS = ("avx512",)  # instruction sets the native GEMMs have code for
+GROUP_N = 64  # output columns per packed group (csrc/kernel_table.h)
+FAST_ISAS = ("avx2", "avx512")  # paths Runtime(kernels="auto") uses; "generic" is the spec, run when forced
 
 
 def _ensure_ninja_on_path() -> None:
@@ -48,30 +53,30 @@ def _ensure_ninja_on_path() -> None:
             return
 
 
-def _build(verbose: bool = False) -> str:
-    """Compile (or find cached) and load the extension; returns the best ISA it has code for on
-    this CPU. Raises with the compiler's message when the build fails."""
+def _build(verbose: bool = False) -> list[str]:
+    """Compile (or find cached) and load the extension; returns the ISAs it holds that this CPU
+    runs, best first. Raises with the compiler's message when the build fails."""
     from torch.utils.cpp_extension import load
 
     _ensure_ninja_on_path()
     csrc = Path(__file__).parent / "csrc"
-    load(name="autotp_kernels",
-         sources=[str(csrc / "ops.cpp"), str(csrc / "gemm_avx512.cpp"), str(csrc / "gemm_int8.cpp"),
-                 str(csrc / "shm_comm.cpp")],
+    load(name="autotp_kernels", sources=sorted(str(p) for p in csrc.glob("*.cpp")),
          extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp", "-lrt"], is_python_module=False,
          verbose=verbose)
-    return torch.ops.autotp.kernel_isa()
+    return list(torch.ops.autotp.cpu_isas())
 
 
 class Extension:
     """The handle of the C++ extension: built once per process, on first need, and what it has
     already warned about (so each reason is said once)."""
 
-    def __init__(self, build: Callable[[bool], str] = _build) -> None:
-        self._build = build
+    def __init__(self, build: Callable[[bool], list[str]] = _build,
+                 check: Callable[[list[str]], dict[str, str]] = check_paths) -> None:
+        self._build, self._check = build, check
         self._lock = threading.Lock()
         self.built: bool | None = None  # None: not tried yet
-        self.cpu_isa = ""  # the best ISA the extension has code for on this CPU ("" unbuilt)
+        self.cpu_isas: list[str] = []  # what this CPU runs, best first, less what the self-check switched off
+        self.disabled: dict[str, str] = {}  # ISA -> why the self-check switched it off
         self.error = ""
         self.said: set[str] = set()
 
@@ -79,13 +84,19 @@ class Extension:
         with self._lock:
             if self.built is None:
                 try:
-                    self.cpu_isa = self._build(verbose)
+                    isas = self._build(verbose)
                     self.built = True
                 except Exception as exc:  # a missing compiler, headers, ninja: the message says which
                     self.built, self.error = False, f"the C++ extension did not build or load: {exc}"
                 if self.built:
                     _register_fakes()
-            return bool(self.built)
+                    self.disabled = self._check(isas)
+                    self.cpu_isas = [i for i in isas if i not in self.disabled]
+            disabled = dict(self.disabled) if self.built else {}
+        for name, why in disabled.items():
+            self.warn_once(f"autotp: the {name} kernels are switched off on this CPU: {why}; running the next "
+                           f"path down. Please report this with your CPU model (lscpu).")
+        return bool(self.built)
 
     def warn_once(self, message: str) -> None:
         with self._lock:
@@ -105,31 +116,38 @@ def extension_loaded(runtime: Runtime | None = None) -> bool:
     return _EXTENSION.load(resolve(runtime).verbose_build)
 
 
-def isa(runtime: Runtime | None = None) -> str:
-    """The instruction set native code runs with under ``runtime``: the best this CPU has that
-    the extension has code for, capped by ``Runtime.isa``; "" when the extension is not built."""
+def available_isas(runtime: Runtime | None = None) -> list[str]:
+    """The instruction sets native code may use under ``runtime``, best first: those this CPU
+    runs (and the self-check kept) up to ``Runtime.isa``; empty when the extension is not built."""
     rt = resolve(runtime)
     if not extension_loaded(rt):
-        return ""
-    best = _EXTENSION.cpu_isa
-    if rt.isa == "auto":
-        return best
-    return min(best, rt.isa, key=ISAS.index)
+        return []
+    cap = len(ISAS) if rt.isa == "auto" else ISAS.index(rt.isa) + 1
+    return [i for i in _EXTENSION.cpu_isas if ISAS.index(i) < cap]
+
+
+def isa(runtime: Runtime | None = None) -> str:
+    """The instruction set native code runs with under ``runtime``: the best of
+    :func:`available_isas`; "" when the extension is not built."""
+    isas = available_isas(runtime)
+    return isas[0] if isas else ""
 
 
 def status(runtime: Runtime | None = None) -> tuple[bool, str]:
-    """(whether the native GEMM can run here under ``runtime``, why not / which ISA). Builds on
-    first call."""
+    """(whether the native GEMM runs under ``runtime``, which ISA / why not). With
+    ``kernels="auto"`` only the vector paths count (the generic one is the spec, slower than
+    torch); with ``kernels="native"`` the generic path counts too. Builds on first call."""
     rt = resolve(runtime)
     if not extension_loaded(rt):
         return False, _EXTENSION.error
     chosen = isa(rt)
-    if chosen in GEMM_ISAS:
+    if chosen in FAST_ISAS or (chosen and rt.kernels == "native"):
         return True, chosen
-    if _EXTENSION.cpu_isa in GEMM_ISAS:
-        return False, (f"{ENV_NAMES['isa']}={rt.isa} caps native code at {chosen}, and the native GEMM "
-                       "has no code below AVX-512 yet")
-    return False, "this CPU lacks AVX-512 (F, BW, DQ, VL), which the native GEMM needs"
+    if any(i in FAST_ISAS for i in _EXTENSION.cpu_isas):
+        return False, (f"{ENV_NAMES['isa']}={rt.isa} caps native code at {chosen}, which only runs with "
+                       f"{ENV}=native (it is the spec the vector paths are checked against, not faster than torch)")
+    return False, ("this CPU has neither AVX2 + FMA nor AVX-512, which the fast native GEMMs need (the generic "
+                   f"one runs with {ENV}=native)")
 
 
 def native_enabled(dtype: torch.dtype = torch.bfloat16, runtime: Runtime | None = None) -> bool:
@@ -156,9 +174,10 @@ def native_enabled(dtype: torch.dtype = torch.bfloat16, runtime: Runtime | None 
 
 def read_probe(buffer: torch.Tensor, runtime: Runtime | None = None) -> int:
     """Read every byte of ``buffer`` once on ATen's threads (a measure of read bandwidth, for
-    benchmarks); AVX-512 loads where the CPU has them and ``runtime`` allows, portable ones
-    elsewhere. Needs the extension built (:func:`extension_loaded`); returns a checksum."""
-    return torch.ops.autotp.read_probe(buffer, isa(runtime) != "avx512")
+    benchmarks) with the loads of ``runtime``'s ISA (portable ones with ``isa="generic"``).
+    Needs the extension built (:func:`extension_loaded`); returns the XOR of every 8-byte word
+    (the same on every path)."""
+    return torch.ops.autotp.read_probe(buffer, isa(runtime))
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:
@@ -178,10 +197,10 @@ def unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.T
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype | None = None, isa: str = "") -> torch.Tensor:
     """x @ W^T + bias with W packed by :func:`prepack`; fp32 accumulation, output in
-    ``out_dtype`` (default: x's dtype)."""
-    return torch.ops.autotp.linear_bf16(x, packed, bias, out_features, out_dtype)
+    ``out_dtype`` (default: x's dtype), on the kernels of ``isa`` ("" the best this CPU runs)."""
+    return torch.ops.autotp.linear_bf16(x, packed, bias, out_features, out_dtype, isa)
 
 
 # -- weight-only INT8 ------------------------------------------------------------------------
@@ -237,12 +256,12 @@ def unpack_int8(qpacked: torch.Tensor, spacked: torch.Tensor, out_features: int
 
 def linear_int8(x: torch.Tensor, qpacked: torch.Tensor, spacked: torch.Tensor, bias: torch.Tensor | None,
                 out_features: int, group_size: int, group_offset: int = 0,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, isa: str = "") -> torch.Tensor:
     """x @ (Q S)^T + bias with Q, S packed by :func:`prepack_int8`; fp32 accumulation, output
-    in ``out_dtype`` (default: x's dtype). ``group_size`` and ``group_offset`` are as in
-    :func:`quantize_int8` (``None`` there is ``group_size=K`` here)."""
+    in ``out_dtype`` (default: x's dtype), on the kernels of ``isa``. ``group_size`` and
+    ``group_offset`` are as in :func:`quantize_int8` (``None`` there is ``group_size=K`` here)."""
     return torch.ops.autotp.linear_int8(x, qpacked, spacked, bias, out_features, group_size, group_offset,
-                                        out_dtype)
+                                        out_dtype, isa)
 
 
 def _register_fakes() -> None:
@@ -258,9 +277,9 @@ def _register_fakes() -> None:
         return packed.new_empty((out_features, in_features))
 
     @torch.library.register_fake("autotp::linear_bf16")
-    def _(x, packed, bias, out_features, out_dtype=None):
+    def _(x, packed, bias, out_features, out_dtype=None, isa=""):
         return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)
 
     @torch.library.register_fake("autotp::linear_int8")
-    def _(x, qpacked, spacked, bias, out_features, group_size, group_offset=0, out_dtype=None):
+    def _(x, qpacked, spacked, bias, out_features, group_size, group_offset=0, out_dtype=None, isa=""):
         return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)

@@ -69,18 +69,20 @@ class PlainWeight:
                 packed[start // kernels.GROUP_N:][:kernels.packed_shape(*rows.shape)[0]] = kernels.prepack(rows)
                 release(rows)
         layer.weight = _param(packed)
-        return PackedBf16()
+        return PackedBf16(kernels.isa(runtime))
 
 
 @dataclass(frozen=True)
 class PackedBf16:
-    """``weight`` is the bf16 matrix in the native GEMM's packed layout (kernels.prepack)."""
+    """``weight`` is the bf16 matrix in the native GEMM's packed layout (kernels.prepack),
+    multiplied by the kernels of ``isa`` (chosen when packing)."""
 
+    isa: str = ""
     packed = True
     quantized = False
 
     def matmul(self, layer: Holder, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return kernels.linear(x, layer.weight, bias, layer.out_features)
+        return kernels.linear(x, layer.weight, bias, layer.out_features, isa=self.isa)
 
     def unpacked(self, layer: Holder) -> torch.Tensor:
         return kernels.unpack(layer.weight, layer.out_features, layer.in_features)
@@ -120,13 +122,15 @@ class Int8Weight:
         if release is not None:
             release(q.data)
             release(scales.data)
-        return PackedInt8(self.group_size, self.group_offset)
+        return PackedInt8(self.group_size, self.group_offset, kernels.isa(runtime))
 
 
 @dataclass(frozen=True)
 class PackedInt8(Int8Weight):
-    """Q and S in the INT8 GEMM's packed layouts (kernels.prepack_int8)."""
+    """Q and S in the INT8 GEMM's packed layouts (kernels.prepack_int8), multiplied by the
+    kernels of ``isa`` (chosen when packing)."""
 
+    isa: str = ""
     packed = True
 
     def parts(self, layer: Holder) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +138,7 @@ class PackedInt8(Int8Weight):
 
     def matmul(self, layer: Holder, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return kernels.linear_int8(x, layer.weight, layer.weight_scale, bias,  # type: ignore[attr-defined]
-                                   layer.out_features, self.group_size, self.group_offset)
+                                   layer.out_features, self.group_size, self.group_offset, isa=self.isa)
 
     def pack(self, layer: Holder, runtime: Runtime, release: Release | None = None) -> "PackedInt8":
         return self

@@ -1,13 +1,14 @@
 // The torch.ops.autotp operators: the one registration file of the extension.
 //
-//   prepack_bf16(weight[N, K]) -> packed[NG, K2, 128]     (layout: gemm_avx512.h)
+//   prepack_bf16(weight[N, K]) -> packed[NG, K2, 128]     (layouts and the INT8 spec: kernel_table.h)
 //   unpack_bf16(packed, N, K) -> weight[N, K]              (inverse, for tests and state dicts)
-//   linear_bf16(x[..., K], packed, bias?, N, out_dtype?) -> y[..., N] = x W^T + bias
-//   linear_int8(x[..., K], qpacked, spacked, bias?, N, G, O, out_dtype?) -> y[..., N] = x (Q S)^T + bias
-//                                                          (layouts and spec: gemm_int8.h)
-//   read_probe(buffer, portable) -> checksum              (read bandwidth, for benchmarks; any CPU)
-//   class ShmComm(name, rank, size, slot_bytes, create, timeout_s, portable): all_reduce(t), unlink(), name()
-//   kernel_isa() -> the best instruction set of this CPU the extension has code for: "avx512" or "generic"
+//   linear_bf16(x[..., K], packed, bias?, N, out_dtype?, isa) -> y[..., N] = x W^T + bias
+//   linear_int8(x[..., K], qpacked, spacked, bias?, N, G, O, out_dtype?, isa) -> y[..., N] = x (Q S)^T + bias
+//   read_probe(buffer, isa) -> checksum                   (read bandwidth, for benchmarks)
+//   class ShmComm(name, rank, size, slot_bytes, create, timeout_s, isa): all_reduce(t), unlink(), name()
+//   cpu_isas() -> the instruction sets this build holds that this CPU runs, best first
+// `isa` names the kernel table to run ("" = the best this CPU runs; an ISA it cannot run is an
+// error); the Python side picks it from the Runtime.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,18 +18,11 @@
 #include <optional>
 #include <string>
 
-#include "gemm_avx512.h"
-#include "gemm_int8.h"
+#include "kernel_table.h"
 #include "shm_comm.h"
 
 namespace autotp {
 namespace {
-
-using avx512::kBlockM;
-using avx512::kBlockN;
-using avx512::kGroupBlocks;
-using avx512::kGroupRow;
-using avx512::kTileM;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -87,16 +81,17 @@ at::Tensor unpack_bf16(const at::Tensor& packed, int64_t N, int64_t K) {
 }
 
 // What both GEMMs check and set up alike: x's dtype and rank, out_dtype, the bias as fp32, the
-// AVX-512 guard, the output [..., N] and M. `finished` when there is nothing to multiply (M, N or
+// kernel table, the output [..., N] and M. `finished` when there is nothing to multiply (M, N or
 // K zero; the output is then empty or the bias).
 struct LinearCall {
   int64_t K, M;
   at::Tensor out, bias;
   bool finished;
+  const KernelTable* table;
 };
 
 LinearCall begin_linear(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t N,
-                        std::optional<at::ScalarType> out_dtype, const char* op, const char* without_avx512) {
+                        std::optional<at::ScalarType> out_dtype, const std::string& isa, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
               op, ": x must be a bfloat16 or float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
@@ -104,18 +99,18 @@ LinearCall begin_linear(const at::Tensor& x, const std::optional<at::Tensor>& bi
   const at::ScalarType odt = out_dtype.value_or(x.scalar_type());
   TORCH_CHECK(odt == at::kBFloat16 || odt == at::kFloat, op, ": out_dtype must be bfloat16 or float32, got ", odt);
   at::Tensor b = float_bias(bias, N, op);
-  TORCH_CHECK(avx512::cpu_supported(), op, ": this CPU lacks AVX-512 (F, BW, DQ, VL); ", without_avx512);
+  const KernelTable& table = kernel_table(isa);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   const int64_t M = x.numel() / std::max<int64_t>(K, 1);
   at::Tensor out = at::empty(out_shape, x.options().dtype(odt));
   if (M > 0 && N > 0 && K == 0) out.zero_().add_(b.defined() ? b.to(odt) : at::zeros({N}, out.options()));
-  return {K, M, out, b, M == 0 || N == 0 || K == 0};
+  return {K, M, out, b, M == 0 || N == 0 || K == 0, &table};
 }
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                       int64_t N, std::optional<at::ScalarType> out_dtype) {
-  LinearCall call = begin_linear(x, bias, N, out_dtype, "autotp::linear_bf16", "use F.linear on the unpacked weight");
+                       int64_t N, std::optional<at::ScalarType> out_dtype, const std::string& isa) {
+  LinearCall call = begin_linear(x, bias, N, out_dtype, isa, "autotp::linear_bf16");
   const int64_t K = call.K, M = call.M;
   check_packed(packed, N, K, "autotp::linear_bf16");
   TORCH_CHECK(packed.is_contiguous(), "autotp::linear_bf16: packed weight must be contiguous");
@@ -130,105 +125,97 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
     xf = at::zeros({M, 2 * K2}, x.options().dtype(at::kFloat));
     xf.narrow(1, 0, K).copy_(x.reshape({M, K}));
   }
-  avx512::GemmArgs args{xf.data_ptr<float>(),
+  GemmArgs args{xf.data_ptr<float>(),
                         reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()),
                         b.defined() ? b.data_ptr<float>() : nullptr,
                         out.data_ptr(), M, N, K2, N, to_bf16};
   const int64_t NB = ceil_div(N, kBlockN);  // blocks of 16 columns that hold outputs
-  const int64_t rows = std::min(kBlockM, ceil_div(ceil_div(M, ceil_div(M, kBlockM)), kTileM) * kTileM);
-  for_each_unit(M, rows, NB, avx512::kMaxItemBlocks, kGroupBlocks,
-                [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) { avx512::gemm_tile(args, m0, m1, b0, b1); });
+  const int64_t rows = std::min(kBlockM, ceil_div(ceil_div(M, ceil_div(M, kBlockM)), kRowTile) * kRowTile);
+  const auto tile = call.table->bf16_tile;
+  for_each_unit(M, rows, NB, kMaxItemBlocks, kGroupBlocks,
+                [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) { tile(args, m0, m1, b0, b1); });
   return out;
 }
 
 void check_int8_packed(const at::Tensor& qpacked, const at::Tensor& spacked, int64_t N, int64_t K, int64_t G,
                        int64_t O, const char* op) {
-  const int64_t NG = ceil_div(N, avx512::kInt8Group);
+  const int64_t NG = ceil_div(N, kInt8Group);
   TORCH_CHECK(G >= 1, op, ": group_size must be at least 1, got ", G);
   TORCH_CHECK(O >= 0 && O < G, op, ": group_offset must be in [0, group_size), got ", O, " for group size ", G);
   TORCH_CHECK(qpacked.dim() == 3 && qpacked.scalar_type() == at::kChar && qpacked.size(0) == NG &&
-                  qpacked.size(1) == K && qpacked.size(2) == avx512::kInt8Group && qpacked.is_contiguous(),
+                  qpacked.size(1) == K && qpacked.size(2) == kInt8Group && qpacked.is_contiguous(),
               op, ": packed weight must be contiguous int8 [", NG, ", ", K, ", 64] (prepack_int8 of an [", N, ", ",
               K, "] weight), got ", qpacked.scalar_type(), " ", qpacked.sizes());
   TORCH_CHECK(spacked.dim() == 3 && spacked.scalar_type() == at::kFloat && spacked.size(0) == NG &&
-                  spacked.size(1) == ceil_div(K + O, G) && spacked.size(2) == avx512::kInt8Group &&
+                  spacked.size(1) == ceil_div(K + O, G) && spacked.size(2) == kInt8Group &&
                   spacked.is_contiguous(),
               op, ": packed scales must be contiguous float32 [", NG, ", ", ceil_div(K + O, G),
               ", 64] for group size ", G, " and offset ", O, ", got ", spacked.scalar_type(), " ", spacked.sizes());
 }
 
 // x: [..., K] bf16/fp32   qpacked: [ceil(N/64), K, 64] int8   spacked: [ceil(N/64), ceil(K/G), 64] fp32
-// y: [..., N] = x (Q * S)^T + bias, fp32 accumulation (spec in gemm_int8.h). AVX-512 F/BW/DQ/VL.
+// y: [..., N] = x (Q * S)^T + bias, fp32 accumulation (spec in kernel_table.h); any ISA's table.
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at::Tensor& spacked,
                        const std::optional<at::Tensor>& bias, int64_t N, int64_t group_size, int64_t group_offset,
-                       std::optional<at::ScalarType> out_dtype) {
-  LinearCall call = begin_linear(x, bias, N, out_dtype, "autotp::linear_int8",
-                                 "use the torch path (dequantise, then F.linear)");
+                       std::optional<at::ScalarType> out_dtype, const std::string& isa) {
+  LinearCall call = begin_linear(x, bias, N, out_dtype, isa, "autotp::linear_int8");
   const int64_t K = call.K, M = call.M;
   check_int8_packed(qpacked, spacked, N, K, group_size, group_offset, "autotp::linear_int8");
   at::Tensor out = call.out, b = call.bias;
   if (call.finished) return out;
   at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
-  avx512::Int8GemmArgs args{xf.data_ptr<float>(), qpacked.data_ptr<int8_t>(), spacked.data_ptr<float>(),
+  Int8GemmArgs args{xf.data_ptr<float>(), qpacked.data_ptr<int8_t>(), spacked.data_ptr<float>(),
                             b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K, group_size,
                             group_offset, spacked.size(1), N, out.scalar_type() == at::kBFloat16};
-  const int64_t rows = M <= avx512::kInt8DirectM
+  const int64_t rows = M <= kInt8DirectM
       ? M  // few rows: one tile, so each weight row is widened once
-      : std::min(avx512::kInt8BlockM, ceil_div(ceil_div(M, ceil_div(M, avx512::kInt8BlockM)), kTileM) * kTileM);
-  for_each_unit(M, rows, qpacked.size(0), avx512::kInt8MaxItemGroups, 1,
-                [&](int64_t m0, int64_t m1, int64_t g0, int64_t g1) { avx512::gemm_int8_tile(args, m0, m1, g0, g1); });
-  return out;
-}
-
-// The portable read: 8-byte words XORed in four independent chains (so the compiler keeps
-// several loads in flight), the bytes past the last whole word one by one.
-uint64_t stream_read_portable(const uint8_t* data, int64_t bytes) {
-  uint64_t a = 0, b = 0, c = 0, d = 0, w[4];
-  int64_t i = 0;
-  for (; i + 32 <= bytes; i += 32) {
-    std::memcpy(w, data + i, 32);
-    a ^= w[0], b ^= w[1], c ^= w[2], d ^= w[3];
-  }
-  uint64_t out = a ^ b ^ c ^ d;
-  for (; i < bytes; ++i) out ^= data[i];
+      : std::min(kInt8BlockM, ceil_div(ceil_div(M, ceil_div(M, kInt8BlockM)), kRowTile) * kRowTile);
+  const auto tile = call.table->int8_tile;
+  for_each_unit(M, rows, qpacked.size(0), kInt8MaxItemGroups, 1,
+                [&](int64_t m0, int64_t m1, int64_t g0, int64_t g1) { tile(args, m0, m1, g0, g1); });
   return out;
 }
 
 // Reads every byte of `buffer` once, split over the threads: a benchmark's measure of the read
-// bandwidth the GEMM's weight streaming can be compared with. Returns a checksum. AVX-512 loads
-// where the CPU has them unless `portable`; the portable loop anywhere.
-int64_t read_probe(const at::Tensor& buffer, bool portable) {
+// bandwidth the GEMM's weight streaming can be compared with. Returns a checksum (the XOR of
+// every 8-byte word, the same on every ISA).
+int64_t read_probe(const at::Tensor& buffer, const std::string& isa) {
   TORCH_CHECK(buffer.device().is_cpu() && buffer.is_contiguous(), "autotp::read_probe: needs a contiguous CPU tensor");
-  const bool vector = !portable && avx512::cpu_supported();
+  const auto read = kernel_table(isa).stream_read;
   const auto* data = static_cast<const uint8_t*>(buffer.data_ptr());
   const int64_t bytes = buffer.numel() * buffer.element_size(), piece = 1 << 20;
   std::atomic<uint64_t> sum{0};
   at::parallel_for(0, ceil_div(bytes, piece), 1, [&](int64_t begin, int64_t end) {
     const int64_t start = begin * piece, stop = std::min(bytes, end * piece);
-    sum.fetch_xor(vector ? avx512::stream_read(data + start, stop - start)
-                         : stream_read_portable(data + start, stop - start));
+    sum.fetch_xor(read(data + start, stop - start));
   });
   return static_cast<int64_t>(sum.load());
 }
 
-std::string kernel_isa() { return avx512::cpu_supported() ? "avx512" : "generic"; }
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (const KernelTable* t : kernel_tables())
+    if (t->supported()) names.emplace_back(t->name);
+  return names;
+}
 
 }  // namespace
 }  // namespace autotp
 
 TORCH_LIBRARY(autotp, m) {
   m.class_<autotp::ShmComm>("ShmComm")
-      .def(torch::init<std::string, int64_t, int64_t, int64_t, bool, double, bool>())
+      .def(torch::init<std::string, int64_t, int64_t, int64_t, bool, double, std::string>())
       .def("all_reduce", &autotp::ShmComm::all_reduce)
       .def("unlink", &autotp::ShmComm::unlink)
       .def("name", &autotp::ShmComm::name);
   m.def("prepack_bf16(Tensor weight) -> Tensor");
   m.def("unpack_bf16(Tensor packed, int out_features, int in_features) -> Tensor");
-  m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features, ScalarType? out_dtype=None) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features, ScalarType? out_dtype=None, "
+        "str isa=\"\") -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qpacked, Tensor spacked, Tensor? bias, int out_features, int group_size, "
-        "int group_offset=0, ScalarType? out_dtype=None) -> Tensor");
-  m.def("read_probe(Tensor buffer, bool portable=False) -> int");
-  m.def("kernel_isa() -> str", &autotp::kernel_isa);
+        "int group_offset=0, ScalarType? out_dtype=None, str isa=\"\") -> Tensor");
+  m.def("read_probe(Tensor buffer, str isa=\"\") -> int");
+  m.def("cpu_isas() -> str[]", &autotp::cpu_isas);
 }
 
 TORCH_LIBRARY_IMPL(autotp, CPU, m) {

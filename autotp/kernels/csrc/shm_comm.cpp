@@ -1,7 +1,6 @@
 // Shared-memory all-reduce (see shm_comm.h).
 #include "shm_comm.h"
 
-#include "gemm_avx512.h"
 
 #include <fcntl.h>
 #include <sched.h>
@@ -9,7 +8,6 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <immintrin.h>
 
 #include <atomic>
 #include <cerrno>
@@ -30,19 +28,13 @@ struct alignas(64) Counter {
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
+// Spin-wait hint: lets the sibling hyperthread run while this one polls.
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
 }
 
 }  // namespace
@@ -56,9 +48,9 @@ struct ShmComm::Header {
 };
 
 ShmComm::ShmComm(std::string name, int64_t rank, int64_t size, int64_t slot_bytes, bool create, double timeout_s,
-                 bool portable)
+                 std::string isa)
     : name_(std::move(name)), rank_(rank), size_(size), slot_bytes_(slot_bytes), timeout_s_(timeout_s),
-      vector_(!portable && avx512::cpu_supported()) {
+      sums_(&kernel_table(isa)) {
   TORCH_CHECK(size >= 1 && size <= kMaxRanks && rank >= 0 && rank < size, "autotp ShmComm: rank ", rank,
               " of ", size, " is out of range (at most ", kMaxRanks, " ranks)");
   TORCH_CHECK(slot_bytes >= 64 && slot_bytes % 64 == 0, "autotp ShmComm: slot_bytes must be a multiple of 64");
@@ -119,7 +111,7 @@ void ShmComm::wait_all(int which, int64_t target) {
     auto& counter = header_->counters[which][r].value;
     for (int64_t spins = 0; counter.load(std::memory_order_acquire) < target; ++spins) {
       if (spins < 2000) {
-        _mm_pause();
+        cpu_relax();
         continue;
       }
       sched_yield();  // ranks may share cores: let the one we wait for run
@@ -161,35 +153,12 @@ at::Tensor ShmComm::all_reduce(at::Tensor tensor) {
     std::memcpy(slot(buffer, rank_), data + off * elem, n * elem);
     header_->counters[kArrive][rank_].value.store(seq, std::memory_order_release);
     wait_all(kArrive, seq);
-    if (vector_) {
-      const void* srcs[kMaxRanks];
-      for (int64_t r = 0; r < size_; ++r) srcs[r] = slot(buffer, r);
-      if (bf16)
-        avx512::sum_bf16(reinterpret_cast<const uint16_t* const*>(srcs), size_,
-                         reinterpret_cast<uint16_t*>(data) + off, n);
-      else
-        avx512::sum_f32(reinterpret_cast<const float* const*>(srcs), size_, reinterpret_cast<float*>(data) + off, n);
-    } else if (bf16) {
-      auto* out = reinterpret_cast<uint16_t*>(data) + off;
-      float acc[1024];
-      for (int64_t i0 = 0; i0 < n; i0 += 1024) {
-        const int64_t m = std::min<int64_t>(1024, n - i0);
-        const auto* s0 = reinterpret_cast<const uint16_t*>(slot(buffer, 0)) + i0;
-        for (int64_t i = 0; i < m; ++i) acc[i] = bf16_to_float(s0[i]);
-        for (int64_t r = 1; r < size_; ++r) {
-          const auto* s = reinterpret_cast<const uint16_t*>(slot(buffer, r)) + i0;
-          for (int64_t i = 0; i < m; ++i) acc[i] += bf16_to_float(s[i]);
-        }
-        for (int64_t i = 0; i < m; ++i) out[i0 + i] = float_to_bf16(acc[i]);
-      }
-    } else {
-      auto* out = reinterpret_cast<float*>(data) + off;
-      std::memcpy(out, slot(buffer, 0), n * sizeof(float));
-      for (int64_t r = 1; r < size_; ++r) {
-        const auto* s = reinterpret_cast<const float*>(slot(buffer, r));
-        for (int64_t i = 0; i < n; ++i) out[i] += s[i];
-      }
-    }
+    const void* srcs[kMaxRanks];
+    for (int64_t r = 0; r < size_; ++r) srcs[r] = slot(buffer, r);
+    if (bf16)
+      sums_->sum_bf16(reinterpret_cast<const uint16_t* const*>(srcs), size_, reinterpret_cast<uint16_t*>(data) + off, n);
+    else
+      sums_->sum_f32(reinterpret_cast<const float* const*>(srcs), size_, reinterpret_cast<float*>(data) + off, n);
     header_->counters[kDepart][rank_].value.store(seq, std::memory_order_release);
   }
   return tensor;

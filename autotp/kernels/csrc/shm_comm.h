@@ -9,6 +9,8 @@
 // process has exited, makes the others raise instead of hanging.
 #pragma once
 
+#include "kernel_table.h"
+
 #include <ATen/ATen.h>
 #include <torch/custom_class.h>
 
@@ -20,10 +22,10 @@ namespace autotp {
 class ShmComm : public torch::CustomClassHolder {
  public:
   // Creates (create=true, one rank) or opens the segment `name` for `size` ranks with slots of
-  // `slot_bytes`; `timeout_s` bounds every wait. `portable` forces the plain C++ reduction
-  // (what CPUs without AVX-512 run), so that it can be tested anywhere.
+  // `slot_bytes`; `timeout_s` bounds every wait. `isa` names the kernel table whose sums reduce
+  // ("" the best this CPU runs, "generic" the portable ones, so that they are tested anywhere).
   ShmComm(std::string name, int64_t rank, int64_t size, int64_t slot_bytes, bool create, double timeout_s,
-          bool portable);
+          std::string isa);
   ~ShmComm() override;
 
   // Sums a contiguous float32 or bfloat16 CPU tensor over the ranks, in place; returns it.
@@ -40,7 +42,7 @@ class ShmComm : public torch::CustomClassHolder {
   std::string name_;
   int64_t rank_, size_, slot_bytes_;
   double timeout_s_;
-  bool vector_;  // AVX-512 reduction (else portable loops)
+  const KernelTable* sums_;  // the reduction's code
   size_t bytes_ = 0;
   void* base_ = nullptr;
   Header* header_ = nullptr;

@@ -1,0 +1,226 @@
+// The GEMM tiles of every instruction set, written once over a vector type V that the ISA's
+// file supplies. Include it inside that file's `#pragma GCC target` region and inside an
+// anonymous namespace: each ISA then compiles its own copy, for its own instructions, with
+// nothing shared at link time. It includes nothing itself (kernel_table.h and <algorithm> come
+// first, outside the region).
+//
+// V provides, for F a register of kWidth fp32 lanes:
+//   zero(), load(const float*), store(float*, F), set1(float), fma(a, b, c) = a * b + c
+//   even(p), odd(p): the 2 * kWidth bf16 at p are kWidth (even K, odd K) pairs of kWidth
+//     columns; even gives the even-K values as fp32, odd the odd-K ones (bf16 is the top
+//     half of an fp32: a shift or a mask)
+//   dequant(q, scale): the kWidth int8 at q, as fp32, times scale (rounded once)
+//   prefetch(p)
+//   kTileM (rows per bf16 micro-kernel call, <= 6) and kTileBlocks(mt) (16-column blocks per
+//   call, 1..4), kDirectRows / kDirectCols (INT8, few rows: weights used in registers) and
+//   kPanelRows / kPanelCols (INT8, many rows: from a dequantised fp32 panel); column counts are
+//   multiples of kWidth that divide 64.
+// Accumulation is fp32 in K order everywhere, so every ISA computes the same sums up to the
+// association of the K loop's FMAs with the products (each product is rounded once).
+
+constexpr int64_t kPrefetchPairs = 16;  // bf16 rows (256 B each) ahead: 4 KB
+constexpr int64_t kPrefetchK = 32;      // INT8 rows (64 B each) ahead: 2 KB
+constexpr int64_t kPanelK = 256;        // K per dequantised INT8 panel (64 KB of fp32)
+
+// acc[i][.] (+)= sum over `pairs` K pairs of x[i, 2p + s] * W[block j, p, s], for MT rows of x
+// (row stride ldx) and NB blocks of the packed group rows at w (row stride kGroupRow).
+template <class V, int MT, int NB>
+void bf16_micro(const float* x, int64_t ldx, const uint16_t* w, int64_t pairs, float* c, int64_t ldc,
+                bool accumulate) {
+  constexpr int R = kBlockN / V::kWidth;  // registers per block
+  typename V::F acc[MT][NB * R];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NB * R; ++j) acc[i][j] = accumulate ? V::load(c + i * ldc + j * V::kWidth) : V::zero();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* row = w + p * kGroupRow;
+    for (int j = 0; j < NB; ++j) V::prefetch(row + kPrefetchPairs * kGroupRow + j * kRowElems);
+    // even K first, then odd: only NB * R weight registers live beside the accumulators
+    typename V::F wv[NB * R];
+    for (int j = 0; j < NB; ++j)
+      for (int r = 0; r < R; ++r) wv[j * R + r] = V::even(row + j * kRowElems + 2 * V::kWidth * r);
+    for (int i = 0; i < MT; ++i) {
+      const typename V::F xv = V::set1(x[i * ldx + 2 * p]);
+      for (int j = 0; j < NB * R; ++j) acc[i][j] = V::fma(xv, wv[j], acc[i][j]);
+    }
+    for (int j = 0; j < NB; ++j)
+      for (int r = 0; r < R; ++r) wv[j * R + r] = V::odd(row + j * kRowElems + 2 * V::kWidth * r);
+    for (int i = 0; i < MT; ++i) {
+      const typename V::F xv = V::set1(x[i * ldx + 2 * p + 1]);
+      for (int j = 0; j < NB * R; ++j) acc[i][j] = V::fma(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NB * R; ++j) V::store(c + i * ldc + j * V::kWidth, acc[i][j]);
+}
+
+using Bf16MicroFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool);
+
+template <class V, int MT>
+Bf16MicroFn bf16_pick_nb(int64_t nb) {
+  switch (nb) {
+    case 1: return bf16_micro<V, MT, 1>;
+    case 2: return bf16_micro<V, MT, 2>;
+    case 3: return bf16_micro<V, MT, 3>;
+    default: return bf16_micro<V, MT, 4>;
+  }
+}
+
+template <class V>
+Bf16MicroFn bf16_pick(int64_t mt, int64_t nb) {
+  switch (mt) {
+    case 1: return bf16_pick_nb<V, 1>(nb);
+    case 2: return bf16_pick_nb<V, 2>(nb);
+    case 3: return bf16_pick_nb<V, 3>(nb);
+    case 4: return bf16_pick_nb<V, 4>(nb);
+    case 5: return bf16_pick_nb<V, 5>(nb);
+    default: return bf16_pick_nb<V, 6>(nb);
+  }
+}
+
+// With one row tile the weight streams once over the whole K; with several, K is walked in
+// chunks so that each chunk of x and of the weight stays in cache while every (row tile,
+// group) pair of the unit uses it.
+template <class V>
+void bf16_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
+  static_assert(V::kTileM >= 1 && V::kTileM <= 6, "bf16_pick covers 1..6 rows");
+  alignas(64) float c[kBlockM * kMaxItemBlocks * kBlockN];
+  const int64_t ldx = 2 * a.K2, ldc = (b1 - b0) * kBlockN;
+  const int64_t chunk = (m1 - m0) <= V::kTileM ? a.K2 : kChunkPairs;
+  for (int64_t p0 = 0; p0 < a.K2; p0 += chunk) {
+    const int64_t pairs = std::min(chunk, a.K2 - p0);
+    for (int64_t g = b0; g < b1; g += kGroupBlocks) {
+      const int64_t blocks = std::min(kGroupBlocks, b1 - g);
+      const uint16_t* w = a.w + (g / kGroupBlocks * a.K2 + p0) * kGroupRow;
+      for (int64_t m = m0; m < m1; m += V::kTileM) {
+        const int64_t mt = std::min<int64_t>(V::kTileM, m1 - m), per_call = V::kTileBlocks(mt);
+        for (int64_t j = 0; j < blocks; j += per_call)
+          bf16_pick<V>(mt, std::min(per_call, blocks - j))(a.x + m * ldx + 2 * p0, ldx, w + j * kRowElems, pairs,
+                                                            c + (m - m0) * ldc + (g - b0 + j) * kBlockN, ldc, p0 > 0);
+      }
+    }
+  }
+  store_rows(c, ldc, m0, m1, b0 * kBlockN, std::min(a.N, b1 * kBlockN), a.bias, a.out, a.ldo, a.out_bf16);
+}
+
+// acc[i][.] (+)= sum over k in [k0, k1) of x[i, k] * W[k, columns], W dequantised in registers:
+// MT rows of x (row stride ldx), CR registers of columns from q / s (row stride 64).
+template <class V, int MT, int CR>
+void int8_direct(const float* x, int64_t ldx, const int8_t* q, const float* s, int64_t G, int64_t O, int64_t k0,
+                 int64_t k1, float* c, int64_t ldc) {
+  typename V::F acc[MT][CR];
+  for (int i = 0; i < MT; ++i)
+    for (int r = 0; r < CR; ++r) acc[i][r] = V::zero();
+  for (int64_t kg = k0; kg < k1;) {
+    const int64_t t = (kg + O) / G, kend = std::min(k1, (t + 1) * G - O);
+    typename V::F sv[CR];
+    for (int r = 0; r < CR; ++r) sv[r] = V::load(s + t * kInt8Group + r * V::kWidth);
+    for (int64_t k = kg; k < kend; ++k) {
+      const int8_t* row = q + k * kInt8Group;
+      V::prefetch(row + kPrefetchK * kInt8Group);
+      typename V::F wv[CR];
+      for (int r = 0; r < CR; ++r) wv[r] = V::dequant(row + r * V::kWidth, sv[r]);
+      for (int i = 0; i < MT; ++i) {
+        const typename V::F xv = V::set1(x[i * ldx + k]);
+        for (int r = 0; r < CR; ++r) acc[i][r] = V::fma(xv, wv[r], acc[i][r]);
+      }
+    }
+    kg = kend;
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int r = 0; r < CR; ++r) V::store(c + i * ldc + r * V::kWidth, acc[i][r]);
+}
+
+// The dequantised weight of K [k0, k1) for one group, as fp32 rows of 64: panel[k - k0][col].
+template <class V>
+void int8_panel(const int8_t* q, const float* s, int64_t G, int64_t O, int64_t k0, int64_t k1, float* panel) {
+  constexpr int CR = kInt8Group / V::kWidth;
+  for (int64_t kg = k0; kg < k1;) {
+    const int64_t t = (kg + O) / G, kend = std::min(k1, (t + 1) * G - O);
+    for (int r = 0; r < CR; ++r) {
+      const typename V::F sv = V::load(s + t * kInt8Group + r * V::kWidth);
+      for (int64_t k = kg; k < kend; ++k)
+        V::store(panel + (k - k0) * kInt8Group + r * V::kWidth, V::dequant(q + k * kInt8Group + r * V::kWidth, sv));
+    }
+    kg = kend;
+  }
+}
+
+// acc[i][.] (+)= sum over the panel's rows of x[i, k] * panel[k, columns]: MT rows of x.
+template <class V, int MT, int CR>
+void int8_from_panel(const float* x, int64_t ldx, const float* panel, int64_t rows, float* c, int64_t ldc,
+                     bool accumulate) {
+  typename V::F acc[MT][CR];
+  for (int i = 0; i < MT; ++i)
+    for (int r = 0; r < CR; ++r) acc[i][r] = accumulate ? V::load(c + i * ldc + r * V::kWidth) : V::zero();
+  for (int64_t k = 0; k < rows; ++k) {
+    typename V::F wv[CR];
+    for (int r = 0; r < CR; ++r) wv[r] = V::load(panel + k * kInt8Group + r * V::kWidth);
+    for (int i = 0; i < MT; ++i) {
+      const typename V::F xv = V::set1(x[i * ldx + k]);
+      for (int r = 0; r < CR; ++r) acc[i][r] = V::fma(xv, wv[r], acc[i][r]);
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int r = 0; r < CR; ++r) V::store(c + i * ldc + r * V::kWidth, acc[i][r]);
+}
+
+using Int8DirectFn = void (*)(const float*, int64_t, const int8_t*, const float*, int64_t, int64_t, int64_t,
+                              int64_t, float*, int64_t);
+using Int8PanelFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
+
+template <class V>
+Int8DirectFn int8_pick_direct(int64_t mt) {
+  constexpr int CR = V::kDirectCols / V::kWidth;
+  switch (mt) {
+    case 1: return int8_direct<V, 1, CR>;
+    case 2: return int8_direct<V, 2, CR>;
+    case 3: return int8_direct<V, 3, CR>;
+    default: return int8_direct<V, 4, CR>;
+  }
+}
+
+template <class V>
+Int8PanelFn int8_pick_panel(int64_t mt) {
+  constexpr int CR = V::kPanelCols / V::kWidth;
+  switch (mt) {
+    case 1: return int8_from_panel<V, 1, CR>;
+    case 2: return int8_from_panel<V, 2, CR>;
+    case 3: return int8_from_panel<V, 3, CR>;
+    case 4: return int8_from_panel<V, 4, CR>;
+    case 5: return int8_from_panel<V, 5, CR>;
+    default: return int8_from_panel<V, 6, CR>;
+  }
+}
+
+// Up to kInt8DirectM rows each weight row is widened, scaled and used in registers (one pass
+// over the group's stream); with more, a chunk of K is dequantised once into an fp32 panel in
+// cache that every row tile then reads (the same products, in the same order).
+template <class V>
+void int8_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
+  static_assert(V::kDirectRows >= 1 && V::kDirectRows <= 4 && V::kPanelRows >= 1 && V::kPanelRows <= 6,
+                "int8_pick_direct covers 1..4 rows, int8_pick_panel 1..6");
+  alignas(64) float c[kInt8BlockM * kInt8MaxItemGroups * kInt8Group];
+  alignas(64) float panel[kPanelK * kInt8Group];
+  const int64_t ldc = (g1 - g0) * kInt8Group, rows = m1 - m0;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int8_t* q = a.q + g * a.K * kInt8Group;
+    const float* s = a.s + g * a.KG * kInt8Group;
+    float* cg = c + (g - g0) * kInt8Group;
+    if (rows <= kInt8DirectM) {
+      for (int64_t m = m0; m < m1; m += V::kDirectRows)
+        for (int64_t col = 0; col < kInt8Group; col += V::kDirectCols)
+          int8_pick_direct<V>(std::min<int64_t>(V::kDirectRows, m1 - m))(
+              a.x + m * a.K, a.K, q + col, s + col, a.G, a.O, 0, a.K, cg + (m - m0) * ldc + col, ldc);
+      continue;
+    }
+    for (int64_t k0 = 0; k0 < a.K; k0 += kPanelK) {
+      const int64_t k1 = std::min(a.K, k0 + kPanelK);
+      int8_panel<V>(q, s, a.G, a.O, k0, k1, panel);
+      for (int64_t m = m0; m < m1; m += V::kPanelRows)
+        for (int64_t col = 0; col < kInt8Group; col += V::kPanelCols)
+          int8_pick_panel<V>(std::min<int64_t>(V::kPanelRows, m1 - m))(
+              a.x + m * a.K + k0, a.K, panel + col, k1 - k0, cg + (m - m0) * ldc + col, ldc, k0 > 0);
+    }
+  }
+  store_rows(c, ldc, m0, m1, g0 * kInt8Group, std::min(a.N, g1 * kInt8Group), a.bias, a.out, a.ldo, a.out_bf16);
+}

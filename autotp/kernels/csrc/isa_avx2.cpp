@@ -1,0 +1,67 @@
+// The AVX2 path (AVX2 + FMA: 8 fp32 lanes, 16 ymm registers), for x86-64 CPUs without AVX-512
+// (AMD Zen 1-3, Intel before Skylake-SP and many client parts). bf16 widens to fp32 in
+// registers as on AVX-512 (a shift for the even-K values, a mask for the odd ones); int8
+// widens with vpmovsxbd. Tiles are smaller than AVX-512's to fit 16 registers. The all-reduce
+// sums and the read probe are the generic ones (memory-bound; the compiler vectorises them).
+#include "kernel_table.h"
+
+#if defined(__x86_64__)
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace autotp {
+namespace {
+
+bool supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+struct Avx2 {
+  using F = __m256;
+  static constexpr int kWidth = 8;
+  // 4 rows x 1 block (2 registers): 8 accumulators + 2 weights + 1 broadcast; one row takes a
+  // whole group (8 accumulators, 8 weights), so decoding reads each 256-byte row once.
+  static constexpr int kTileM = 4;
+  static constexpr int64_t kTileBlocks(int64_t mt) { return mt == 1 ? 4 : 1; }
+  static constexpr int kDirectRows = 2, kDirectCols = 32, kPanelRows = 4, kPanelCols = 16;
+
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F even(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
+  }
+  static F odd(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+                                                _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  static F dequant(const int8_t* q, F scale) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale);
+  }
+  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+};
+
+#include "gemm_tiles.h"
+
+#pragma GCC pop_options
+
+}  // namespace
+
+const KernelTable& avx2_table() {
+  static const KernelTable table{"avx2", supported, bf16_tile<Avx2>, int8_tile<Avx2>, generic_table().sum_bf16,
+                                 generic_table().sum_f32, generic_table().stream_read};
+  return table;
+}
+
+}  // namespace autotp
+
+#endif  // __x86_64__

@@ -1,0 +1,72 @@
+// The generic path: portable C++ for any CPU the compiler targets. It is the spec every other
+// path is tested against (and checked against at first use), and what runs where no vector
+// path does. A "register" here is one float; the compiler may vectorise the loops.
+#include <algorithm>
+#include <cstring>
+
+#include "kernel_table.h"
+
+namespace autotp {
+namespace {
+
+struct Scalar {
+  using F = float;
+  static constexpr int kWidth = 1;
+  static constexpr int kTileM = 6;
+  static constexpr int64_t kTileBlocks(int64_t) { return 4; }
+  static constexpr int kDirectRows = 4, kDirectCols = 64, kPanelRows = 6, kPanelCols = 64;
+
+  static F zero() { return 0.0f; }
+  static F load(const float* p) { return *p; }
+  static void store(float* p, F v) { *p = v; }
+  static F set1(float v) { return v; }
+  static F fma(F a, F b, F c) { return a * b + c; }
+  static F even(const uint16_t* p) { return bf16_to_float(p[0]); }
+  static F odd(const uint16_t* p) { return bf16_to_float(p[1]); }
+  static F dequant(const int8_t* q, F scale) { return static_cast<float>(*q) * scale; }
+  static void prefetch(const void*) {}
+};
+
+#include "gemm_tiles.h"
+
+void sum_bf16(const uint16_t* const* srcs, int64_t count, uint16_t* out, int64_t n) {
+  float acc[1024];
+  for (int64_t i0 = 0; i0 < n; i0 += 1024) {
+    const int64_t m = std::min<int64_t>(1024, n - i0);
+    for (int64_t i = 0; i < m; ++i) acc[i] = bf16_to_float(srcs[0][i0 + i]);
+    for (int64_t s = 1; s < count; ++s)
+      for (int64_t i = 0; i < m; ++i) acc[i] += bf16_to_float(srcs[s][i0 + i]);
+    for (int64_t i = 0; i < m; ++i) out[i0 + i] = float_to_bf16(acc[i]);
+  }
+}
+
+void sum_f32(const float* const* srcs, int64_t count, float* out, int64_t n) {
+  if (out != srcs[0]) std::memmove(out, srcs[0], n * sizeof(float));
+  for (int64_t s = 1; s < count; ++s)
+    for (int64_t i = 0; i < n; ++i) out[i] += srcs[s][i];
+}
+
+// 8-byte words XORed in four chains (several loads in flight), the bytes past the last 32 one by one.
+uint64_t stream_read(const uint8_t* data, int64_t bytes) {
+  uint64_t a = 0, b = 0, c = 0, d = 0, w[4];
+  int64_t i = 0;
+  for (; i + 32 <= bytes; i += 32) {
+    std::memcpy(w, data + i, 32);
+    a ^= w[0], b ^= w[1], c ^= w[2], d ^= w[3];
+  }
+  uint64_t out = a ^ b ^ c ^ d;
+  for (; i < bytes; ++i) out ^= data[i];
+  return out;
+}
+
+bool always() { return true; }
+
+}  // namespace
+
+const KernelTable& generic_table() {
+  static const KernelTable table{"generic", always, bf16_tile<Scalar>, int8_tile<Scalar>, sum_bf16, sum_f32,
+                                 stream_read};
+  return table;
+}
+
+}  // namespace autotp

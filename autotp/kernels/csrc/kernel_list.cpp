@@ -1,0 +1,33 @@
+// The instruction sets this build holds, best first, and finding one by name. Adding an ISA:
+// its file, and one line here.
+#include <ATen/ATen.h>
+
+#include "kernel_table.h"
+
+namespace autotp {
+
+const std::vector<const KernelTable*>& kernel_tables() {
+  static const std::vector<const KernelTable*> tables{
+#if defined(__x86_64__)
+      &avx512_table(),
+      &avx2_table(),
+#endif
+      &generic_table(),
+  };
+  return tables;
+}
+
+const KernelTable& kernel_table(const std::string& name) {
+  for (const KernelTable* t : kernel_tables()) {
+    if ((name.empty() || name == t->name) && t->supported()) return *t;
+    TORCH_CHECK(name != t->name, "autotp: this CPU cannot run the ", name, " kernels; choose a lower AUTOTP_ISA");
+  }
+  TORCH_CHECK(false, "autotp: no kernels called '", name, "' in this build (it has ",
+              [] {
+                std::string names;
+                for (const KernelTable* t : kernel_tables()) names += std::string(names.empty() ? "" : ", ") + t->name;
+                return names;
+              }(), ")");
+}
+
+}  // namespace autotp

@@ -1,0 +1,105 @@
+// The kernel layer's one contract: what every instruction set provides, and the ISA-neutral
+// layouts and arguments they share.
+//
+// An instruction set is one file (isa_generic.cpp, isa_avx2.cpp, isa_avx512.cpp) that fills a
+// KernelTable; kernel_list.cpp lists the tables this architecture compiles, best first. The
+// registration code (ops.cpp) checks arguments, splits the work and picks a table by name; the
+// epilogue (epilogue.cpp) is shared by all.
+//
+// BF16 packed weight: W [N, K] -> [NG, K2, 128] bf16, NG = ceil(N / 64), K2 = ceil(K / 2),
+//   element (g, p, 32 j + 2 i + s) = W[64 g + 16 j + i, 2 p + s], zero past N or K. A group of
+//   64 output columns is one contiguous stream; each 256-byte row holds one K pair for the
+//   group's four blocks of 16 columns, each block's 64 bytes in the "VNNI pair" order.
+// INT8 packed weight: Q [N, K] int8 -> [NG, K, 64], element (g, k, c) = Q[64 g + c, k]; scales
+//   S [N, KG] fp32 -> [NG, KG, 64]; KG = ceil((K + O) / G). The product (the spec):
+//   y[m, n] = bias[n] + sum over k of x[m, k] * (float(Q[n, k]) * S[n, (k + O) / G]),
+//   each dequantised weight rounded to fp32 once, summed in K order.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace autotp {
+
+constexpr int64_t kBlockN = 16;     // output columns per block
+constexpr int64_t kRowElems = 32;   // bf16 elements of one block's K pair
+constexpr int64_t kGroupBlocks = 4; // blocks per packed group (64 columns)
+constexpr int64_t kGroupRow = 128;  // bf16 elements of one group's K pair
+constexpr int64_t kBlockM = 96;     // activation rows per unit of work (bf16)
+constexpr int64_t kMaxItemBlocks = 16;  // blocks (256 columns) per unit of work (bf16)
+constexpr int64_t kChunkPairs = 256;    // K pairs per pass when several row tiles reuse a panel
+constexpr int64_t kRowTile = 6;         // activation rows the work splitter rounds to
+
+constexpr int64_t kInt8Group = 64;        // output columns per packed INT8 group
+constexpr int64_t kInt8MaxItemGroups = 4; // groups (256 columns) per unit of work
+constexpr int64_t kInt8BlockM = 96;       // activation rows per unit of work
+constexpr int64_t kInt8DirectM = 4;       // up to this many rows, dequantise in registers
+
+struct GemmArgs {
+  const float* x;     // activations as fp32, [M, 2 * K2] (zero in the padding column)
+  const uint16_t* w;  // packed weight, [NG, K2, 128]
+  const float* bias;  // [N] or nullptr
+  void* out;          // [M, N] with row stride ldo, bf16 or fp32
+  int64_t M, N, K2, ldo;
+  bool out_bf16;
+};
+
+struct Int8GemmArgs {
+  const float* x;     // activations as fp32, [M, K]
+  const int8_t* q;    // packed weight, [NG, K, 64]
+  const float* s;     // packed scales, [NG, KG, 64]
+  const float* bias;  // [N] or nullptr
+  void* out;          // [M, N] with row stride ldo, bf16 or fp32
+  int64_t M, N, K, G, O, KG, ldo;
+  bool out_bf16;
+};
+
+// What one instruction set provides. Tiles compute rows [m0, m1) (at most kBlockM) and blocks
+// of 16 columns [b0, b1) (b0 a multiple of 4, at most kMaxItemBlocks) of the bf16 GEMM, or
+// groups [g0, g1) (at most kInt8MaxItemGroups) of the INT8 one, epilogue included.
+struct KernelTable {
+  const char* name;
+  bool (*supported)();  // the CPU and the OS can run it
+  void (*bf16_tile)(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1);
+  void (*int8_tile)(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
+  // out[i] = sum over s of srcs[s][i] in fp32, in the order of srcs; bf16 rounded once
+  void (*sum_bf16)(const uint16_t* const* srcs, int64_t count, uint16_t* out, int64_t n);
+  void (*sum_f32)(const float* const* srcs, int64_t count, float* out, int64_t n);
+  // the XOR of every 8-byte word of [data, data + bytes), the bytes past the last 32 one by one
+  uint64_t (*stream_read)(const uint8_t* data, int64_t bytes);
+};
+
+const KernelTable& generic_table();
+#if defined(__x86_64__)
+const KernelTable& avx2_table();
+const KernelTable& avx512_table();
+#endif
+
+// The tables this build holds, best first (generic last).
+const std::vector<const KernelTable*>& kernel_tables();
+// The table called `name` if this CPU runs it; "" is the best this CPU runs. Raises otherwise.
+const KernelTable& kernel_table(const std::string& name);
+
+// The shared epilogue: rows [m0, m1), columns [n0, n1) of the fp32 tile c (row stride ldc,
+// column n0 first) plus bias (if any) to out[m, n] (row stride ldo), rounded to bf16 (nearest
+// even, NaN kept quiet) or stored as fp32.
+void store_rows(const float* c, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* bias,
+                void* out, int64_t ldo, bool out_bf16);
+
+inline float bf16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, sizeof(bits));
+  if (f != f) return 0x7FC0;  // NaN: quiet
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+}  // namespace autotp
