@@ -12,23 +12,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from autotp import kernels
 from autotp.runtime import Runtime
-
-
-def timed(fn, min_time: float = 0.2, min_runs: int = 3) -> float:
-    fn()
-    times = []
-    while len(times) < min_runs or sum(times) < min_time:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from bench_gemm import timed  # tools/: the same timing loop
 
 
 def main() -> None:
