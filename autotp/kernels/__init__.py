@@ -81,6 +81,7 @@ class Extension:
         self.said: set[str] = set()
 
     def load(self, verbose: bool = False) -> bool:
+        disabled: dict[str, str] = {}  # what this call's first load switched off, to say once
         with self._lock:
             if self.built is None:
                 try:
@@ -90,9 +91,8 @@ class Extension:
                     self.built, self.error = False, f"the C++ extension did not build or load: {exc}"
                 if self.built:
                     _register_fakes()
-                    self.disabled = self._check(isas)
+                    self.disabled = disabled = self._check(isas)
                     self.cpu_isas = [i for i in isas if i not in self.disabled]
-            disabled = dict(self.disabled) if self.built else {}
         for name, why in disabled.items():
             self.warn_once(f"autotp: the {name} kernels are switched off on this CPU: {why}; running the next "
                            f"path down. Please report this with your CPU model (lscpu).")

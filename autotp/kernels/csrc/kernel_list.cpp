@@ -17,11 +17,21 @@ const std::vector<const KernelTable*>& kernel_tables() {
   return tables;
 }
 
+const std::vector<const KernelTable*>& runnable_tables() {
+  static const std::vector<const KernelTable*> runnable = [] {  // asked of the CPU once, not per call
+    std::vector<const KernelTable*> out;
+    for (const KernelTable* t : kernel_tables())
+      if (t->supported()) out.push_back(t);
+    return out;
+  }();
+  return runnable;
+}
+
 const KernelTable& kernel_table(const std::string& name) {
-  for (const KernelTable* t : kernel_tables()) {
-    if ((name.empty() || name == t->name) && t->supported()) return *t;
+  for (const KernelTable* t : runnable_tables())
+    if (name.empty() || name == t->name) return *t;
+  for (const KernelTable* t : kernel_tables())
     TORCH_CHECK(name != t->name, "autotp: this CPU cannot run the ", name, " kernels; choose a lower AUTOTP_ISA");
-  }
   TORCH_CHECK(false, "autotp: no kernels called '", name, "' in this build (it has ",
               [] {
                 std::string names;

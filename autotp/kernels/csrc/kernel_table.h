@@ -76,8 +76,9 @@ const KernelTable& avx2_table();
 const KernelTable& avx512_table();
 #endif
 
-// The tables this build holds, best first (generic last).
+// The tables this build holds, best first (generic last), and those this CPU runs.
 const std::vector<const KernelTable*>& kernel_tables();
+const std::vector<const KernelTable*>& runnable_tables();
 // The table called `name` if this CPU runs it; "" is the best this CPU runs. Raises otherwise.
 const KernelTable& kernel_table(const std::string& name);
 

@@ -194,8 +194,7 @@ int64_t read_probe(const at::Tensor& buffer, const std::string& isa) {
 
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> names;
-  for (const KernelTable* t : kernel_tables())
-    if (t->supported()) names.emplace_back(t->name);
+  for (const KernelTable* t : runnable_tables()) names.emplace_back(t->name);
   return names;
 }
 
