@@ -26,7 +26,11 @@ def cpu_flags() -> set[str]:
 def test_extension_builds_and_picks_the_best_path_the_cpu_has():
     ok, why = kernels.status(Runtime())  # the CPU's own answer, whatever AUTOTP_ISA the caller set
     flags = cpu_flags()
-    if AVX512 | {"fma"} <= flags:
+    if AVX512 | {"fma", "avx512_bf16", "amx_bf16", "amx_tile"} <= flags:
+        assert ok and why == "amx", why
+    elif AVX512 | {"fma", "avx512_bf16"} <= flags:
+        assert ok and why == "avx512_bf16", why
+    elif AVX512 | {"fma"} <= flags:
         assert ok and why == "avx512", why
     elif {"avx2", "fma"} <= flags:
         assert ok and why == "avx2", why
@@ -260,3 +264,23 @@ def test_packing_in_row_chunks_with_release_equals_whole():
     assert layer.pack_weight(release=released.append)
     assert torch.equal(layer.weight, kernels.prepack(w))
     assert [r.shape[0] for r in released] == [1024, 76]
+
+
+@pytest.mark.skipif(not PATHS, reason="extension unavailable")
+def test_each_call_goes_to_the_first_table_down_the_list_that_serves_it():
+    """AVX512-BF16 and AMX add only bf16-activation tiles (AMX from 5 rows): fp32 activations
+    and INT8 go to AVX-512, decoding rows under AMX to AVX512-BF16; the other tables serve all."""
+    for isa in PATHS:
+        for dtype in (torch.bfloat16, torch.float32):
+            for rows in (1, 4, 5, 64):
+                got = kernels.serving_isa(isa, "bf16", dtype, rows)
+                if isa == "amx" and dtype == torch.bfloat16:
+                    want = "amx" if rows >= 5 else "avx512_bf16"
+                elif isa in ("amx", "avx512_bf16"):
+                    want = "avx512_bf16" if dtype == torch.bfloat16 else "avx512"
+                else:
+                    want = isa
+                assert got == want, (isa, dtype, rows, got)
+        assert kernels.serving_isa(isa, "int8") == ("avx512" if isa in ("amx", "avx512_bf16") else isa)
+    with pytest.raises(RuntimeError, match="weight must be bf16 or int8"):
+        kernels.serving_isa("", "int4")

@@ -1,7 +1,8 @@
 """Every GEMM path this CPU can run, side by side in one run: autotp's native bf16 GEMM on each
-instruction set (generic, avx2, avx512 as the CPU allows), torch's bf16 F.linear and prepacked
+instruction set (generic, avx2, avx512, avx512_bf16, amx as the CPU allows), torch's bf16 F.linear and prepacked
 oneDNN linear, and fp32 F.linear; with the weight read rate at M=1 against the read bandwidth
-(autotp's portable read probe, interleaved).
+(autotp's read probe on the best ISA's loads, interleaved; the portable probe's scalar loop
+underestimates a machine whose loads outrun one XOR chain per core).
 
     python tools/bench_paths.py [--threads 1] [--m 1 16 256] [--shapes 4096x4096 11008x4096] [--rounds 3]
 
@@ -56,14 +57,14 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for name, fn in paths.items():
                         times[name].append(timed(fn))
-                    bandwidths.append(probe.numel() / timed(lambda: kernels.read_probe(probe, Runtime(isa="generic")),
+                    bandwidths.append(probe.numel() / timed(lambda: kernels.read_probe(probe, Runtime()),
                                                             0.0, 1))
                 rows.append((n, k, m, {name: statistics.median(t) for name, t in times.items()}))
                 print(".", end="", flush=True, file=sys.stderr)
         print(file=sys.stderr)
         bw = statistics.median(bandwidths)
         names = list(rows[0][3])
-        print(f"\n{threads} thread(s), read bandwidth {bw / 1e9:.1f} GB/s (portable probe, median of {len(bandwidths)})")
+        print(f"\n{threads} thread(s), read bandwidth {bw / 1e9:.1f} GB/s (read probe on the {kernels.isa(Runtime())} loads, median of {len(bandwidths)})")
         print(f"{'N x K':>12} {'M':>5} " + " ".join(f"{nm:>14}" for nm in names) + "   (ms; ratio = best torch bf16 / path)")
         for n, k, m, t in rows:
             best_torch = min(t["F.linear bf16"], t["oneDNN bf16"])

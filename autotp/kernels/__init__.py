@@ -33,7 +33,7 @@ from autotp.runtime import ENV_NAMES, ISAS, Runtime, put_on_path, resolve
 
 ENV = ENV_NAMES["kernels"]
 GROUP_N = 64  # output columns per packed group (csrc/kernel_table.h)
-FAST_ISAS = ("avx2", "avx512")  # paths Runtime(kernels="auto") uses; "generic" is the spec, run when forced
+FAST_ISAS = ("avx2", "avx512", "avx512_bf16", "amx")  # paths Runtime(kernels="auto") uses; "generic" is the spec, run when forced
 
 
 def _ensure_ninja_on_path() -> None:
@@ -178,6 +178,14 @@ def read_probe(buffer: torch.Tensor, runtime: Runtime | None = None) -> int:
     Needs the extension built (:func:`extension_loaded`); returns the XOR of every 8-byte word
     (the same on every path)."""
     return torch.ops.autotp.read_probe(buffer, isa(runtime))
+
+
+def serving_isa(isa: str, weight: str = "bf16", x_dtype: torch.dtype = torch.bfloat16, rows: int = 1) -> str:
+    """The kernel table that serves a GEMM started at ``isa`` ("" the best this CPU runs) with
+    ``weight`` ("bf16" or "int8") weights, activations of ``x_dtype`` and ``rows`` rows: a table
+    that serves only bf16 activations, or only from some number of rows (AMX), hands the rest
+    to the one below it. Needs the extension built."""
+    return torch.ops.autotp.serving_isa(isa, weight, x_dtype, rows)
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:

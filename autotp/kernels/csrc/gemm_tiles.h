@@ -1,8 +1,8 @@
 // The GEMM tiles of every instruction set, written once over a vector type V that the ISA's
 // file supplies. Include it inside that file's `#pragma GCC target` region and inside an
 // anonymous namespace: each ISA then compiles its own copy, for its own instructions, with
-// nothing shared at link time. It includes nothing itself (kernel_table.h and <algorithm> come
-// first, outside the region).
+// nothing shared at link time. It includes only epilogue.h (likewise compiled per ISA);
+// kernel_table.h and <algorithm> come first, outside the region.
 //
 // V provides, for F a register of kWidth fp32 lanes:
 //   zero(), load(const float*), store(float*, F), set1(float), fma(a, b, c) = a * b + c
@@ -17,6 +17,8 @@
 //   multiples of kWidth that divide 64.
 // Accumulation is fp32 in K order everywhere, so every ISA computes the same sums up to the
 // association of the K loop's FMAs with the products (each product is rounded once).
+
+#include "epilogue.h"
 
 constexpr int64_t kPrefetchPairs = 16;  // bf16 rows (256 B each) ahead: 4 KB
 constexpr int64_t kPrefetchK = 32;      // INT8 rows (64 B each) ahead: 2 KB
@@ -77,29 +79,45 @@ Bf16MicroFn bf16_pick(int64_t mt, int64_t nb) {
   }
 }
 
-// With one row tile the weight streams once over the whole K; with several, K is walked in
-// chunks so that each chunk of x and of the weight stays in cache while every (row tile,
-// group) pair of the unit uses it.
+// The micro-kernels of the fp32-activation tile, as bf16_drive takes them.
 template <class V>
-void bf16_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
-  static_assert(V::kTileM >= 1 && V::kTileM <= 6, "bf16_pick covers 1..6 rows");
+struct WidenMicro {
+  using X = float;
+  static constexpr int kTileM = V::kTileM;
+  static constexpr int64_t kTileBlocks(int64_t mt) { return V::kTileBlocks(mt); }
+  static Bf16MicroFn pick(int64_t mt, int64_t nb) { return bf16_pick<V>(mt, nb); }
+};
+
+// The bf16 tile's loops over a Micro: X (the activations' element type), kTileM (rows per
+// call, <= 6), kTileBlocks(mt) (blocks per call) and pick(mt, nb), a micro-kernel of the
+// signature of bf16_micro with x of type X. With one row tile the weight streams once over the
+// whole K; with several, K is walked in chunks so that each chunk of x and of the weight stays
+// in cache while every (row tile, group) pair of the unit uses it.
+template <class Micro>
+void bf16_drive(const GemmArgs& a, const typename Micro::X* x, int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
+  static_assert(Micro::kTileM >= 1 && Micro::kTileM <= 6, "the pickers cover 1..6 rows");
   alignas(64) float c[kBlockM * kMaxItemBlocks * kBlockN];
-  const int64_t ldx = 2 * a.K2, ldc = (b1 - b0) * kBlockN;
-  const int64_t chunk = (m1 - m0) <= V::kTileM ? a.K2 : kChunkPairs;
+  const int64_t ldx = a.ldx, ldc = (b1 - b0) * kBlockN;
+  const int64_t chunk = (m1 - m0) <= Micro::kTileM ? a.K2 : kChunkPairs;
   for (int64_t p0 = 0; p0 < a.K2; p0 += chunk) {
     const int64_t pairs = std::min(chunk, a.K2 - p0);
     for (int64_t g = b0; g < b1; g += kGroupBlocks) {
       const int64_t blocks = std::min(kGroupBlocks, b1 - g);
       const uint16_t* w = a.w + (g / kGroupBlocks * a.K2 + p0) * kGroupRow;
-      for (int64_t m = m0; m < m1; m += V::kTileM) {
-        const int64_t mt = std::min<int64_t>(V::kTileM, m1 - m), per_call = V::kTileBlocks(mt);
+      for (int64_t m = m0; m < m1; m += Micro::kTileM) {
+        const int64_t mt = std::min<int64_t>(Micro::kTileM, m1 - m), per_call = Micro::kTileBlocks(mt);
         for (int64_t j = 0; j < blocks; j += per_call)
-          bf16_pick<V>(mt, std::min(per_call, blocks - j))(a.x + m * ldx + 2 * p0, ldx, w + j * kRowElems, pairs,
-                                                            c + (m - m0) * ldc + (g - b0 + j) * kBlockN, ldc, p0 > 0);
+          Micro::pick(mt, std::min(per_call, blocks - j))(x + m * ldx + 2 * p0, ldx, w + j * kRowElems, pairs,
+                                                          c + (m - m0) * ldc + (g - b0 + j) * kBlockN, ldc, p0 > 0);
       }
     }
   }
   store_rows(c, ldc, m0, m1, b0 * kBlockN, std::min(a.N, b1 * kBlockN), a.bias, a.out, a.ldo, a.out_bf16);
+}
+
+template <class V>
+void bf16_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
+  bf16_drive<WidenMicro<V>>(a, a.x, m0, m1, b0, b1);
 }
 
 // acc[i][.] (+)= sum over k in [k0, k1) of x[i, k] * W[k, columns], W dequantised in registers:

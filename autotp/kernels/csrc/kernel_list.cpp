@@ -2,6 +2,8 @@
 // its file, and one line here.
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include "kernel_table.h"
 
 namespace autotp {
@@ -9,6 +11,8 @@ namespace autotp {
 const std::vector<const KernelTable*>& kernel_tables() {
   static const std::vector<const KernelTable*> tables{
 #if defined(__x86_64__)
+      &amx_table(),
+      &avx512_bf16_table(),
       &avx512_table(),
       &avx2_table(),
 #endif
@@ -38,6 +42,20 @@ const KernelTable& kernel_table(const std::string& name) {
                 for (const KernelTable* t : kernel_tables()) names += std::string(names.empty() ? "" : ", ") + t->name;
                 return names;
               }(), ")");
+}
+
+const KernelTable& serving_table(const KernelTable& start, CallKind kind, int64_t M) {
+  const auto& tables = runnable_tables();
+  auto it = std::find(tables.begin(), tables.end(), &start);
+  TORCH_CHECK(it != tables.end(), "autotp: the ", start.name, " kernels do not run on this CPU");
+  for (; it != tables.end(); ++it) {
+    const KernelTable& t = **it;
+    const bool serves = kind == CallKind::kInt8 ? t.int8_tile != nullptr
+                        : t.bf16_tile != nullptr ||
+                              (kind == CallKind::kBf16Bf16X && t.bf16x_tile != nullptr && M >= t.bf16x_min_rows);
+    if (serves) return t;
+  }
+  return generic_table();  // unreachable: the generic table serves every call and is always runnable
 }
 
 }  // namespace autotp

@@ -1,10 +1,11 @@
 // The kernel layer's one contract: what every instruction set provides, and the ISA-neutral
 // layouts and arguments they share.
 //
-// An instruction set is one file (isa_generic.cpp, isa_avx2.cpp, isa_avx512.cpp) that fills a
-// KernelTable; kernel_list.cpp lists the tables this architecture compiles, best first. The
-// registration code (ops.cpp) checks arguments, splits the work and picks a table by name; the
-// epilogue (epilogue.cpp) is shared by all.
+// An instruction set is one file (isa_generic.cpp, isa_avx2.cpp, isa_avx512.cpp,
+// isa_avx512_bf16.cpp, isa_amx.cpp) that fills a KernelTable; kernel_list.cpp lists the tables
+// this architecture compiles, best first. The registration code (ops.cpp) checks arguments,
+// splits the work and picks a table by name, then per call the first table from there down that
+// serves the call (serving_table); the epilogue (epilogue.h) is shared by all.
 //
 // BF16 packed weight: W [N, K] -> [NG, K2, 128] bf16, NG = ceil(N / 64), K2 = ceil(K / 2),
 //   element (g, p, 32 j + 2 i + s) = W[64 g + 16 j + i, 2 p + s], zero past N or K. A group of
@@ -37,13 +38,19 @@ constexpr int64_t kInt8BlockM = 96;       // activation rows per unit of work
 constexpr int64_t kInt8DirectM = 4;       // up to this many rows, dequantise in registers
 
 struct GemmArgs {
-  const float* x;     // activations as fp32, [M, 2 * K2] (zero in the padding column)
+  const float* x;     // activations as fp32, [M, ldx = 2 * K2] (zero in the padding column), for bf16_tile
+  const uint16_t* xb; // or as bf16, for bf16x_tile (x is then null): rows of ldx elements, ldx a multiple
+                      // of kXbPadCols >= 2 * K2, zero past column K; row-major [M, ldx], or, for a
+                      // table with bf16x_unit_rows, in blocks of 16 rows (see below)
   const uint16_t* w;  // packed weight, [NG, K2, 128]
   const float* bias;  // [N] or nullptr
   void* out;          // [M, N] with row stride ldo, bf16 or fp32
   int64_t M, N, K2, ldo;
   bool out_bf16;
+  int64_t ldx;
 };
+
+constexpr int64_t kXbPadCols = 32;  // bf16 activations: zero columns up to a multiple of 32 (AMX reads K 32 at a time)
 
 struct Int8GemmArgs {
   const float* x;     // activations as fp32, [M, K]
@@ -56,12 +63,26 @@ struct Int8GemmArgs {
 };
 
 // What one instruction set provides. Tiles compute rows [m0, m1) (at most kBlockM) and blocks
-// of 16 columns [b0, b1) (b0 a multiple of 4, at most kMaxItemBlocks) of the bf16 GEMM, or
+// of 16 columns [b0, b1) (b0 a multiple of 4, at most kMaxItemBlocks; a bf16x tile may ask for
+// other limits) of the bf16 GEMM, or
 // groups [g0, g1) (at most kInt8MaxItemGroups) of the INT8 one, epilogue included.
+// A tile may be null: the table then does not serve that kind of call, which goes to the next
+// table down the list (an ISA that adds only a bf16-activation tile, such as AVX512-BF16 or
+// AMX, leaves the rest to the one below it).
 struct KernelTable {
   const char* name;
   bool (*supported)();  // the CPU and the OS can run it
+  // bf16 weights, fp32 activations (a.x): exact products of the given fp32 inputs
   void (*bf16_tile)(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1);
+  // bf16 weights, bf16 activations (a.xb), for calls of at least bf16x_min_rows rows
+  void (*bf16x_tile)(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1);
+  int64_t bf16x_min_rows;
+  // 0: its bf16x tile reads xb row-major, in units of at most kBlockM rows. Else it reads xb in
+  // blocks of 16 rows, each [ldx / 32, 16, 32] (the 32-column slices of its rows one after the
+  // other: each AMX tile of activations is 1 KB in one piece), rows zero past M up to a
+  // multiple of 32, in units of at most this many rows (a multiple of 32), cut at multiples of 32
+  int64_t bf16x_unit_rows;
+  int64_t bf16x_unit_blocks;  // with bf16x_unit_rows: blocks of 16 columns per unit at most (a multiple of 4)
   void (*int8_tile)(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
   // out[i] = sum over s of srcs[s][i] in fp32, in the order of srcs; bf16 rounded once
   void (*sum_bf16)(const uint16_t* const* srcs, int64_t count, uint16_t* out, int64_t n);
@@ -74,6 +95,8 @@ const KernelTable& generic_table();
 #if defined(__x86_64__)
 const KernelTable& avx2_table();
 const KernelTable& avx512_table();
+const KernelTable& avx512_bf16_table();
+const KernelTable& amx_table();
 #endif
 
 // The tables this build holds, best first (generic last), and those this CPU runs.
@@ -81,12 +104,13 @@ const std::vector<const KernelTable*>& kernel_tables();
 const std::vector<const KernelTable*>& runnable_tables();
 // The table called `name` if this CPU runs it; "" is the best this CPU runs. Raises otherwise.
 const KernelTable& kernel_table(const std::string& name);
+// What kind of GEMM call a table is asked to serve.
+enum class CallKind { kBf16Fp32X, kBf16Bf16X, kInt8 };
+// The first runnable table from `start` down the list that serves a call of this kind and M
+// (bf16 activations go to a bf16x tile where one serves M, else to an fp32-activation tile).
+const KernelTable& serving_table(const KernelTable& start, CallKind kind, int64_t M);
 
-// The shared epilogue: rows [m0, m1), columns [n0, n1) of the fp32 tile c (row stride ldc,
-// column n0 first) plus bias (if any) to out[m, n] (row stride ldo), rounded to bf16 (nearest
-// even, NaN kept quiet) or stored as fp32.
-void store_rows(const float* c, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* bias,
-                void* out, int64_t ldo, bool out_bf16);
+// The shared epilogue, store_rows, is in epilogue.h (each ISA file compiles its own copy).
 
 inline float bf16_to_float(uint16_t v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;

@@ -7,8 +7,11 @@
 //   read_probe(buffer, isa) -> checksum                   (read bandwidth, for benchmarks)
 //   class ShmComm(name, rank, size, slot_bytes, create, timeout_s, isa): all_reduce(t), unlink(), name()
 //   cpu_isas() -> the instruction sets this build holds that this CPU runs, best first
-// `isa` names the kernel table to run ("" = the best this CPU runs; an ISA it cannot run is an
-// error); the Python side picks it from the Runtime.
+//   serving_isa(isa, weight, x_dtype, M) -> the table that serves such a call started at `isa`
+// `isa` names the kernel table to start from ("" = the best this CPU runs; an ISA it cannot run
+// is an error); the call runs on the first table from there down that serves it (a table may
+// serve only bf16 activations, or only from some number of rows: kernel_table.h). The Python
+// side picks `isa` from the Runtime.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -40,6 +43,24 @@ void for_each_unit(int64_t M, int64_t rows, int64_t columns, int64_t max_run, in
       const int64_t m0 = item % mcount * rows, c0 = item / mcount * run;
       tile(m0, std::min(M, m0 + rows), c0, std::min(columns, c0 + run));
     }
+  });
+}
+
+// bf16 activations x [M, K] into the blocked layout of kernel_table.h (bf16x_unit_rows): blocks of
+// 16 rows, each the 32-column slices of its rows one after the other ([ldx / 32, 16, 32]),
+// zero past column K and past row M up to a multiple of 32 rows. One pass, in parallel.
+void pack_row_blocks(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, uint16_t* out) {
+  const int64_t slices = ldx / kXbPadCols, blocks = ceil_div(M, 32) * 2;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk)
+      for (int64_t s = 0; s < slices; ++s)
+        for (int64_t r = 0; r < 16; ++r) {
+          uint16_t* dst = out + ((blk * slices + s) * 16 + r) * kXbPadCols;
+          const int64_t m = blk * 16 + r, k0 = s * kXbPadCols;
+          const int64_t n = m < M ? std::max<int64_t>(0, std::min(kXbPadCols, K - k0)) : 0;
+          if (n > 0) std::memcpy(dst, x + m * K + k0, n * sizeof(uint16_t));
+          if (n < kXbPadCols) std::memset(dst + n, 0, (kXbPadCols - n) * sizeof(uint16_t));
+        }
   });
 }
 
@@ -116,23 +137,43 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   TORCH_CHECK(packed.is_contiguous(), "autotp::linear_bf16: packed weight must be contiguous");
   at::Tensor out = call.out, b = call.bias;
   if (call.finished) return out;
-  const bool to_bf16 = out.scalar_type() == at::kBFloat16;
+  const bool to_bf16 = out.scalar_type() == at::kBFloat16, x_bf16 = x.scalar_type() == at::kBFloat16;
   const int64_t K2 = packed.size(1);
-  at::Tensor xf;
-  if (2 * K2 == K) {
-    xf = x.reshape({M, K}).to(at::kFloat).contiguous();
+  const KernelTable& table = serving_table(*call.table, x_bf16 ? CallKind::kBf16Bf16X : CallKind::kBf16Fp32X, M);
+  const bool bf16x = x_bf16 && table.bf16x_tile != nullptr && M >= table.bf16x_min_rows;
+  // the activations as the tile reads them (kernel_table.h): fp32 [M, 2 * K2], or bf16 padded
+  at::Tensor xs;
+  int64_t ldx = 2 * K2;
+  if (bf16x) {
+    ldx = ceil_div(2 * K2, kXbPadCols) * kXbPadCols;
+    if (ldx % 2048 == 0) ldx += kXbPadCols;  // rows 4 KB apart would share L1 sets
+    const at::Tensor xc = x.reshape({M, K}).contiguous();
+    if (table.bf16x_unit_rows > 0) {
+      xs = at::empty({ceil_div(M, 32) * 32, ldx}, x.options());
+      pack_row_blocks(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, ldx,
+                      reinterpret_cast<uint16_t*>(xs.data_ptr<at::BFloat16>()));
+    } else {
+      xs = at::empty({M, ldx}, x.options());
+      xs.narrow(1, 0, K).copy_(xc);
+      xs.narrow(1, K, ldx - K).zero_();
+    }
+  } else if (2 * K2 == K) {
+    xs = x.reshape({M, K}).to(at::kFloat).contiguous();
   } else {
-    xf = at::zeros({M, 2 * K2}, x.options().dtype(at::kFloat));
-    xf.narrow(1, 0, K).copy_(x.reshape({M, K}));
+    xs = at::zeros({M, 2 * K2}, x.options().dtype(at::kFloat));
+    xs.narrow(1, 0, K).copy_(x.reshape({M, K}));
   }
-  GemmArgs args{xf.data_ptr<float>(),
-                        reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()),
-                        b.defined() ? b.data_ptr<float>() : nullptr,
-                        out.data_ptr(), M, N, K2, N, to_bf16};
+  GemmArgs args{bf16x ? nullptr : xs.data_ptr<float>(),
+                bf16x ? reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>()) : nullptr,
+                reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()),
+                b.defined() ? b.data_ptr<float>() : nullptr,
+                out.data_ptr(), M, N, K2, N, to_bf16, ldx};
   const int64_t NB = ceil_div(N, kBlockN);  // blocks of 16 columns that hold outputs
-  const int64_t rows = std::min(kBlockM, ceil_div(ceil_div(M, ceil_div(M, kBlockM)), kRowTile) * kRowTile);
-  const auto tile = call.table->bf16_tile;
-  for_each_unit(M, rows, NB, kMaxItemBlocks, kGroupBlocks,
+  const bool blocks = bf16x && table.bf16x_unit_rows > 0;
+  const int64_t row_tile = blocks ? 32 : kRowTile, block_m = blocks ? table.bf16x_unit_rows : kBlockM;
+  const int64_t rows = std::min(block_m, ceil_div(ceil_div(M, ceil_div(M, block_m)), row_tile) * row_tile);
+  const auto tile = bf16x ? table.bf16x_tile : table.bf16_tile;
+  for_each_unit(M, rows, NB, blocks ? table.bf16x_unit_blocks : kMaxItemBlocks, kGroupBlocks,
                 [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) { tile(args, m0, m1, b0, b1); });
   return out;
 }
@@ -170,7 +211,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   const int64_t rows = M <= kInt8DirectM
       ? M  // few rows: one tile, so each weight row is widened once
       : std::min(kInt8BlockM, ceil_div(ceil_div(M, ceil_div(M, kInt8BlockM)), kRowTile) * kRowTile);
-  const auto tile = call.table->int8_tile;
+  const auto tile = serving_table(*call.table, CallKind::kInt8, M).int8_tile;
   for_each_unit(M, rows, qpacked.size(0), kInt8MaxItemGroups, 1,
                 [&](int64_t m0, int64_t m1, int64_t g0, int64_t g1) { tile(args, m0, m1, g0, g1); });
   return out;
@@ -190,6 +231,14 @@ int64_t read_probe(const at::Tensor& buffer, const std::string& isa) {
     sum.fetch_xor(read(data + start, stop - start));
   });
   return static_cast<int64_t>(sum.load());
+}
+
+// The table that serves a GEMM call started at `isa` (see serving_table), for tests and benchmarks.
+std::string serving_isa(const std::string& isa, const std::string& weight, at::ScalarType x_dtype, int64_t M) {
+  TORCH_CHECK(weight == "bf16" || weight == "int8", "autotp::serving_isa: weight must be bf16 or int8, got ", weight);
+  const CallKind kind = weight == "int8" ? CallKind::kInt8
+                        : x_dtype == at::kBFloat16 ? CallKind::kBf16Bf16X : CallKind::kBf16Fp32X;
+  return serving_table(kernel_table(isa), kind, M).name;
 }
 
 std::vector<std::string> cpu_isas() {
@@ -215,6 +264,7 @@ TORCH_LIBRARY(autotp, m) {
         "int group_offset=0, ScalarType? out_dtype=None, str isa=\"\") -> Tensor");
   m.def("read_probe(Tensor buffer, str isa=\"\") -> int");
   m.def("cpu_isas() -> str[]", &autotp::cpu_isas);
+  m.def("serving_isa(str isa, str weight, ScalarType x_dtype, int rows) -> str", &autotp::serving_isa);
 }
 
 TORCH_LIBRARY_IMPL(autotp, CPU, m) {
