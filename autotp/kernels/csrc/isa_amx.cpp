@@ -3,7 +3,7 @@
 // activations (16 rows x 16 K pairs each) and two of weights (16 K pairs x 16 columns each);
 // one tdpbf16ps is 16 x 16 x 32 multiply-adds. The packed group rows of kernel_table.h are the
 // tile layout the weights need as they lie: a block's 16 K pairs are 16 rows of 64 bytes at a
-// stride of 256. Units are 256 rows x 512 columns; K is walked in chunks of 128 pairs so that a
+// stride of 256. Units are 96 rows x 256 columns; K is walked in chunks of 128 pairs so that a
 // chunk of both stays in L2 (two weight blocks' chunk in L1 across the row passes); partial
 // sums wait in an fp32 buffer. It reaches 0.7-0.9x oneDNN's own AMX matmul (see the README).
 // Decoding shapes (fewer than kMinRows rows) and fp32 activations go to the tables below
@@ -26,8 +26,8 @@ namespace {
 constexpr int64_t kMinRows = 5;      // tools/bench_paths.py on a Xeon with AMX: at M=4 the streaming tiles are as fast, at 16 AMX is 2.5x
 constexpr int64_t kChunkSteps = 8;     // steps of 16 K pairs per chunk: 8 KB of weights per column block
 constexpr int64_t kStepPairs = 16;   // K pairs per tile multiply
-constexpr int64_t kUnitRows = 256;  // rows and 16-column blocks per unit: the weight is re-read once per 256 rows
-constexpr int64_t kUnitBlocks = 32;  // (512 columns); one chunk of both stays in L2
+constexpr int64_t kUnitRows = 96;   // rows and 16-column blocks per unit: larger units measured no faster at M=1024
+constexpr int64_t kUnitBlocks = 16;  // (256 columns) and slower at M=16 (fewer units to split)
 constexpr int64_t kSubRows = 32;     // rows per pass of the four accumulators
 
 // Linux hands out the tile state only to a process that asks (arch_prctl, since 5.16).
