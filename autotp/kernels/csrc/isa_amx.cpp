@@ -115,15 +115,15 @@ void bf16x_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b
         std::memcpy(tail_w, w + full_steps * kStepPairs * kGroupRow, tail * kGroupRow * sizeof(uint16_t));
       }
       auto one = [&](int64_t j, int64_t m) {
-          float* cm = c + (m - m0) * ldc + (g - b0 + j) * kBlockN;
-          const uint16_t* xm = a.xb + m * a.ldx;  // m is a multiple of 32: a block's start
-          // the first pass over this chunk fetches the next chunk's (or next group's) weight rows
-          const uint16_t* ahead = j == 0 && m == m0 ? w + s1 * kStepPairs * kGroupRow : nullptr;
-          if (s1 > s0)
-            pass(xm + s0 * 16 * 2 * kStepPairs, a.ldx, w + j * kRowElems + s0 * kStepPairs * kGroupRow, s1 - s0, cm, ldc,
-                 s0 > 0, ahead);
-          if (with_tail)  // one more step: x's columns past K are zero, and so are tail_w's pairs past K2
-            pass(xm + full_steps * 16 * 2 * kStepPairs, a.ldx, tail_w + j * kRowElems, 1, cm, ldc, s0 > 0 || s1 > s0, nullptr);
+        float* cm = c + (m - m0) * ldc + (g - b0 + j) * kBlockN;
+        const uint16_t* xm = a.xb + m * a.ldx;  // m is a multiple of 32: a block's start
+        // the first pass over this chunk fetches the weight rows of this group's next chunk
+        const uint16_t* ahead = j == 0 && m == m0 ? w + s1 * kStepPairs * kGroupRow : nullptr;
+        if (s1 > s0)
+          pass(xm + s0 * 16 * 2 * kStepPairs, a.ldx, w + j * kRowElems + s0 * kStepPairs * kGroupRow, s1 - s0, cm, ldc,
+               s0 > 0, ahead);
+        if (with_tail)  // one more step: x's columns past K are zero, and so are tail_w's pairs past K2
+          pass(xm + full_steps * 16 * 2 * kStepPairs, a.ldx, tail_w + j * kRowElems, 1, cm, ldc, s0 > 0 || s1 > s0, nullptr);
       };
       for (int64_t j = 0; j < kGroupBlocks; j += 2)  // a chunk of two column blocks, reused by every row pass
         for (int64_t m = m0; m < m1; m += kSubRows) one(j, m);

@@ -51,8 +51,7 @@ const KernelTable& serving_table(const KernelTable& start, CallKind kind, int64_
   for (; it != tables.end(); ++it) {
     const KernelTable& t = **it;
     const bool serves = kind == CallKind::kInt8 ? t.int8_tile != nullptr
-                        : t.bf16_tile != nullptr ||
-                              (kind == CallKind::kBf16Bf16X && t.bf16x_tile != nullptr && M >= t.bf16x_min_rows);
+                        : t.bf16_tile != nullptr || (kind == CallKind::kBf16Bf16X && takes_bf16x(t, M));
     if (serves) return t;
   }
   return generic_table();  // unreachable: the generic table serves every call and is always runnable

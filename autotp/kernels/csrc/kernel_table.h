@@ -109,6 +109,8 @@ enum class CallKind { kBf16Fp32X, kBf16Bf16X, kInt8 };
 // The first runnable table from `start` down the list that serves a call of this kind and M
 // (bf16 activations go to a bf16x tile where one serves M, else to an fp32-activation tile).
 const KernelTable& serving_table(const KernelTable& start, CallKind kind, int64_t M);
+// Whether table t takes a bf16-activation call of M rows with its bf16x tile.
+inline bool takes_bf16x(const KernelTable& t, int64_t M) { return t.bf16x_tile != nullptr && M >= t.bf16x_min_rows; }
 
 // The shared epilogue, store_rows, is in epilogue.h (each ISA file compiles its own copy).
 

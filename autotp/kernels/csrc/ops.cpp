@@ -140,7 +140,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   const bool to_bf16 = out.scalar_type() == at::kBFloat16, x_bf16 = x.scalar_type() == at::kBFloat16;
   const int64_t K2 = packed.size(1);
   const KernelTable& table = serving_table(*call.table, x_bf16 ? CallKind::kBf16Bf16X : CallKind::kBf16Fp32X, M);
-  const bool bf16x = x_bf16 && table.bf16x_tile != nullptr && M >= table.bf16x_min_rows;
+  const bool bf16x = x_bf16 && takes_bf16x(table, M);
+  const bool blocks = bf16x && table.bf16x_unit_rows > 0;  // activations in 16-row blocks (kernel_table.h)
   // the activations as the tile reads them (kernel_table.h): fp32 [M, 2 * K2], or bf16 padded
   at::Tensor xs;
   int64_t ldx = 2 * K2;
@@ -148,7 +149,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
     ldx = ceil_div(2 * K2, kXbPadCols) * kXbPadCols;
     if (ldx % 2048 == 0) ldx += kXbPadCols;  // rows 4 KB apart would share L1 sets
     const at::Tensor xc = x.reshape({M, K}).contiguous();
-    if (table.bf16x_unit_rows > 0) {
+    if (blocks) {
       xs = at::empty({ceil_div(M, 32) * 32, ldx}, x.options());
       pack_row_blocks(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, ldx,
                       reinterpret_cast<uint16_t*>(xs.data_ptr<at::BFloat16>()));
@@ -169,7 +170,6 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
                 b.defined() ? b.data_ptr<float>() : nullptr,
                 out.data_ptr(), M, N, K2, N, to_bf16, ldx};
   const int64_t NB = ceil_div(N, kBlockN);  // blocks of 16 columns that hold outputs
-  const bool blocks = bf16x && table.bf16x_unit_rows > 0;
   const int64_t row_tile = blocks ? 32 : kRowTile, block_m = blocks ? table.bf16x_unit_rows : kBlockM;
   const int64_t rows = std::min(block_m, ceil_div(ceil_div(M, ceil_div(M, block_m)), row_tile) * row_tile);
   const auto tile = bf16x ? table.bf16x_tile : table.bf16_tile;
