@@ -30,6 +30,7 @@ ENV_NAMES = {
     "host_id": "AUTOTP_HOST_ID",
     "comm_portable": "AUTOTP_COMM_PORTABLE",
     "verbose_build": "AUTOTP_VERBOSE_BUILD",
+    "portable_build": "AUTOTP_PORTABLE_BUILD",
 }
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -54,6 +55,9 @@ class Runtime:
     comm_portable   the shared-memory all-reduce sums with portable code (also on with
                     ``isa="generic"``).
     verbose_build   show the compiler's output when the extension is built.
+    portable_build  build the extension from its portable code only (no x86 tables, as on a CPU
+                    architecture without them), under its own name; the first build a process
+                    loads is the one it keeps.
     """
 
     kernels: str = "auto"
@@ -63,6 +67,7 @@ class Runtime:
     host_id: str | None = None
     comm_portable: bool = False
     verbose_build: bool = False
+    portable_build: bool = False
 
     def __post_init__(self) -> None:
         for name, choices in (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES)):
@@ -95,7 +100,7 @@ class Runtime:
             if not values["comm_timeout_s"] > 0:
                 raise ValueError(f"autotp: {ENV_NAMES['comm_timeout_s']} must be positive, got {raw['comm_timeout_s']}")
         values["host_id"] = raw["host_id"] or None
-        for field in ("comm_portable", "verbose_build"):
+        for field in ("comm_portable", "verbose_build", "portable_build"):
             if raw[field] not in ("", "0", "1"):
                 raise ValueError(f"autotp: {ENV_NAMES[field]}={raw[field]!r} must be 0 or 1")
             values[field] = raw[field] == "1"
@@ -110,7 +115,8 @@ class Runtime:
         env = {ENV_NAMES["kernels"]: self.kernels, ENV_NAMES["isa"]: self.isa, ENV_NAMES["comm"]: self.comm,
                ENV_NAMES["comm_timeout_s"]: repr(float(self.comm_timeout_s)),
                ENV_NAMES["comm_portable"]: "1" if self.comm_portable else "0",
-               ENV_NAMES["verbose_build"]: "1" if self.verbose_build else "0"}
+               ENV_NAMES["verbose_build"]: "1" if self.verbose_build else "0",
+               ENV_NAMES["portable_build"]: "1" if self.portable_build else "0"}
         if self.host_id:
             env[ENV_NAMES["host_id"]] = self.host_id
         return env

@@ -26,7 +26,9 @@ def cpu_flags() -> set[str]:
 def test_extension_builds_and_picks_the_best_path_the_cpu_has():
     ok, why = kernels.status(Runtime())  # the CPU's own answer, whatever AUTOTP_ISA the caller set
     flags = cpu_flags()
-    if AVX512 | {"fma", "avx512_bf16", "amx_bf16", "amx_tile"} <= flags:
+    if Runtime.from_env().portable_build:  # AUTOTP_PORTABLE_BUILD=1: the generic code only, on any CPU
+        assert not ok and "portable code only" in why, why
+    elif AVX512 | {"fma", "avx512_bf16", "amx_bf16", "amx_tile"} <= flags:
         assert ok and why == "amx", why
     elif AVX512 | {"fma", "avx512_bf16"} <= flags:
         assert ok and why == "avx512_bf16", why
@@ -65,7 +67,8 @@ def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tuple
 
 
 @paths
-@pytest.mark.parametrize("n,k", [(1, 1), (15, 3), (16, 32), (17, 31), (100, 129), (257, 1000), (48, 4096)])
+# (20, 4200): K over one pass of the AVX512-BF16 tile (2048 K pairs), so partial sums carry between passes
+@pytest.mark.parametrize("n,k", [(1, 1), (15, 3), (16, 32), (17, 31), (100, 129), (257, 1000), (48, 4096), (20, 4200)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemm_shape_sweep_against_float64(n, k, bias, isa):
     w = bf16(n, k, seed=n * 7 + k)
@@ -216,8 +219,12 @@ def test_negative_control_self_check_switches_off_a_wrong_kernel(monkeypatch):
         y = torch.ops.autotp.linear_int8(x, q, s, bias, n, g, o, out_dtype, "generic")
         return y * (1 + 1e-4)
 
-    assert "INT8 GEMM differs" in kernels.selfcheck.check_paths(["avx512"], linear_int8=wrong_int8)["avx512"]
-    handle = kernels.Extension(build=lambda verbose: ["avx2", "generic"],
+    def right(x, packed, bias, n, out_dtype, isa):  # the bf16 side passes, on any build
+        return torch.ops.autotp.linear_bf16(x, packed, bias, n, out_dtype, "generic")
+
+    failed = kernels.selfcheck.check_paths(["avx512"], linear_bf16=right, linear_int8=wrong_int8)
+    assert "INT8 GEMM differs" in failed["avx512"]
+    handle = kernels.Extension(build=lambda verbose, portable: ["avx2", "generic"],
                                check=lambda isas: kernels.selfcheck.check_paths(isas, linear_bf16=wrong))
     monkeypatch.setattr(kernels, "_EXTENSION", handle)
     with pytest.warns(UserWarning, match="avx2 kernels are switched off on this CPU: its bf16 GEMM differs"):
@@ -228,7 +235,7 @@ def test_negative_control_self_check_switches_off_a_wrong_kernel(monkeypatch):
 def test_build_failure_falls_back_once_or_raises_when_forced(monkeypatch):
     """A machine where the extension cannot build: auto warns once and stays on torch; native
     raises with the cause."""
-    def failing(verbose: bool) -> list[str]:
+    def failing(verbose: bool, portable: bool) -> list[str]:
         raise OSError("g++: not found")
 
     monkeypatch.setattr(kernels, "_EXTENSION", kernels.Extension(build=failing))

@@ -53,16 +53,22 @@ def _ensure_ninja_on_path() -> None:
             return
 
 
-def _build(verbose: bool = False) -> list[str]:
+PORTABLE_FLAG = "-DAUTOTP_PORTABLE_ONLY"  # csrc/kernel_table.h: leave the x86 tables out
+
+
+def _build(verbose: bool = False, portable: bool = False) -> list[str]:
     """Compile (or find cached) and load the extension; returns the ISAs it holds that this CPU
-    runs, best first. Raises with the compiler's message when the build fails."""
+    runs, best first. ``portable`` builds the generic code only (what a CPU architecture without
+    x86 tables gets), under its own name so that both builds stay cached. Raises with the
+    compiler's message when the build fails."""
     from torch.utils.cpp_extension import load
 
     _ensure_ninja_on_path()
     csrc = Path(__file__).parent / "csrc"
-    load(name="autotp_kernels", sources=sorted(str(p) for p in csrc.glob("*.cpp")),
-         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp", "-lrt"], is_python_module=False,
-         verbose=verbose)
+    load(name="autotp_kernels_portable" if portable else "autotp_kernels",
+         sources=sorted(str(p) for p in csrc.glob("*.cpp")),
+         extra_cflags=["-O3", "-fopenmp", *([PORTABLE_FLAG] if portable else [])],
+         extra_ldflags=["-fopenmp", "-lrt"], is_python_module=False, verbose=verbose)
     return list(torch.ops.autotp.cpu_isas())
 
 
@@ -70,7 +76,7 @@ class Extension:
     """The handle of the C++ extension: built once per process, on first need, and what it has
     already warned about (so each reason is said once)."""
 
-    def __init__(self, build: Callable[[bool], list[str]] = _build,
+    def __init__(self, build: Callable[[bool, bool], list[str]] = _build,
                  check: Callable[[list[str]], dict[str, str]] = check_paths) -> None:
         self._build, self._check = build, check
         self._lock = threading.Lock()
@@ -78,15 +84,18 @@ class Extension:
         self.cpu_isas: list[str] = []  # what this CPU runs, best first, less what the self-check switched off
         self.disabled: dict[str, str] = {}  # ISA -> why the self-check switched it off
         self.error = ""
+        self.portable = False  # built with the portable code only (Runtime.portable_build)
         self.said: set[str] = set()
 
-    def load(self, verbose: bool = False) -> bool:
+    def load(self, verbose: bool = False, portable: bool = False) -> bool:
+        """Build and load on the first call (``portable``: the generic code only); later calls
+        return whether that worked."""
         disabled: dict[str, str] = {}  # what this call's first load switched off, to say once
         with self._lock:
             if self.built is None:
                 try:
-                    isas = self._build(verbose)
-                    self.built = True
+                    isas = self._build(verbose, portable)
+                    self.built, self.portable = True, portable
                 except Exception as exc:  # a missing compiler, headers, ninja: the message says which
                     self.built, self.error = False, f"the C++ extension did not build or load: {exc}"
                 if self.built:
@@ -113,7 +122,8 @@ def extension_loaded(runtime: Runtime | None = None) -> bool:
     """Whether the C++ extension built and loaded (the shared-memory all-reduce and the read
     probe need only this; the GEMM also needs an instruction set it has code for). Builds on
     first call."""
-    return _EXTENSION.load(resolve(runtime).verbose_build)
+    rt = resolve(runtime)
+    return _EXTENSION.load(rt.verbose_build, rt.portable_build)
 
 
 def available_isas(runtime: Runtime | None = None) -> list[str]:
@@ -143,6 +153,9 @@ def status(runtime: Runtime | None = None) -> tuple[bool, str]:
     chosen = isa(rt)
     if chosen in FAST_ISAS or (chosen and rt.kernels == "native"):
         return True, chosen
+    if _EXTENSION.portable:
+        return False, (f"the extension was built from its portable code only ({ENV_NAMES['portable_build']}=1): its "
+                       f"generic GEMM runs with {ENV}=native")
     if any(i in FAST_ISAS for i in _EXTENSION.cpu_isas):
         return False, (f"{ENV_NAMES['isa']}={rt.isa} caps native code at {chosen}, which only runs with "
                        f"{ENV}=native (it is the spec the vector paths are checked against, not faster than torch)")

@@ -12,8 +12,9 @@ from typing import Callable
 import torch
 
 # (M, N, K): odd sizes (ragged groups and K pairs), the register path (M <= 4), the panel one,
-# and enough rows for the prefill tiles (AMX serves from 16 rows)
-SHAPES = [(1, 70, 33), (3, 130, 64), (13, 64, 257), (40, 100, 130)]
+# enough rows for the prefill tiles (AMX serves from 16 rows), and K over one pass of a tile
+# that walks K in passes (AVX512-BF16: 2048 K pairs)
+SHAPES = [(1, 70, 33), (3, 130, 64), (13, 64, 257), (40, 100, 130), (7, 20, 4200)]
 INT8_GROUP, INT8_OFFSET = 16, 5
 # fp32 sums in another association order differ by about K ulps of the magnitudes summed
 RELATIVE = 1e-5

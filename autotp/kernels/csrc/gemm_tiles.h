@@ -84,12 +84,13 @@ template <class V>
 struct WidenMicro {
   using X = float;
   static constexpr int kTileM = V::kTileM;
+  static constexpr int64_t kChunkPairs = autotp::kChunkPairs;
   static constexpr int64_t kTileBlocks(int64_t mt) { return V::kTileBlocks(mt); }
   static Bf16MicroFn pick(int64_t mt, int64_t nb) { return bf16_pick<V>(mt, nb); }
 };
 
 // The bf16 tile's loops over a Micro: X (the activations' element type), kTileM (rows per
-// call, <= 6), kTileBlocks(mt) (blocks per call) and pick(mt, nb), a micro-kernel of the
+// call, <= 6), kChunkPairs (K pairs per pass), kTileBlocks(mt) (blocks per call) and pick(mt, nb), a micro-kernel of the
 // signature of bf16_micro with x of type X. With one row tile the weight streams once over the
 // whole K; with several, K is walked in chunks so that each chunk of x and of the weight stays
 // in cache while every (row tile, group) pair of the unit uses it.
@@ -98,7 +99,7 @@ void bf16_drive(const GemmArgs& a, const typename Micro::X* x, int64_t m0, int64
   static_assert(Micro::kTileM >= 1 && Micro::kTileM <= 6, "the pickers cover 1..6 rows");
   alignas(64) float c[kBlockM * kMaxItemBlocks * kBlockN];
   const int64_t ldx = a.ldx, ldc = (b1 - b0) * kBlockN;
-  const int64_t chunk = (m1 - m0) <= Micro::kTileM ? a.K2 : kChunkPairs;
+  const int64_t chunk = (m1 - m0) <= Micro::kTileM ? a.K2 : Micro::kChunkPairs;
   for (int64_t p0 = 0; p0 < a.K2; p0 += chunk) {
     const int64_t pairs = std::min(chunk, a.K2 - p0);
     for (int64_t g = b0; g < b1; g += kGroupBlocks) {

@@ -10,7 +10,7 @@
 // (AVX512-BF16, then AVX-512), which stream the weight with less set-up.
 #include "kernel_table.h"
 
-#if defined(__x86_64__)
+#if AUTOTP_X86_TABLES
 
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -146,4 +146,4 @@ const KernelTable& amx_table() {
 
 }  // namespace autotp
 
-#endif  // __x86_64__
+#endif  // AUTOTP_X86_TABLES

@@ -5,7 +5,7 @@
 // sums and the read probe are the generic ones (memory-bound; the compiler vectorises them).
 #include "kernel_table.h"
 
-#if defined(__x86_64__)
+#if AUTOTP_X86_TABLES
 
 #include <immintrin.h>
 
@@ -64,4 +64,4 @@ const KernelTable& avx2_table() {
 
 }  // namespace autotp
 
-#endif  // __x86_64__
+#endif  // AUTOTP_X86_TABLES

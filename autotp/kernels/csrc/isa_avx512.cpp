@@ -4,7 +4,7 @@
 // Compiled only for x86-64; everything in it runs only where supported() says so.
 #include "kernel_table.h"
 
-#if defined(__x86_64__)
+#if AUTOTP_X86_TABLES
 
 #include <immintrin.h>
 
@@ -108,4 +108,4 @@ const KernelTable& avx512_table() {
 
 }  // namespace autotp
 
-#endif  // __x86_64__
+#endif  // AUTOTP_X86_TABLES

@@ -8,7 +8,7 @@
 // sums (below 1.2e-38): the only way it can differ from the generic path beyond summation order.
 #include "kernel_table.h"
 
-#if defined(__x86_64__)
+#if AUTOTP_X86_TABLES
 
 #include <immintrin.h>
 
@@ -67,6 +67,10 @@ DotFn pick_nb(int64_t nb) {
 struct DotMicro {
   using X = uint16_t;
   static constexpr int kTileM = 6;
+  // Whole K (up to 2048 pairs: a 512 KB group panel, in L2) per pass: the 24 accumulators stay
+  // in registers, and vdpbf16ps is fed fast enough from L2. Measured on Zen 4 (1 thread, 4096 x
+  // 4096 and 11008, M 16-256): chunks of 64-256 pairs 0.83-0.97x oneDNN, 1024-8192 0.96-1.15x.
+  static constexpr int64_t kChunkPairs = 2048;
   static constexpr int64_t kTileBlocks(int64_t) { return 4; }
   static DotFn pick(int64_t mt, int64_t nb) {
     switch (mt) {
@@ -99,4 +103,4 @@ const KernelTable& avx512_bf16_table() {
 
 }  // namespace autotp
 
-#endif  // __x86_64__
+#endif  // AUTOTP_X86_TABLES

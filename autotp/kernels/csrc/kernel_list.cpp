@@ -10,7 +10,7 @@ namespace autotp {
 
 const std::vector<const KernelTable*>& kernel_tables() {
   static const std::vector<const KernelTable*> tables{
-#if defined(__x86_64__)
+#if AUTOTP_X86_TABLES
       &amx_table(),
       &avx512_bf16_table(),
       &avx512_table(),

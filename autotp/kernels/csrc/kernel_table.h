@@ -91,8 +91,17 @@ struct KernelTable {
   uint64_t (*stream_read)(const uint8_t* data, int64_t bytes);
 };
 
+// The x86 tables are compiled on x86-64 unless the build asks for portable code only
+// (-DAUTOTP_PORTABLE_ONLY: what a CPU architecture without them gets, built and tested on x86
+// too, under its own extension name).
+#if defined(__x86_64__) && !defined(AUTOTP_PORTABLE_ONLY)
+#define AUTOTP_X86_TABLES 1
+#else
+#define AUTOTP_X86_TABLES 0
+#endif
+
 const KernelTable& generic_table();
-#if defined(__x86_64__)
+#if AUTOTP_X86_TABLES
 const KernelTable& avx2_table();
 const KernelTable& avx512_table();
 const KernelTable& avx512_bf16_table();
