@@ -99,7 +99,9 @@ void bf16_drive(const GemmArgs& a, const typename Micro::X* x, int64_t m0, int64
   static_assert(Micro::kTileM >= 1 && Micro::kTileM <= 6, "the pickers cover 1..6 rows");
   alignas(64) float c[kBlockM * kMaxItemBlocks * kBlockN];
   const int64_t ldx = a.ldx, ldc = (b1 - b0) * kBlockN;
-  const int64_t chunk = (m1 - m0) <= Micro::kTileM ? a.K2 : Micro::kChunkPairs;
+  // passes of equal length, none over kChunkPairs (a short last pass would reload the accumulators for little work)
+  const int64_t passes = (m1 - m0) <= Micro::kTileM ? 1 : (a.K2 + Micro::kChunkPairs - 1) / Micro::kChunkPairs;
+  const int64_t chunk = (a.K2 + passes - 1) / passes;
   for (int64_t p0 = 0; p0 < a.K2; p0 += chunk) {
     const int64_t pairs = std::min(chunk, a.K2 - p0);
     for (int64_t g = b0; g < b1; g += kGroupBlocks) {
