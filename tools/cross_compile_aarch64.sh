@@ -9,7 +9,7 @@ PY="${1:-.venv/bin/python}"
 INC="$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__) + "/include")')"
 OUT="$(mktemp -d)"
 for src in autotp/kernels/csrc/*.cpp; do
-  aarch64-linux-gnu-g++ -std=c++17 -O2 -fopenmp -fPIC -c "$src" -I"$INC" -I"$INC/torch/csrc/api/include" \
+  aarch64-linux-gnu-g++ -std=c++20 -O2 -fopenmp -fPIC -c "$src" -I"$INC" -I"$INC/torch/csrc/api/include" \
     -o "$OUT/$(basename "$src" .cpp).o"
   echo "compiled $src"
 done
