@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 import autotp
+import census
 import zoo
 
 NEW_TOKENS = 8
@@ -24,7 +25,7 @@ def compare_family(rank: int, world_size: int, family: str, beams: int = 1, fuse
     with torch.no_grad():
         ref_logits = model(**inputs).logits
     ref_tokens = _generate(model, inputs, num_beams=beams)
-    layer_total = _layer_linear_numel(model)
+    weights = census.census(model, autotp.plan(model, world_size, fuse_allreduce=fuse))
     shape = _kv_shape(model)
     autotp.shard(model, world_size, fuse_allreduce=fuse)
     with torch.no_grad():
@@ -37,18 +38,13 @@ def compare_family(rank: int, world_size: int, family: str, beams: int = 1, fuse
         "tokens_equal": torch.equal(tokens, ref_tokens),
         "new_tokens": tokens.shape[1] - inputs["input_ids"].shape[1],
         "tokens": tokens.tolist(),
-        "layer_linear_total": layer_total,
-        "local_layer_linear": _layer_linear_numel(model),
+        "sharded_weights": weights.sharded,
+        "replicated_weights": weights.replicated,
+        "unplanned_weights": weights.unplanned,
+        "local_weights": sum(census.weights(model).values()),
         "embedding_rows": model.get_input_embeddings().weight.shape[0],
         **shape,
     }
-
-
-def _layer_linear_numel(model) -> int:
-    """Weights of the Linear layers in the decoder blocks, as held by this process (row-parallel
-    biases are replicated by design, so biases are left out)."""
-    layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
-    return sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
 
 
 def _kv_shape(model) -> dict:

@@ -2,6 +2,8 @@
 ranks. Float32 tolerance 1e-4: the only difference is the summation order of the all-reduce."""
 import pytest
 
+import autotp
+import census
 import rank_checks
 import zoo
 from autotp import kernels
@@ -44,17 +46,21 @@ def test_logits_and_greedy_tokens_match(results, family):
 
 @pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_each_rank_holds_its_share_of_the_weights(results, family):
+    """Every parameter with two or more dims except embedding tables (tests/census.py): the plan
+    covers each, and the ranks together hold the sharded ones once, the replicated ones once
+    each, plus the KV heads copied where there are fewer than ranks."""
     world_size, per_rank = results
     first = per_rank[0][family]
-    total = first["layer_linear_total"]
-    held = [res[family]["local_layer_linear"] for res in per_rank]
+    assert not first["unplanned_weights"], f"every rank keeps these whole, unplanned: {first['unplanned_weights']}"
+    sharded, replicated = first["sharded_weights"], first["replicated_weights"]
+    held = [res[family]["local_weights"] for res in per_rank]
     n_kv, n_q = first["kv_heads"], first["heads"]
     # KV heads replicated when fewer than ranks (or straddled): count the extra copies
-    extra_kv = sum(len(kv) for kv in assign_heads(n_q, n_kv, world_size).kv_heads) - n_kv
-    assert sum(held) == total + extra_kv * first["kv_head_numel"]
-    fair = total / world_size
+    extra_kv = (sum(len(kv) for kv in assign_heads(n_q, n_kv, world_size).kv_heads) - n_kv) * first["kv_head_numel"]
+    assert sum(held) == sharded + world_size * replicated + extra_kv
+    fair = sharded / world_size
     for h in held:  # uneven head splits (3/3/2) and KV copies stay within a head's worth
-        assert h <= fair * 1.5 + extra_kv * first["kv_head_numel"], f"{h} vs fair share {fair:.0f}"
+        assert h - replicated <= fair * 1.5 + extra_kv, f"{h} vs fair share {fair:.0f} + {replicated} replicated"
     vocab = [res[family]["embedding_rows"] for res in per_rank]
     assert vocab == split_sizes(130, world_size)
 
@@ -85,6 +91,17 @@ def test_beam_search_matches(family):
 def test_negative_control_a_wrong_split_is_detected():
     diffs = CHECKS(2, "wrong-split")
     assert min(diffs) > 100 * TOL
+
+
+def test_negative_control_the_weight_census_sees_replicated_experts():
+    """Mixtral's experts are fused 3-D parameters, not Linear layers, and its router a bare
+    parameter: the plan of today covers neither, so every rank would keep all of them (most of
+    the model). The census behind the per-rank weight test names them; no process needed."""
+    model = zoo.build("mixtral")
+    weights = census.census(model, autotp.plan(model, 2))
+    assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj",
+            "model.layers.1.mlp.gate.weight"} <= set(weights.unplanned), weights.unplanned
+    assert sum(weights.unplanned.values()) > weights.sharded
 
 
 def test_shard_errors_inside_a_process_group():

@@ -60,13 +60,20 @@ UNSUPPORTED: dict[str, dict] = {
     "falcon": dict(model_type="falcon", hidden_size=64, num_attention_heads=8, num_hidden_layers=2),
 }
 
+# mixture-of-experts families: experts as fused 3-D parameters (not sharded yet, issue 16)
+MOE: dict[str, dict] = {
+    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=4, head_dim=8, num_local_experts=4,
+                    num_experts_per_tok=2),
+}
+
 # the families of the acceptance criteria first, then the others the walker handles unaided
 FAMILIES = list(CONFIGS)
 
 
 def build(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **extra) -> torch.nn.Module:
     """A tiny random model of ``family``; the same seed gives the same weights in every process."""
-    kwargs = {**COMMON, **{**CONFIGS, **UNSUPPORTED}[family], **extra}
+    kwargs = {**COMMON, **{**CONFIGS, **UNSUPPORTED, **MOE}[family], **extra}
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

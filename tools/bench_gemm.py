@@ -7,8 +7,9 @@ Timings interleave (every path once per round), so machine noise falls on all al
     python tools/bench_gemm.py [--threads 1 2] [--m 1 4 16 64 256 1024] [--shapes 4096x4096 ...]
                                [--rounds 3] [--paths auto avx512 ...] [--quant-group-size 128]
 
-Ratios are the fastest torch bf16 time over the path's time: at or above 1.00 the path is at
-least as fast as torch. For M <= 16 (decoding) the weight bytes streamed per second are given
+Ratios are the fastest torch bf16 time over the path's time, taken within each round (paths
+measured next to each other) and the median over rounds: at or above 1.00 the path is at least
+as fast as torch. Times shown are medians over rounds. For M <= 16 (decoding) the weight bytes streamed per second are given
 as a share of the read bandwidth, measured interleaved by autotp's read probe: with portable
 loads (``generic``) and with the best ISA's loads; the share is of the higher of the two.
 Paths slower than 0.5 s a call are timed once per round (the generic path at prefill sizes).
@@ -76,7 +77,8 @@ def bf16_paths(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor, onednn: t
 
 
 def measure(args: argparse.Namespace, isas: list[str], threads: int) -> tuple[list, dict[str, float]]:
-    """Rows (n, k, m, bf16 medians by path, int8 medians by path) and the read bandwidths."""
+    """Rows (n, k, m, int8 bytes, medians by path, times of each round by path) and the read
+    bandwidths."""
     torch.set_num_threads(threads)
     probe = torch.ones(1 << 30, dtype=torch.uint8)
     reads: dict[str, list[float]] = {"generic": [], isas[0]: []}
@@ -104,7 +106,7 @@ def measure(args: argparse.Namespace, isas: list[str], threads: int) -> tuple[li
                         reads[isa].append(probe.numel() / timed(lambda: kernels.read_probe(probe, Runtime(isa=isa)),
                                                                 0.0, 1))
             medians = {name: statistics.median(t) for name, t in times.items()}
-            rows.append((n, k, m, q8.numel() + s8.numel() * 4, medians))
+            rows.append((n, k, m, q8.numel() + s8.numel() * 4, medians, times))
             print(".", end="", flush=True, file=sys.stderr)
     print(file=sys.stderr)
     return rows, {isa: statistics.median(v) for isa, v in reads.items() if v}
@@ -114,14 +116,22 @@ def best_torch(t: dict[str, float]) -> float:
     return min(t["F.linear bf16"], t.get("oneDNN bf16", float("inf")))
 
 
+def ratio(rounds: dict[str, list[float]], name: str, over: str | None = None) -> float:
+    """Median over rounds of (fastest torch bf16, or path ``over``) / ``name``, each round's
+    pair measured side by side."""
+    def base(r: int) -> float:
+        return rounds[over][r] if over else best_torch({nm: v[r] for nm, v in rounds.items()})
+    return statistics.median(base(r) / rounds[name][r] for r in range(len(rounds[name])))
+
+
 def print_tables(rows: list, bw: dict[str, float], threads: int) -> None:
     band = max(bw.values()) if bw else float("nan")
     print(f"\n{threads} thread(s); read bandwidth " +
           ", ".join(f"{v / 1e9:.1f} GB/s with {isa} loads" for isa, v in bw.items()))
     names = [nm for nm in rows[0][4] if not nm.startswith("int8")]
     print(f"{'N x K':>11} {'M':>5} " + "".join(f"{nm:>16}" for nm in names) + "   ms (best torch bf16 / path)")
-    for n, k, m, _, t in rows:
-        cells = "".join(f"{t[nm] * 1e3:9.2f} {best_torch(t) / t[nm]:5.2f}x" for nm in names)
+    for n, k, m, _, t, rounds in rows:
+        cells = "".join(f"{t[nm] * 1e3:9.2f} {ratio(rounds, nm):5.2f}x" for nm in names)
         line = f"{n:>5}x{k:<5} {m:>5} {cells}"
         if m <= 16:
             line += "   %bw " + " ".join(f"{nm} {n * k * 2 / t[nm] / band * 100:.0f}%"
@@ -130,8 +140,9 @@ def print_tables(rows: list, bw: dict[str, float], threads: int) -> None:
     int8 = [nm for nm in rows[0][4] if nm.startswith("int8")]
     print(f"\nINT8 weights (bf16 activations): ms, and time / auto bf16 time")
     print(f"{'N x K':>11} {'M':>5} " + "".join(f"{nm:>18}" for nm in int8))
-    for n, k, m, i8_bytes, t in rows:
-        line = f"{n:>5}x{k:<5} {m:>5} " + "".join(f"{t[nm] * 1e3:10.2f} {t[nm] / t['auto']:5.2f}x" for nm in int8)
+    for n, k, m, i8_bytes, t, rounds in rows:
+        line = f"{n:>5}x{k:<5} {m:>5} " + "".join(f"{t[nm] * 1e3:10.2f} {1 / ratio(rounds, nm, 'auto'):5.2f}x"
+                                                  for nm in int8)
         if m <= 16:
             line += "   %bw " + " ".join(f"{nm[5:]} {i8_bytes / t[nm] / band * 100:.0f}%" for nm in int8)
         print(line)
@@ -140,10 +151,10 @@ def print_tables(rows: list, bw: dict[str, float], threads: int) -> None:
 def print_targets(rows: list, bw: dict[str, float], threads: int, emulated: bool) -> None:
     """The worst ratios of the auto path against issue 15's targets."""
     band = max(bw.values()) if bw else float("nan")
-    ratios = [(best_torch(t) / t["auto"], n, k, m) for n, k, m, _, t in rows]
+    ratios = [(ratio(rounds, "auto"), n, k, m) for n, k, m, _, t, rounds in rows]
     worst = min(ratios)
     m1 = [r for r in ratios if r[3] == 1]
-    share = [(n * k * 2 / t["auto"] / band, n, k) for n, k, m, _, t in rows if m == 1]
+    share = [(n * k * 2 / t["auto"] / band, n, k) for n, k, m, _, t, _ in rows if m == 1]
     print(f"\n{threads} thread(s), auto path: worst best-torch-bf16/auto {worst[0]:.2f} "
           f"({worst[1]}x{worst[2]} M={worst[3]}; target >= 0.95)")
     if m1:
@@ -152,7 +163,7 @@ def print_targets(rows: list, bw: dict[str, float], threads: int, emulated: bool
         print(f"  M=1: worst ratio {w1[0]:.2f} ({w1[1]}x{w1[2]}; target >= 1.00), lowest share of read bandwidth "
               f"{ws[0] * 100:.0f}% ({ws[1]}x{ws[2]}; target >= 85%)")
     if emulated:
-        at256 = [(t["F.linear fp32"] / t["auto"], n, k) for n, k, m, _, t in rows if m == 256]
+        at256 = [(ratio(rounds, "auto", "F.linear fp32"), n, k) for n, k, m, _, t, rounds in rows if m == 256]
         if at256:
             w = min(at256)
             print(f"  torch emulates bf16 here: M=256 fp32 F.linear / auto worst {w[0]:.2f} ({w[1]}x{w[2]}; "
