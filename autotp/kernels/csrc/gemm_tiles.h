@@ -90,8 +90,8 @@ struct WidenMicro {
 };
 
 // The bf16 tile's loops over a Micro: X (the activations' element type), kTileM (rows per
-// call, <= 6), kChunkPairs (K pairs per pass), kTileBlocks(mt) (blocks per call) and pick(mt, nb), a micro-kernel of the
-// signature of bf16_micro with x of type X. With one row tile the weight streams once over the
+// call, <= 6), kChunkPairs (K pairs per pass at most), kTileBlocks(mt) (blocks per call) and
+// pick(mt, nb), a micro-kernel of the signature of bf16_micro with x of type X. With one row tile the weight streams once over the
 // whole K; with several, K is walked in chunks so that each chunk of x and of the weight stays
 // in cache while every (row tile, group) pair of the unit uses it.
 template <class Micro>
@@ -99,7 +99,8 @@ void bf16_drive(const GemmArgs& a, const typename Micro::X* x, int64_t m0, int64
   static_assert(Micro::kTileM >= 1 && Micro::kTileM <= 6, "the pickers cover 1..6 rows");
   alignas(64) float c[kBlockM * kMaxItemBlocks * kBlockN];
   const int64_t ldx = a.ldx, ldc = (b1 - b0) * kBlockN;
-  // passes of equal length, none over kChunkPairs (a short last pass would reload the accumulators for little work)
+  // passes of equal length, none over kChunkPairs (a short last pass would reload the
+  // accumulators for little work)
   const int64_t passes = (m1 - m0) <= Micro::kTileM ? 1 : (a.K2 + Micro::kChunkPairs - 1) / Micro::kChunkPairs;
   const int64_t chunk = (a.K2 + passes - 1) / passes;
   for (int64_t p0 = 0; p0 < a.K2; p0 += chunk) {

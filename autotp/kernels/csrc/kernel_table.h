@@ -29,7 +29,7 @@ constexpr int64_t kGroupBlocks = 4; // blocks per packed group (64 columns)
 constexpr int64_t kGroupRow = 128;  // bf16 elements of one group's K pair
 constexpr int64_t kBlockM = 96;     // activation rows per unit of work (bf16)
 constexpr int64_t kMaxItemBlocks = 16;  // blocks (256 columns) per unit of work (bf16)
-constexpr int64_t kChunkPairs = 256;    // K pairs per pass when several row tiles reuse a panel
+constexpr int64_t kChunkPairs = 256;    // K pairs per pass of the fp32-activation tiles (each Micro says its own)
 constexpr int64_t kRowTile = 6;         // activation rows the work splitter rounds to
 
 constexpr int64_t kInt8Group = 64;        // output columns per packed INT8 group
