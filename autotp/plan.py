@@ -71,6 +71,14 @@ class Entry:
     ``all_reduce`` marks a ROW entry whose output is summed across ranks. In a block whose
     attention and MLP outputs are added before anything reads them, the earlier row layer is
     ``deferred_to`` the later one, which lists it in ``fuses`` and all-reduces both at once.
+
+    Most entries name a module (a Linear, or a layer that computes one: GPT-2's Conv1D stores
+    its weight [in, out], ``transposed``). An entry with ``param_dim`` set names one parameter
+    instead (a 3-D expert tensor [experts, out, in], say): its ranges cut that dim of it, and a
+    ROW parameter's partial sums are all-reduced where the module owning it returns. A COLUMN
+    entry with ``norm_width`` is a norm over a column-sharded activation of that global width
+    (OLMo2's q_norm across all heads): its weights are cut like the activation, and its mean
+    over the features becomes a local sum plus one all-reduce.
     """
 
     name: str
@@ -84,9 +92,26 @@ class Entry:
     tied_to: str | None = None
     deferred_to: str | None = None
     fuses: list[str] = field(default_factory=list)
+    transposed: bool = False
+    param_dim: int | None = None
+    norm_width: int | None = None
 
     def local_size(self, rank: int) -> int:
         return sum(stop - start for start, stop in self.ranges[rank])
+
+    @property
+    def is_param(self) -> bool:
+        """This entry names a parameter, not a module."""
+        return self.param_dim is not None
+
+    def cut_dim(self, param: str) -> int | None:
+        """The dim of this module's parameter ``param`` (of the parameter itself, ``""``, for a
+        parameter entry) that the entry's ranges cut; None: every rank holds it whole."""
+        if self.is_param:
+            return self.param_dim if param == "" and self.style in (Style.COLUMN, Style.ROW) else None
+        if self.transposed and param == "weight" and self.style in (Style.COLUMN, Style.ROW):
+            return 1 - CUT_DIMS[self.style]["weight"]
+        return CUT_DIMS[self.style].get(param)
 
 
 @dataclass
@@ -118,6 +143,17 @@ class Plan:
     entries: dict[str, Entry] = field(default_factory=dict)
     attrs: list[AttrEdit] = field(default_factory=list)
     head_slices: list[HeadSlice] = field(default_factory=list)
+
+    def cut(self, key: str) -> tuple[Entry | None, int | None]:
+        """The entry covering state-dict ``key`` and the dim of it that entry cuts (None: whole)."""
+        entry = self.entries.get(key)
+        if entry is not None and entry.is_param:
+            return entry, entry.cut_dim("")
+        module, _, param = key.rpartition(".")
+        entry = self.entries.get(module)
+        if entry is None or entry.is_param:
+            return None, None
+        return entry, entry.cut_dim(param)
 
     @property
     def collectives_per_layer(self) -> dict[int, int]:
@@ -185,6 +221,11 @@ class Plan:
                 value = getattr(e, field_name)
                 if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                     raise ValueError(f"{where}: {field_name} must be an integer")
+            if e.norm_width is not None and (not isinstance(e.norm_width, int) or e.norm_width < 1):
+                raise ValueError(f"{where}: norm_width must be a positive integer or null")
+            if not isinstance(e.transposed, bool) or e.param_dim is not None and (
+                    not isinstance(e.param_dim, int) or isinstance(e.param_dim, bool) or e.param_dim < 0):
+                raise ValueError(f"{where}: transposed must be a boolean and param_dim a dim or null")
             if not isinstance(e.all_reduce, bool) or not isinstance(e.heads, list) \
                     or not all(isinstance(h, int) for h in e.heads):
                 raise ValueError(f"{where}: all_reduce must be a boolean and heads a list of integers")

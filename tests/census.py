@@ -34,7 +34,8 @@ def census(model: nn.Module, plan: Plan) -> Census:
     out = Census()
     for name, numel in weights(model).items():
         module = name.rsplit(".", 1)[0]
-        entry = plan.entries.get(module)
+        entry = plan.entries.get(name)  # a parameter entry (an expert tensor), else its module's
+        entry = entry if entry is not None and entry.is_param else plan.entries.get(module)
         if entry is None:
             out.unplanned[name] = numel
         elif entry.style == Style.REPLICATE:

@@ -25,6 +25,7 @@ def compare_family(rank: int, world_size: int, family: str, beams: int = 1, fuse
     with torch.no_grad():
         ref_logits = model(**inputs).logits
     ref_tokens = _generate(model, inputs, num_beams=beams)
+    ref_beam = _generate(model, inputs, num_beams=3)
     # the plan shard applies below (it verifies it; once is enough)
     weights = census.census(model, autotp.plan(model, world_size, fuse_allreduce=fuse, verify=False))
     shape = _kv_shape(model)
@@ -32,7 +33,9 @@ def compare_family(rank: int, world_size: int, family: str, beams: int = 1, fuse
     with torch.no_grad():
         logits = model(**inputs).logits
     tokens = _generate(model, inputs, num_beams=beams)
+    beam = _generate(model, inputs, num_beams=3)
     return {
+        "beam_equal": torch.equal(beam, ref_beam),
         "max_abs_diff": (logits - ref_logits).abs().max().item(),
         "ref_logits_std": ref_logits.std().item(),
         "logits_shape_ok": logits.shape == ref_logits.shape,
@@ -52,7 +55,8 @@ def _kv_shape(model) -> dict:
     """Head counts from the config, and the parameter count of one KV head in all layers (k and v)."""
     c = model.config
     heads = c.num_attention_heads
-    kv = getattr(c, "num_key_value_heads", None) or heads
+    multi_query = getattr(c, "multi_query", False) and not getattr(c, "new_decoder_architecture", False)
+    kv = 1 if multi_query else getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     per_head = 2 * head_dim * c.hidden_size * c.num_hidden_layers
     return {"heads": heads, "kv_heads": kv, "kv_head_numel": per_head}

@@ -47,25 +47,74 @@ CONFIGS: dict[str, dict] = {
                    num_attention_heads=8, num_key_value_heads=4),
 }
 
-# blocks whose attention and MLP read the same input and are added to the residual together:
-# one all-reduce per layer
-PARALLEL_RESIDUAL = ["gptj", "gpt_neox", "phi", "cohere", "stablelm_parallel"]
-
-# families the walker must refuse (the plan would be wrong or there is nothing to shard)
-UNSUPPORTED: dict[str, dict] = {
+# families the walker learned from the data flow in issue 16: concatenated q|k|v (Phi-3,
+# GPT-BigCode multi-query, Falcon multi-query), Conv1D (GPT-2), Linear subclasses with their own
+# forward (Falcon), mp_num-blocked qkv (CodeGen), and others of the zoo
+CONFIGS.update({
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_head=8, n_layer=2, n_inner=100),
+    "falcon": dict(model_type="falcon", hidden_size=64, num_attention_heads=8, num_hidden_layers=2),
+    "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=4),
+    "gpt_bigcode": dict(model_type="gpt_bigcode", n_embd=64, n_head=8, n_layer=2, n_inner=100),
+    "codegen": dict(model_type="codegen", n_embd=64, n_head=8, n_layer=2, rotary_dim=4, n_inner=100),
+    "gemma2": dict(model_type="gemma2", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=8),
+    "olmo": dict(model_type="olmo", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=4),
+    "glm": dict(model_type="glm", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                num_attention_heads=8, num_key_value_heads=4, head_dim=8),
+    "helium": dict(model_type="helium", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=8),
+    "smollm3": dict(model_type="smollm3", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=4),
+    "gpt_neo": dict(model_type="gpt_neo", hidden_size=64, num_layers=2, num_heads=8, intermediate_size=100,
+                    attention_types=[[["global", "local"], 1]], window_size=4),
+    "nemotron": dict(model_type="nemotron", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=8),
+    "exaone4": dict(model_type="exaone4", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=4, head_dim=8),
+    "ernie4_5": dict(model_type="ernie4_5", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=8),
+    "seed_oss": dict(model_type="seed_oss", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=8),
+    "persimmon": dict(model_type="persimmon", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                      num_attention_heads=8),
+    "xglm": dict(model_type="xglm", d_model=64, ffn_dim=100, num_layers=2, attention_heads=8),
+    "cohere2": dict(model_type="cohere2", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=4),
     "olmo2": dict(model_type="olmo2", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
                   num_attention_heads=8, num_key_value_heads=4),
-    "codegen": dict(model_type="codegen", n_embd=64, n_head=8, n_layer=2, rotary_dim=4),
-    "gpt2": dict(model_type="gpt2", n_embd=64, n_head=8, n_layer=2),
-    "falcon": dict(model_type="falcon", hidden_size=64, num_attention_heads=8, num_hidden_layers=2),
-}
+})
 
-# mixture-of-experts families: experts as fused 3-D parameters (not sharded yet, issue 16)
+# mixture-of-experts families: experts as fused 3-D parameters, sharded like dense MLPs
 MOE: dict[str, dict] = {
-    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=8, num_key_value_heads=4, head_dim=8, num_local_experts=4,
                     num_experts_per_tok=2),
+    "qwen2_moe": dict(model_type="qwen2_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=4, num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                      num_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(model_type="olmoe", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2),
+    "granitemoe": dict(model_type="granitemoe", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2),
+    "phimoe": dict(model_type="phimoe", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=8, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2),
+    "ernie4_5_moe": dict(model_type="ernie4_5_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                         moe_num_experts=4, moe_k=2, moe_layer_start_index=0),
 }
+CONFIGS.update(MOE)
+
+# blocks whose attention and MLP read the same input and are added to the residual together:
+# one all-reduce per layer
+PARALLEL_RESIDUAL = ["gptj", "gpt_neox", "phi", "cohere", "stablelm_parallel", "falcon"]
+
+# families the walker must refuse (the plan would be wrong or there is nothing to shard)
+UNSUPPORTED: dict[str, dict] = {}
 
 # the families of the acceptance criteria first, then the others the walker handles unaided
 FAMILIES = list(CONFIGS)
@@ -73,7 +122,7 @@ FAMILIES = list(CONFIGS)
 
 def build(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **extra) -> torch.nn.Module:
     """A tiny random model of ``family``; the same seed gives the same weights in every process."""
-    kwargs = {**COMMON, **{**CONFIGS, **UNSUPPORTED, **MOE}[family], **extra}
+    kwargs = {**COMMON, **{**CONFIGS, **UNSUPPORTED}[family], **extra}
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from autotp.checkpoint.stfile import DTYPES, sha256_of
-from autotp.plan import CheckpointError, Plan, cut_dim
+from autotp.plan import CheckpointError, Plan
 from autotp.sharding.quantize import QuantScheme
 
 FORMAT_VERSION = 1
@@ -33,10 +33,9 @@ def rank_file(rank: int, world_size: int) -> str:
 
 
 def param_slice(plan: Plan, key: str, rank: int) -> tuple[int | None, list[tuple[int, int]] | None]:
-    """(dim, ranges) of state-dict ``key`` that ``rank`` holds (plan.CUT_DIMS), (None, None) whole."""
-    module, _, param = key.rpartition(".")
-    entry = plan.entries.get(module)
-    dim = cut_dim(entry.style if entry is not None else None, param)
+    """(dim, ranges) of state-dict ``key`` that ``rank`` holds (``Plan.cut``), (None, None) whole.
+    The dim is the stored tensor's (a Conv1D weight is stored [in, out])."""
+    entry, dim = plan.cut(key)
     return (dim, entry.ranges[rank]) if dim is not None else (None, None)
 
 

@@ -10,8 +10,8 @@ from torch import nn
 from autotp.plan import AttrEdit, Entry, HeadSlice, Plan, ShardingError, Style
 from autotp.policies import overrides as table
 from autotp.policies.verify import verify_plan
-from autotp.policies.walker import Trace, sample_inputs, walk
-from autotp.sharding.math import assign_heads, contiguous, split_sizes, unit_ranges
+from autotp.policies.walker import Trace, parse_source, sample_inputs, walk, weight_candidates
+from autotp.sharding.math import assign_heads, contiguous, merge_ranges, split_sizes, unit_ranges
 
 _OVERRIDE_HINT = "pass overrides={{'{pattern}': 'replicate'}} (or 'column' / 'row') to autotp.plan / autotp.shard"
 
@@ -25,36 +25,62 @@ def build_plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | 
         raise ShardingError(f"world_size must be at least 1, got {world_size}")
     modules = dict(model.named_modules())
     layers = _decoder_layers(model)
-    forced = _match_overrides(modules, overrides or {})
+    forced = _match_overrides(model, overrides or {})
     vocab_in = _name_of(modules, model.get_input_embeddings())
     vocab_out = _name_of(modules, model.get_output_embeddings())
     trace = _walk_to_fixpoint(model, forced, vocab_out, layers, strict)
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     plan = Plan(world_size=world_size, architecture=arch)
     _add_vocab(plan, modules, vocab_in, vocab_out, trace)
-    for cols, rows in _groups(trace):
-        _add_group(plan, modules, trace, sorted(cols), sorted(rows), layers)
+    for sources, rows in _groups(trace):
+        _add_group(plan, modules, trace, sorted(sources), sorted(rows), layers)
     if fuse_allreduce:
         _fuse_reductions(plan, trace)
-    order = {name: i for i, name in enumerate(modules)}
-    plan.entries = dict(sorted(plan.entries.items(), key=lambda kv: order[kv[0]]))
-    for name, module in modules.items():
-        if isinstance(module, nn.Linear) and name not in plan.entries:
-            if strict and _layer_of(name, layers) is not None and name not in forced:
-                reason = trace.conflicts.get(name, "the trace never saw it run through "
-                                            "torch.nn.functional.linear (a custom forward?)")
-                raise ShardingError(f"autotp cannot place Linear '{name}': {reason}; "
-                                    + _OVERRIDE_HINT.format(pattern=_pattern(name, layers)))
-            plan.entries[name] = Entry(name, Style.REPLICATE, _layer_of(name, layers))
+    _replicate_the_rest(plan, model, trace, layers, forced, strict)
+    order = {name: i for i, name in enumerate(_names_in_order(model))}
+    plan.entries = dict(sorted(plan.entries.items(), key=lambda kv: order.get(kv[0], len(order))))
     if strict and not any(e.style in (Style.COLUMN, Style.ROW) for e in plan.entries.values()):
         kinds = sorted({type(m).__name__ for m in model.modules()
                         if any(p.dim() == 2 for p in m.parameters(recurse=False))})
         raise ShardingError(
-            f"autotp found no nn.Linear layer to shard in the decoder layers of {arch} "
-            f"(its weights sit in {kinds[:8]}); layers such as GPT-2's Conv1D are not supported")
+            f"autotp found no weight to shard in the decoder layers of {arch} (its weights sit in "
+            f"{kinds[:8]}, and no operation of the traced forward multiplied an activation by one)")
     if verify and layers is not None and next(model.parameters()).device.type != "meta":
         verify_plan(model, plan, layers, sample_inputs(model))
     return plan
+
+
+def _names_in_order(model: nn.Module) -> list[str]:
+    """Module names, each followed by its own parameters' full names."""
+    names = []
+    for mname, module in model.named_modules():
+        names.append(mname)
+        names += [f"{mname}.{p}" if mname else p for p, _ in module.named_parameters(recurse=False)]
+    return names
+
+
+def _replicate_the_rest(plan: Plan, model: nn.Module, trace: Trace, layers: str | None,
+                        forced: dict[str, Style], strict: bool) -> None:
+    """Every weight of two or more dims the plan does not split gets an entry saying every rank
+    holds it whole; a Linear inside the decoder layers that the trace never saw is an error."""
+    params, module_weights = weight_candidates(model)
+    modules = dict(model.named_modules())
+    for pname in params:
+        module = module_weights.get(pname)
+        if pname in plan.entries or module is not None and module in plan.entries:
+            continue
+        unit = trace.units.get(module) if module is not None else None
+        name = module if module is not None and (unit is not None or pname not in trace.units) else pname
+        if strict and isinstance(modules.get(name), nn.Linear) and _layer_of(name, layers) is not None \
+                and name not in forced and name not in trace.units:
+            reason = trace.conflicts.get(name, "the trace never saw an operation multiply an activation by "
+                                               "its weight")
+            raise ShardingError(f"autotp cannot place Linear '{name}': {reason}; "
+                                + _OVERRIDE_HINT.format(pattern=_pattern(name, layers)))
+        is_param = name == pname and module != name
+        plan.entries[name] = Entry(name, Style.REPLICATE, _layer_of(name, layers),
+                                   transposed=bool(unit and unit.transposed),
+                                   param_dim=0 if is_param else None)
 
 
 def _walk_to_fixpoint(model: nn.Module, forced: dict[str, Style], vocab_out: str | None,
@@ -65,20 +91,24 @@ def _walk_to_fixpoint(model: nn.Module, forced: dict[str, Style], vocab_out: str
         trace = walk(model, forced, vocab_out)
         if trace.conflicts:
             name, why = next(iter(trace.conflicts.items()))
-            raise ShardingError(f"autotp cannot place Linear '{name}': {why}; "
+            raise ShardingError(f"autotp cannot place '{name}': {why}; "
                                 + _OVERRIDE_HINT.format(pattern=_pattern(name, layers)))
         new = {n: why for n, why in trace.escaped.items() if n not in forced}
         if not new:
             return trace
-        outside = [n for n in new if _layer_of(n, layers) is None]
-        if outside:  # fix what feeds the layers first: escapes inside may only follow from it
-            forced.update({n: Style.REPLICATE for n in outside})
+        fed = {parse_source(s)[0] for sources in trace.row_sources.values() for s in sources}
+        routers = [n for n in new if n in trace.routers]
+        quiet = routers or [n for n in new if _layer_of(n, layers) is None
+                            or n not in fed and n not in trace.row_sources]
+        if quiet:  # routers (a softmax / top-k / max over the whole output) first, then what feeds
+            # the layers and weights no row layer reads: replicated, and the rest walked again
+            forced.update({n: Style.REPLICATE for n in quiet})
             continue
         stuck = sorted(new)
         if strict:
             first = stuck[0]
             others = f" (and {len(stuck) - 1} more: {stuck[1:4]})" if len(stuck) > 1 else ""
-            raise ShardingError(f"autotp cannot place Linear '{first}'{others}: {new[first]}; "
+            raise ShardingError(f"autotp cannot place '{first}'{others}: {new[first]}; "
                                 + _OVERRIDE_HINT.format(pattern=_pattern(first, layers)))
         for name in new:
             forced[name] = Style.REPLICATE
@@ -119,47 +149,90 @@ def _fuse_reductions(plan: Plan, trace: Trace) -> None:
             plan.entries[row].deferred_to = last
 
 
-def _add_group(plan: Plan, modules: dict[str, nn.Module], trace: Trace, cols: list[str],
+def _add_group(plan: Plan, modules: dict[str, nn.Module], trace: Trace, sources: list[str],
                rows: list[str], layers: str | None) -> None:
+    """Split the sources (column units, or segments of one) that feed ``rows`` and the rows
+    themselves: on whole heads where the sources have heads, evenly otherwise. A unit whose
+    output is cut into segments keeps each segment's local rows, concatenated in order."""
     ws = plan.world_size
-    owner = _common_parent(cols + rows)
+    units = trace.units
+    unit_names = sorted({parse_source(s)[0] for s in sources})
+    owner = _common_parent(unit_names + rows)
     layer = _layer_of(owner + ".", layers) if owner else None
-    heads = {c: trace.heads[c] for c in cols if c in trace.heads}
+    heads = {s: trace.heads[s] for s in sources if s in trace.heads}
+    local: dict[str, list] = {}  # source -> per-rank ranges in the source's own features
     if not heads:  # an MLP: features split evenly, no head structure
-        widths = {modules[c].out_features for c in cols} | {modules[r].in_features for r in rows}
+        widths = {trace.widths[s] for s in sources} | {units[r].in_features for r in rows}
         if len(widths) != 1:
-            raise ShardingError(f"autotp cannot split '{owner}': its layers {cols + rows} disagree on "
+            raise ShardingError(f"autotp cannot split '{owner}': its layers {sources + rows} disagree on "
                                 f"the sharded width ({sorted(widths)}); pass overrides for them")
-        spans = [[s] for s in contiguous(split_sizes(widths.pop(), ws))]
-        for name in cols + rows:
-            style = Style.COLUMN if name in cols else Style.ROW
-            plan.entries[name] = Entry(name, style, layer, owner, 1, [], spans, style == Style.ROW)
-        return
-    missing = [c for c in cols if c not in heads]
-    n_q, n_kv = max(heads.values()), min(heads.values())
-    odd = [c for c, n in heads.items() if n not in (n_q, n_kv)]
-    if missing or odd:
-        raise ShardingError(
-            f"autotp cannot split the heads of '{owner}': {missing or odd} do not share the head "
-            f"layout of the other projections; " + _OVERRIDE_HINT.format(pattern=_pattern(owner, layers)))
-    if ws > n_q:
-        raise ShardingError(f"world_size {ws} is larger than the {n_q} attention heads of '{owner}': "
-                            f"heads are split whole, so use a world size of at most {n_q}")
-    assigned = assign_heads(n_q, n_kv, ws)
-    for c in cols:
-        per_rank = assigned.q_heads if heads[c] == n_q else assigned.kv_heads
-        unit = modules[c].out_features // heads[c]
-        plan.entries[c] = Entry(c, Style.COLUMN, layer, owner, unit, [len(h) for h in per_rank],
-                                [unit_ranges(h, unit) for h in per_rank])
+        width = widths.pop()
+        # expert tensors go to grouped matmuls that want 16-byte aligned strides: cut them in
+        # blocks of 8 features where the width allows
+        align = 8 if width % 8 == 0 and any(not units[u].module_level for u in unit_names + rows) else 1
+        spans = [[(a * align, b * align)] for a, b in contiguous(split_sizes(width // align, ws))]
+        local = {s: spans for s in sources}
+        row_ranges, row_unit, row_heads = spans, 1, []
+        head_unit: dict[str, int] = {}
+    else:
+        sizes = {trace.widths[s] // n for s, n in heads.items()}
+        if len(sizes) == 1:  # a part never viewed per head (multi-query k, v): whole heads of that size
+            size = sizes.pop()
+            heads.update({s: trace.widths[s] // size for s in sources
+                          if s not in heads and trace.widths[s] % size == 0})
+        missing = [s for s in sources if s not in heads]
+        n_q, n_kv = max(heads.values()), min(heads.values())
+        odd = [s for s, n in heads.items() if n not in (n_q, n_kv)]
+        if missing or odd:
+            raise ShardingError(
+                f"autotp cannot split the heads of '{owner}': {missing or odd} do not share the head "
+                f"layout of the other projections; " + _OVERRIDE_HINT.format(pattern=_pattern(owner, layers)))
+        if ws > n_q:
+            raise ShardingError(f"world_size {ws} is larger than the {n_q} attention heads of '{owner}': "
+                                f"heads are split whole, so use a world size of at most {n_q}")
+        assigned = assign_heads(n_q, n_kv, ws)
+        head_unit = {}
+        for s in sources:
+            per_rank = assigned.q_heads if heads[s] == n_q else assigned.kv_heads
+            head_unit[s] = trace.widths[s] // heads[s]
+            local[s] = [unit_ranges(h, head_unit[s]) for h in per_rank]
+        row_unit, rest = divmod(units[rows[0]].in_features, n_q)
+        for r in rows:
+            if units[r].in_features != row_unit * n_q or rest:
+                raise ShardingError(f"autotp cannot split '{r}': {units[r].in_features} inputs do not "
+                                    f"divide into {n_q} heads")
+        row_ranges = [unit_ranges(h, row_unit) for h in assigned.q_heads]
+        row_heads = [len(h) for h in assigned.q_heads]
+    for name in unit_names:
+        unit = units[name]
+        parts = sorted((parse_source(s)[1] or 0, s) for s in sources if parse_source(s)[0] == name)
+        at = 0
+        for start, s in parts:
+            if start != at:
+                break
+            at += trace.widths[s]
+        if at != unit.out_features:
+            raise ShardingError(f"autotp cannot split '{name}': its output is cut into parts "
+                                f"{[s for _, s in parts]} that do not cover its {unit.out_features} features "
+                                "once each; " + _OVERRIDE_HINT.format(pattern=_pattern(name, layers)))
+        ranges = [merge_ranges([(start + a, start + b) for start, s in parts for a, b in local[s][r]])
+                  for r in range(ws)]
+        first = parts[0][1]
+        per_rank_heads = [sum(b - a for a, b in local[first][r]) // head_unit[first] for r in range(ws)] \
+            if first in head_unit else []
+        plan.entries[name] = Entry(name, Style.COLUMN, layer, owner, head_unit.get(first, 1), per_rank_heads,
+                                   ranges, transposed=unit.transposed,
+                                   param_dim=None if unit.module_level else unit.out_dim)
     for r in rows:
-        unit, rest = divmod(modules[r].in_features, n_q)
-        if rest:
-            raise ShardingError(f"autotp cannot split '{r}': {modules[r].in_features} inputs do not "
-                                f"divide into {n_q} heads")
-        plan.entries[r] = Entry(r, Style.ROW, layer, owner, unit, [len(h) for h in assigned.q_heads],
-                                [unit_ranges(h, unit) for h in assigned.q_heads], all_reduce=True)
-    head_dim = modules[rows[0]].in_features // n_q
-    _add_attrs(plan, owner, modules[owner], n_q, n_kv, head_dim, assigned)
+        unit = units[r]
+        plan.entries[r] = Entry(r, Style.ROW, layer, owner, row_unit, row_heads, row_ranges, all_reduce=True,
+                                transposed=unit.transposed, param_dim=None if unit.module_level else unit.in_dim)
+    for norm, source in trace.norms.items():
+        if source in local:
+            plan.entries[norm] = Entry(norm, Style.COLUMN, layer, owner, 1, [], local[source],
+                                       norm_width=trace.widths[source])
+    if heads:
+        _add_attrs(plan, owner, modules[owner], n_q, n_kv, row_unit, assigned)
 
 
 def _add_attrs(plan: Plan, owner: str, module: nn.Module, n_q: int, n_kv: int, head_dim: int,
@@ -177,6 +250,13 @@ def _add_attrs(plan: Plan, owner: str, module: nn.Module, n_q: int, n_kv: int, h
         for names, (global_value, per_rank) in local.items():
             if attr in names and value == global_value:
                 plan.attrs.append(AttrEdit(owner, attr, per_rank))
+    config = vars(module).get("config")
+    if config is not None and hasattr(config, "to_dict"):  # forwards that read self.config.num_attention_heads
+        for names in (table.HEAD_ATTRS, table.KV_HEAD_ATTRS):
+            global_value, per_rank = local[names]
+            for attr in sorted(names):
+                if getattr(config, attr, None) == global_value and per_rank != [global_value] * len(per_rank):
+                    plan.attrs.append(AttrEdit(owner, f"config.{attr}", per_rank))
     kwarg = table.POSITION_BIAS_KWARGS.get(type(module).__name__)
     if kwarg:
         plan.head_slices.append(HeadSlice(owner, kwarg, n_q, [unit_ranges(h, 1) for h in assigned.q_heads]))
@@ -196,25 +276,28 @@ def _add_vocab(plan: Plan, modules: dict[str, nn.Module], vocab_in: str | None, 
         plan.entries[vocab_out] = Entry(vocab_out, Style.VOCAB, None, "lm_head", 1, [], spans, tied_to=tied)
 
 
-def _match_overrides(modules: dict[str, nn.Module], overrides: Mapping[str, str | Style]) -> dict[str, Style]:
+def _match_overrides(model: nn.Module, overrides: Mapping[str, str | Style]) -> dict[str, Style]:
+    """Patterns (fnmatch) over the names a plan entry can have: modules holding a 2-D weight
+    (Linear, Conv1D), and other weights of two or more dims (expert tensors)."""
     forced: dict[str, Style] = {}
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    params, module_weights = weight_candidates(model)
+    names = list(dict.fromkeys([module_weights.get(p, p) for p in params]))
     for pattern, style in overrides.items():
-        hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
-            raise ShardingError(f"autotp override '{pattern}' matches no Linear layer of the model; "
-                                f"Linear layers look like {linears[:3]}")
+            raise ShardingError(f"autotp override '{pattern}' matches no Linear layer or weight of the model; "
+                                f"names look like {names[:3]}")
         for name in hits:
             forced[name] = Style.parse(style)
     return forced
 
 
 def _decoder_layers(model: nn.Module) -> str | None:
-    """The path of the longest ModuleList of blocks that hold Linear layers."""
+    """The path of the longest ModuleList of blocks that hold weights of two or more dims."""
     best, best_len = None, 0
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > best_len:
-            if any(isinstance(m, nn.Linear) for m in module.modules()):
+            if any(p.dim() >= 2 for p in module.parameters()):
                 best, best_len = name, len(module)
     return best
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from autotp.comm import TPGroup
 from autotp.kernels.formats import Int8Weight, PlainWeight, Release, WeightFormat
@@ -243,4 +244,55 @@ def make_vocab_parallel_embedding(module: nn.Embedding, start: int, stop: int, g
     module.num_embeddings = stop - start
     module.padding_idx = None  # only steers gradients; a global index means nothing locally
     module.vocab_start, module.vocab_end, module.group = start, stop, group
+    return module
+
+
+class _ShardedReductions(TorchFunctionMode):
+    """Inside a sharded norm's forward: a mean or sum over the last dim of a local slice of
+    ``local`` features is the all-reduced sum over every rank's slice (divided by ``width``
+    for a mean)."""
+
+    def __init__(self, local: int, width: int, group: TPGroup) -> None:
+        super().__init__()
+        self.local, self.width, self.group = local, width, group
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _MEANS or func in _SUMS:
+            x = args[0]
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+            if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] == self.local and len(dims) == 1 \
+                    and isinstance(dims[0], int) and dims[0] % x.dim() == x.dim() - 1:
+                keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+                total = self.group.all_reduce(x.sum(-1, keepdim=True).contiguous())
+                total = total / self.width if func in _MEANS else total
+                return total if keepdim else total.squeeze(-1)
+        return func(*args, **kwargs)
+
+
+_MEANS = {torch.mean, torch.Tensor.mean}
+_SUMS = {torch.sum, torch.Tensor.sum}
+
+
+class ShardedNormMixin(ParallelLayer):
+    """Mixed in front of a norm's own class (its forward still runs): the norm sees this rank's
+    features of a column-sharded activation, and its reductions over them span every rank's."""
+
+    norm_local: int
+    norm_width: int
+
+    def forward(self, *args, **kwargs):  # type: ignore[override]
+        with _ShardedReductions(self.norm_local, self.norm_width, self.group):
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+
+def shard_norm(module: nn.Module, ranges: Ranges, width: int, group: TPGroup) -> nn.Module:
+    """Turn a norm over a column-sharded activation of ``width`` features into this rank's
+    part of it, in place: its 1-D parameters keep the features in ``ranges``."""
+    module.__class__ = type(f"Sharded{type(module).__name__}", (ShardedNormMixin, type(module)), {})
+    for name, p in list(module.named_parameters(recurse=False)):
+        setattr(module, name, nn.Parameter(take(p.data, 0, ranges), requires_grad=False))
+    module.norm_local = sum(b - a for a, b in ranges)
+    module.norm_width, module.group = width, group
     return module

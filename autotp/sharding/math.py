@@ -39,6 +39,17 @@ def unit_ranges(units: list[int], unit: int) -> Ranges:
     return ranges
 
 
+def merge_ranges(ranges: Ranges) -> Ranges:
+    """Join blocks that touch, keeping their order: [(0, 4), (4, 8), (16, 20)] -> [(0, 8), (16, 20)]."""
+    merged: Ranges = []
+    for start, stop in ranges:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], stop)
+        else:
+            merged.append((start, stop))
+    return merged
+
+
 @dataclass(frozen=True)
 class HeadAssignment:
     """Which query heads and which key/value heads each rank computes.

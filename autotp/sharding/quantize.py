@@ -93,13 +93,16 @@ class QuantScheme:
     @staticmethod
     def entries(plan: Plan) -> dict[str, Entry]:
         """The plan entries whose Linear weights are quantized: the column- and row-parallel
-        ones (the lm_head and embeddings keep their dtype)."""
-        return {name: e for name, e in plan.entries.items() if e.style in (Style.COLUMN, Style.ROW)}
+        modules (the lm_head and embeddings keep their dtype, and so do expert tensors, which
+        the model's own forward multiplies)."""
+        return {name: e for name, e in plan.entries.items()
+                if e.style in (Style.COLUMN, Style.ROW) and not e.is_param}
 
     def layout(self, shape: tuple[int, ...], entry: Entry | None, ranges: Ranges) -> Int8Layout:
-        """The layout of this rank's shard of a full weight of ``shape`` [N, K] under the plan
-        ``entry`` (None: the layer is not split), ``ranges`` the rank's blocks."""
-        n, k = shape
+        """The layout of this rank's shard of a full weight of ``shape`` [N, K] as stored
+        ([K, N] for a transposed entry) under the plan ``entry`` (None: the layer is not
+        split), ``ranges`` the rank's blocks."""
+        n, k = shape[::-1] if entry is not None and entry.transposed else shape
         g = self.group_size or max(k, 1)
         dim = CUT_DIMS[entry.style]["weight"] if entry is not None else None
         if dim == 1:
@@ -128,8 +131,12 @@ class QuantScheme:
 
     def quantize_slice(self, read: SliceReader, shape: tuple[int, ...], entry: Entry | None,
                        ranges: Ranges) -> Int8Shard:
-        """This rank's INT8 shard, reading from the full weight only the blocks its layout needs."""
+        """This rank's INT8 shard, reading from the full weight (stored ``shape``) only the
+        blocks its layout needs; a transposed entry's blocks are read [in, out] and turned."""
         layout = self.layout(shape, entry, ranges)
+        if entry is not None and entry.transposed:
+            stored = read
+            read = lambda dim, blocks: stored(None if dim is None else 1 - dim, blocks).t()
         weight = read(layout.read_dim, layout.read_ranges)
         q = torch.empty(layout.q_shape, dtype=torch.int8)
         scales = torch.empty(layout.scale_shape, dtype=torch.float32)
@@ -141,7 +148,7 @@ class QuantScheme:
         return Int8Shard(q, scales, layout.group_size, layout.group_offset)
 
     def quantize_shard(self, weight: torch.Tensor, entry: Entry | None, ranges: Ranges) -> Int8Shard:
-        """This rank's INT8 shard of the full ``weight`` [N, K] (see :meth:`layout`)."""
+        """This rank's INT8 shard of the full ``weight`` [N, K] as stored (see :meth:`layout`)."""
         def read(dim: int | None, blocks: Ranges | None) -> torch.Tensor:
             if dim is None:
                 return weight
