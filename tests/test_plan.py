@@ -14,15 +14,25 @@ ATTENTION_AND_MLP_ROWS = {"o_proj", "out_proj", "dense", "down_proj", "fc_out", 
 def test_walker_classifies_from_data_flow(family):
     model = zoo.build(family)
     plan = autotp.plan(model, 2)
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    in_layers = [n for n in linears if plan.entries[n].layer is not None]
-    assert in_layers and all(plan.entries[n].style in (Style.COLUMN, Style.ROW) for n in in_layers)
+    in_layers = {n: e for n, e in plan.entries.items() if e.layer is not None and e.norm_width is None}
+    assert in_layers
+    for name, entry in in_layers.items():
+        if entry.style == Style.REPLICATE:  # only a MoE router (one output per expert) or a 1-output gate
+            weight = model.get_parameter(name) if entry.is_param else model.get_submodule(name).weight
+            assert family in zoo.MOE and weight.shape[0] in (1, experts(model)), (name, weight.shape)
+        else:
+            assert entry.style in (Style.COLUMN, Style.ROW), name
     # the leaf names are only read here, by the test, to check what the data flow decided
-    rows = {n for n in in_layers if plan.entries[n].style == Style.ROW}
+    rows = {n for n, e in in_layers.items() if e.style == Style.ROW}
     assert {n.rsplit(".", 1)[1] for n in rows} <= ATTENTION_AND_MLP_ROWS
-    per_layer = 1 if family in zoo.PARALLEL_RESIDUAL else 2
+    per_layer = 1 if family in zoo.PARALLEL_RESIDUAL else 3 if family in zoo.SHARED_EXPERT else 2
     assert plan.collectives_per_layer == {0: per_layer, 1: per_layer}
     assert plan.entries[model_name(model, model.get_input_embeddings())].style == Style.VOCAB
+
+
+def experts(model) -> int:
+    c = model.config
+    return next(getattr(c, k) for k in ("num_local_experts", "num_experts", "moe_num_experts") if hasattr(c, k))
 
 
 def model_name(model, module):
@@ -70,15 +80,20 @@ def test_world_size_larger_than_heads_is_an_error():
         autotp.plan(zoo.build("llama"), 9)
 
 
-@pytest.mark.parametrize("family,message", [
-    ("olmo2", "reduced across its whole width by mean"),  # q_norm normalises across all heads
-    ("codegen", "does not reproduce|plan fails"),  # mp_num-blocked fused qkv
-    ("gpt2", "no nn.Linear layer"),  # Conv1D
-    ("falcon", "never saw it run"),  # FalconLinear computes x @ W.T in its own forward
-])
-def test_families_the_walker_cannot_handle_raise(family, message):
-    with pytest.raises(ShardingError, match=message):
-        autotp.plan(zoo.build(family), 2)
+def test_a_norm_across_heads_that_cannot_be_split_names_the_module_and_override():
+    """OLMo2's q_norm normalises across all heads; split with its weights it is a sharded norm.
+    A norm whose weight is not of that width (here: a module holding one more parameter) cannot
+    be split with the activation: the walker refuses, naming the projection and the override."""
+    model = zoo.build("olmo2")
+    assert plan_norms(autotp.plan(model, 2)) == 4  # q_norm and k_norm of 2 layers
+    for layer in model.model.layers:
+        layer.self_attn.q_norm.register_parameter("extra", torch.nn.Parameter(torch.ones(3)))
+    with pytest.raises(ShardingError, match="q_proj.*reduced across its whole width by mean.*overrides="):
+        autotp.plan(model, 2)
+
+
+def plan_norms(plan) -> int:
+    return sum(e.norm_width is not None for e in plan.entries.values())
 
 
 def test_unplaceable_linear_names_module_and_override():

@@ -111,7 +111,10 @@ CONFIGS.update(MOE)
 
 # blocks whose attention and MLP read the same input and are added to the residual together:
 # one all-reduce per layer
-PARALLEL_RESIDUAL = ["gptj", "gpt_neox", "phi", "cohere", "stablelm_parallel", "falcon"]
+PARALLEL_RESIDUAL = ["gptj", "gpt_neox", "phi", "cohere", "stablelm_parallel", "falcon", "codegen", "cohere2"]
+# MoE blocks with a shared expert beside the routed ones: the experts' all-reduce and the
+# shared expert's, plus attention's
+SHARED_EXPERT = ["qwen2_moe", "ernie4_5_moe"]
 
 # families the walker must refuse (the plan would be wrong or there is nothing to shard)
 UNSUPPORTED: dict[str, dict] = {}

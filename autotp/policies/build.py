@@ -91,28 +91,31 @@ def _walk_to_fixpoint(model: nn.Module, forced: dict[str, Style], vocab_out: str
         trace = walk(model, forced, vocab_out)
         if trace.conflicts:
             name, why = next(iter(trace.conflicts.items()))
-            raise ShardingError(f"autotp cannot place '{name}': {why}; "
+            raise ShardingError(f"autotp cannot place {_kind(trace, name)} '{name}': {why}; "
                                 + _OVERRIDE_HINT.format(pattern=_pattern(name, layers)))
         new = {n: why for n, why in trace.escaped.items() if n not in forced}
         if not new:
             return trace
-        fed = {parse_source(s)[0] for sources in trace.row_sources.values() for s in sources}
         routers = [n for n in new if n in trace.routers]
-        quiet = routers or [n for n in new if _layer_of(n, layers) is None
-                            or n not in fed and n not in trace.row_sources]
-        if quiet:  # routers (a softmax / top-k / max over the whole output) first, then what feeds
-            # the layers and weights no row layer reads: replicated, and the rest walked again
+        quiet = routers or [n for n in new if _layer_of(n, layers) is None]
+        if quiet:  # routers (a softmax / top-k / max over the whole output, a one-output gate)
+            # first, then what feeds the layers: replicated, and the rest walked again
             forced.update({n: Style.REPLICATE for n in quiet})
             continue
         stuck = sorted(new)
         if strict:
             first = stuck[0]
             others = f" (and {len(stuck) - 1} more: {stuck[1:4]})" if len(stuck) > 1 else ""
-            raise ShardingError(f"autotp cannot place '{first}'{others}: {new[first]}; "
+            raise ShardingError(f"autotp cannot place {_kind(trace, first)} '{first}'{others}: {new[first]}; "
                                 + _OVERRIDE_HINT.format(pattern=_pattern(first, layers)))
         for name in new:
             forced[name] = Style.REPLICATE
     raise ShardingError("autotp: the walker did not settle after 8 passes; pass explicit overrides")
+
+
+def _kind(trace: Trace, name: str) -> str:
+    unit = trace.units.get(name)
+    return "weight" if unit is not None and not unit.module_level else "Linear"
 
 
 def _groups(trace: Trace) -> list[tuple[set[str], set[str]]]:
