@@ -82,8 +82,15 @@ def test_bfloat16_on_torch_kernels(family):
         assert r["packed"] == 0, r
 
 
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_beam_search_matches(results, family):
+    """3 beams, batch 2 left-padded, on every family and world size."""
+    world_size, per_rank = results
+    assert all(res[family]["beam_equal"] for res in per_rank)
+
+
 @pytest.mark.parametrize("family", BEAM)
-def test_beam_search_matches(family):
+def test_four_beams_in_place_of_greedy(family):
     for r in CHECKS(2, f"beam-{family}"):
         assert r["tokens_equal"] and r["max_abs_diff"] <= TOL
 
@@ -94,11 +101,15 @@ def test_negative_control_a_wrong_split_is_detected():
 
 
 def test_negative_control_the_weight_census_sees_replicated_experts():
-    """Mixtral's experts are fused 3-D parameters, not Linear layers, and its router a bare
-    parameter: the plan of today covers neither, so every rank would keep all of them (most of
-    the model). The census behind the per-rank weight test names them; no process needed."""
+    """Before issue 16 the plan of Mixtral covered only its Linear layers: the fused 3-D expert
+    tensors and the router's bare parameter had no entry, so every rank kept all of them (most
+    of the model). That plan (today's without its parameter entries) must fail the census
+    behind the per-rank weight test; today's plan must pass it. No process needed."""
     model = zoo.build("mixtral")
-    weights = census.census(model, autotp.plan(model, 2))
+    plan = autotp.plan(model, 2)
+    assert not census.census(model, plan).unplanned
+    plan.entries = {n: e for n, e in plan.entries.items() if not e.is_param}
+    weights = census.census(model, plan)
     assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj",
             "model.layers.1.mlp.gate.weight"} <= set(weights.unplanned), weights.unplanned
     assert sum(weights.unplanned.values()) > weights.sharded

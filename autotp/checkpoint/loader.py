@@ -18,7 +18,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from autotp.checkpoint.format import Manifest, is_presharded, param_slice, read_manifest
-from autotp.checkpoint.skeleton import build_skeleton, parameters_to_meta
+from autotp.checkpoint.skeleton import MergedTensor, build_skeleton, parameters_to_meta
 from autotp.checkpoint.source import HFSource
 from autotp.checkpoint.stfile import MappedRegions, map_tensors, read_slice
 from autotp.comm import TPGroup
@@ -176,7 +176,10 @@ class _SourceReader:
         for handle in self.files.values():
             handle.close()
 
-    def read(self, path: Path, info, dim: int | None, ranges: list | None, convert: bool) -> torch.Tensor:
+    def read(self, path: Path | None, info, dim: int | None, ranges: list | None, convert: bool) -> torch.Tensor:
+        if isinstance(info, MergedTensor):  # assembled from several stored tensors: read, not mapped
+            self.last = None
+            return info.read(dim, ranges)
         if not convert and (dim is None or (dim == 0 and len(ranges) == 1)):
             if path not in self.maps:
                 self.maps[path] = map_tensors(path)

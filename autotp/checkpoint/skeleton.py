@@ -8,14 +8,17 @@ applying a plan allocates nothing.
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
-from autotp.checkpoint.stfile import TensorInfo, read_header
+from autotp.checkpoint.stfile import TensorInfo, read_header, read_slice
 from autotp.plan import CheckpointError
 
 
@@ -82,21 +85,107 @@ def stored_dtype(directory: Path) -> torch.dtype:
     return next((i.dtype for i in infos.values() if i.dtype.is_floating_point), torch.float32)
 
 
-def source_tensors(directory: Path, model: nn.Module) -> dict[str, tuple[Path, TensorInfo]]:
+def source_tensors(directory: Path, model: nn.Module) -> dict[str, tuple[Path | None, Any]]:
     """Every tensor of a Hugging Face checkpoint directory, under the name it has in ``model``
     (transformers renames some checkpoint keys on load, e.g. GPT-NeoX's embed_out -> lm_head):
-    model key -> (file, info)."""
+    model key -> (file, TensorInfo). A parameter transformers assembles from several stored
+    tensors (Mixtral's experts.N.w1 / w3 -> experts.gate_up_proj) is (None, MergedTensor)."""
     rename = _key_renamer(model)
-    found: dict[str, tuple[Path, TensorInfo]] = {}
+    found: dict[str, tuple[Path | None, Any]] = {}
+    merged: dict[str, tuple[Any, dict[int, list[tuple[int, Path, TensorInfo]]]]] = {}
     for path in weight_files(directory):
         infos, _ = read_header(path)
         for key, info in infos.items():
-            found[rename(key)] = (path, info)
+            new, converter, which, index = rename(key)
+            if converter is None:
+                found[new] = (path, info)
+            else:
+                merged.setdefault(new, (converter, {}))[1].setdefault(which, []).append((index, path, info))
+    for target, (converter, groups) in merged.items():
+        found[target] = (None, MergedTensor.build(target, converter, groups))
     return found
 
 
+@dataclass(frozen=True)
+class MergedTensor:
+    """A parameter stored as one 2-D tensor per expert (and per source pattern): the experts
+    stacked on a new dim 0, then, if ``concat_dim`` is set, the patterns' stacks concatenated
+    along it (transformers' MergeModulelist(dim=0) and Concatenate). It reads any slice of the
+    whole by reading only the matching parts of the stored tensors."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    parts: tuple[tuple[tuple[Path, TensorInfo], ...], ...]  # [pattern][expert]
+    concat_dim: int | None
+
+    @classmethod
+    def build(cls, target: str, converter: Any, groups: dict[int, list[tuple[int, Path, TensorInfo]]]) -> "MergedTensor":
+        ops = [type(op).__name__ for op in converter.operations]
+        concat = converter.operations[1].dim if ops == ["MergeModulelist", "Concatenate"] else None
+        if ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) \
+                or converter.operations[0].dim != 0 or concat not in (None, 1, 2):
+            raise CheckpointError(f"checkpoint tensors for '{target}' must be converted ({ops}) before this model "
+                                  "can use them, which autotp cannot do while streaming; load the model with "
+                                  "transformers and call autotp.save_sharded(model, ...) instead")
+        parts = []
+        for which in sorted(groups):
+            experts = sorted(groups[which], key=lambda item: item[0])
+            if [i for i, _, _ in experts] != list(range(len(experts))):
+                raise CheckpointError(f"the experts stored for '{target}' are numbered {[i for i, _, _ in experts]}, "
+                                      "not 0 .. n-1; is the checkpoint complete?")
+            parts.append(tuple((path, info) for _, path, info in experts))
+        first = parts[0][0][1]
+        if len({len(p) for p in parts}) != 1 or any(info.dtype != first.dtype or len(info.shape) != 2
+                                                    for p in parts for _, info in p):
+            raise CheckpointError(f"the tensors stored for '{target}' differ in expert count, dtype or rank; "
+                                  "is the checkpoint complete?")
+        shape = [len(parts[0]), *first.shape]
+        if concat is not None:
+            shape[concat] = sum(p[0][1].shape[concat - 1] for p in parts)
+        return cls(target, first.dtype, tuple(shape), tuple(parts), concat)
+
+    def read(self, dim: int | None, ranges: list[tuple[int, int]] | None) -> torch.Tensor:
+        """The [start, stop) blocks of the whole along ``dim`` (all of it when None)."""
+        experts = range(self.shape[0]) if dim != 0 else [e for a, b in ranges for e in range(a, b)]
+        inner = None if dim in (None, 0) else dim - 1  # the dim of each stored 2-D tensor
+        stacked = []
+        for e in experts:
+            pieces = []
+            if self.concat_dim is not None and dim == self.concat_dim:  # cut across the concatenated parts
+                bounds, at = [], 0
+                for part in self.parts:
+                    size = part[e][1].shape[inner]
+                    bounds.append((at, at + size, part[e]))
+                    at += size
+                for a, b in ranges:
+                    for lo, hi, (path, info) in bounds:
+                        if max(a, lo) < min(b, hi):
+                            pieces.append(_read(path, info, inner, [(max(a, lo) - lo, min(b, hi) - lo)]))
+            else:
+                pieces = [_read(path, info, inner, ranges if inner is not None else None)
+                          for path, info in (part[e] for part in self.parts)]
+            axis = 0 if self.concat_dim is None else self.concat_dim - 1
+            stacked.append(torch.cat(pieces, dim=axis) if len(pieces) > 1 else pieces[0])
+        return torch.stack(stacked)
+
+
+def _read(path: Path, info: TensorInfo, dim: int | None, ranges) -> torch.Tensor:
+    with open(path, "rb") as handle:
+        return read_slice(handle, info, dim, ranges)
+
+
+def read_source(handles: dict, path: Path | None, info: Any, dim: int | None, ranges) -> torch.Tensor:
+    """This rank's slice of a source tensor: a stored one (``handles`` holds open files by
+    path) or a MergedTensor."""
+    if isinstance(info, MergedTensor):
+        return info.read(dim, ranges)
+    return read_slice(handles[path], info, dim, ranges)
+
+
 def _key_renamer(model: nn.Module):
-    """checkpoint key -> model key, with transformers' own renaming rules for this model."""
+    """checkpoint key -> (model key, converter or None, which of its source patterns, expert
+    index), with transformers' own renaming rules for this model."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -105,13 +194,18 @@ def _key_renamer(model: nn.Module):
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     state = model.state_dict()
 
-    def rename(key: str) -> str:
-        new, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
-        if converter is not None:
-            raise CheckpointError(f"checkpoint tensor '{key}' must be converted ({converter}) before this "
-                                  "model can use it, which autotp cannot do while streaming; load the model "
-                                  "with transformers and call autotp.save_sharded(model, ...) instead")
-        return new
+    def rename(key: str):
+        new, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        if pattern is None:
+            return new, None, 0, 0
+        converter = next(c for c in converters if pattern in c.source_patterns)
+        which = converter.source_patterns.index(pattern)
+        match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+        if match is None or not match.groups():
+            raise CheckpointError(f"checkpoint tensor '{key}' must be converted ({converter}) before this model can "
+                                  "use it, which autotp cannot do while streaming; load the model with "
+                                  "transformers and call autotp.save_sharded(model, ...) instead")
+        return new, converter, which, int(match.group(1))
 
     return rename
 

@@ -18,9 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autotp.checkpoint.format import dtype_name, param_slice, rank_file, tied_keys, write_manifest
-from autotp.checkpoint.skeleton import check_keys
+from autotp.checkpoint.skeleton import check_keys, read_source
 from autotp.checkpoint.source import HFSource
-from autotp.checkpoint.stfile import ShardFileWriter, read_slice
+from autotp.checkpoint.stfile import ShardFileWriter
 from autotp.plan import CheckpointError, Plan, Style
 from autotp.policies import build_plan
 from autotp.runtime import Runtime, resolve
@@ -188,11 +188,11 @@ def _from_directory(directory: Path, world_size: int, dtype: torch.dtype | None,
     for key in keys:
         info = tensors[lookup[key]][1]
         specs[key] = (info.shape, dtype if dtype is not None and info.dtype.is_floating_point else info.dtype)
-    handles = {path: open(path, "rb") for path in {tensors[lookup[k]][0] for k in keys}}
+    handles = {path: open(path, "rb") for path in {tensors[lookup[k]][0] for k in keys} if path is not None}
 
     def reader(key: str, dim: int | None, ranges: list | None) -> torch.Tensor:
         path, info = tensors[lookup[key]]
-        return read_slice(handles[path], info, dim, ranges)
+        return read_source(handles, path, info, dim, ranges)
 
     def copy_files(target: Path) -> None:
         for handle in handles.values():

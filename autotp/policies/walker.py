@@ -648,9 +648,17 @@ class _LinearCheck:
                     continue
                 b = bias if isinstance(bias, torch.Tensor) and bias.shape == (weight.shape[0],) else None
                 want = F.linear(x, weight, b)
-                if want.shape == out.shape and (out.is_meta or torch.allclose(want, out, rtol=1e-4, atol=1e-5)):
+                if want.shape == out.shape and (out.is_meta or _close(want, out)):
                     return  # on the meta device (a skeleton) only the shape can be checked
         self.labeler.not_linear.add(self.name)
+
+
+def _close(want: torch.Tensor, got: torch.Tensor) -> bool:
+    """Equal up to summation order; a skeleton's uninitialised weights may hold inf and NaN,
+    which both computations then share."""
+    want, got = torch.nan_to_num(want.float()), torch.nan_to_num(got.float())
+    scale = want.abs().max().item() if want.numel() else 0.0
+    return torch.allclose(want, got, rtol=1e-3, atol=1e-5 * (1.0 + scale))
 
 
 def _leaves(result: Any) -> Iterator[torch.Tensor]:
