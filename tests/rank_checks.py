@@ -247,11 +247,13 @@ def int8_spec_model(family: str, world_size: int, group_size: int, dtype: torch.
 
     model = zoo.build(family, dtype)
     for entry in autotp.plan(zoo.build(family), world_size).entries.values():
-        if entry.style in (Style.COLUMN, Style.ROW):
+        if entry.style in (Style.COLUMN, Style.ROW) and not entry.is_param and entry.norm_width is None:
             linear = model.get_submodule(entry.name)
-            g = group_size or linear.weight.shape[1]
-            q, s = kernels.quantize_int8(linear.weight.data, g)
-            linear.weight.data = kernels.dequantize_int8(q, s, g).to(dtype)
+            weight = linear.weight.data.t() if entry.transposed else linear.weight.data  # Conv1D: [in, out]
+            g = group_size or weight.shape[1]
+            q, s = kernels.quantize_int8(weight, g)
+            spec = kernels.dequantize_int8(q, s, g).to(dtype)
+            linear.weight.data = spec.t().contiguous() if entry.transposed else spec
     return model
 
 

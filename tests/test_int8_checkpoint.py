@@ -92,6 +92,22 @@ def test_three_ranks_load_int8_exactly_as_shard_quantizes(sources, tmp_path):
             assert r["max_abs_diff"] == 0.0, r
 
 
+def test_new_families_load_int8_on_three_ranks(tmp_path):
+    """GPT-2 (Conv1D: stored [in, out], quantized as [out, in]), Phi-3 (fused q|k|v, gate|up cut
+    per segment) and Mixtral (per-expert tensors merged while loading; experts unquantized)."""
+    cases = []
+    for family in ("gpt2", "phi3", "mixtral"):
+        zoo.build(family).save_pretrained(tmp_path / family)
+        out = autotp.save_sharded(tmp_path / family, tmp_path / f"{family}-q3", 3, progress=False,
+                                  quantize="int8", quant_group_size=16)
+        cases.append((str(tmp_path / family), str(out), 16))
+    for per_rank in run_ranks(rank_checks.load_int8_and_compare, 3, cases):
+        assert len(per_rank) == 6
+        for r in per_rank:
+            assert r["int8_layers"] == 8 and r["parts_equal"], r
+            assert r["max_abs_diff"] == 0.0, r
+
+
 def test_wrong_requests_are_refused(sources, tmp_path):
     plain = autotp.save_sharded(sources / "llama", tmp_path / "plain", 1, progress=False)
     with pytest.raises(CheckpointError, match="cannot be quantized at load time.*--quantize int8"):

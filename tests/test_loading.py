@@ -10,7 +10,9 @@ from autotp.cli import create_shard_model
 from dist_helper import run_ranks
 
 TOL = 1e-4
-FAMILIES = ["llama", "gptj", "bloom"]
+# GPT-2: Conv1D weights stored [in, out]; Phi-3: fused q|k|v and gate|up; Mixtral: experts stored one
+# tensor per expert (w1, w2, w3) that transformers merges into 3-D parameters
+FAMILIES = ["llama", "gptj", "bloom", "gpt2", "phi3", "mixtral"]
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,9 @@ def test_int8_layers_on_torch_kernels_equal_the_spec():
         assert torch.allclose(model(**inputs).logits, spec(**inputs).logits, atol=1e-5, rtol=0)
 
 
-INT8_CASES = [("llama", 16), ("gptj", 0), ("bloom", 32)]
+# GPT-2 (Conv1D weights stored [in, out]), Phi-3 (fused q|k|v and gate|up), Mixtral (experts stay
+# in the model dtype: the model's own forward multiplies them; its Linear layers are INT8)
+INT8_CASES = [("llama", 16), ("gptj", 0), ("bloom", 32), ("gpt2", 16), ("phi3", 32), ("mixtral", 16)]
 CHECKS = RankChecks({3: {f"{family}-{group}": ("compare_int8", (family, group)) for family, group in INT8_CASES}})
 
 

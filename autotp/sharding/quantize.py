@@ -93,10 +93,10 @@ class QuantScheme:
     @staticmethod
     def entries(plan: Plan) -> dict[str, Entry]:
         """The plan entries whose Linear weights are quantized: the column- and row-parallel
-        modules (the lm_head and embeddings keep their dtype, and so do expert tensors, which
-        the model's own forward multiplies)."""
+        modules (the lm_head, embeddings and sharded norms keep their dtype, and so do expert
+        tensors, which the model's own forward multiplies)."""
         return {name: e for name, e in plan.entries.items()
-                if e.style in (Style.COLUMN, Style.ROW) and not e.is_param}
+                if e.style in (Style.COLUMN, Style.ROW) and not e.is_param and e.norm_width is None}
 
     def layout(self, shape: tuple[int, ...], entry: Entry | None, ranges: Ranges) -> Int8Layout:
         """The layout of this rank's shard of a full weight of ``shape`` [N, K] as stored
