@@ -19,7 +19,7 @@ from autotp.sharding.quantize import DEFAULT_GROUP_SIZE, QuantScheme
 
 def plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style] | None = None,
          strict: bool = True, verify: bool = True, fuse_allreduce: bool = True,
-         runtime: Runtime | None = None) -> Plan:
+         runtime: Runtime | None = None, experts: str = "tensor") -> Plan:
     """The tensor-parallel plan of ``model`` for ``world_size`` ranks, without any process group.
 
     ``overrides`` maps module-name patterns (``*`` for any layer index) to a style
@@ -32,20 +32,28 @@ def plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style]
     (attention and MLP of a parallel-residual block) share one all-reduce; pass False to
     give every row-parallel layer its own, for comparison or debugging. ``runtime`` (default
     ``Runtime.from_env()``) holds autotp's settings; planning reads none of them yet.
+
+    Mixture-of-experts blocks: ``experts="tensor"`` (the default) splits every expert like a
+    dense MLP (gate/up by output features, down by input features, one all-reduce for the
+    block), so every rank reads 1/N of each expert a token picks; ``experts="expert"`` gives
+    each rank whole experts (expert parallelism, where the experts divide evenly over the
+    ranks): a rank computes only the tokens routed to its experts, and the same one
+    all-reduce brings them back. See the README for which is faster where.
     """
     resolve(runtime)
     check_not_sharded(model)
-    return build_plan(model, world_size, overrides, strict, verify, fuse_allreduce)
+    return build_plan(model, world_size, overrides, strict, verify, fuse_allreduce, experts)
 
 
 def shard(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style] | None = None,
           strict: bool = True, verify: bool = True, fuse_allreduce: bool = True,
           process_group: Any = None, quantize: str | None = None,
-          quant_group_size: int = DEFAULT_GROUP_SIZE, runtime: Runtime | None = None) -> nn.Module:
+          quant_group_size: int = DEFAULT_GROUP_SIZE, runtime: Runtime | None = None,
+          experts: str = "tensor") -> nn.Module:
     """Shard ``model`` in place for ``world_size`` ranks and return it; this process's rank
     comes from torch.distributed (``process_group``, or the default group). Every rank's
-    forward returns the full logits. ``overrides``, ``strict``, ``verify`` and
-    ``fuse_allreduce`` are as in :func:`plan`. bf16 Linear shards are packed for the native
+    forward returns the full logits. ``overrides``, ``strict``, ``verify``,
+    ``fuse_allreduce`` and ``experts`` are as in :func:`plan`. bf16 Linear shards are packed for the native
     kernels where they run; ``runtime`` (default ``Runtime.from_env()``: ``AUTOTP_KERNELS``,
     ``AUTOTP_COMM``, ...) chooses the kernels and the all-reduce.
 
@@ -57,7 +65,7 @@ def shard(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style
     rt = resolve(runtime)
     check_not_sharded(model)
     quant = QuantScheme.parse(quantize, quant_group_size if quantize else None)
-    the_plan = build_plan(model, world_size, overrides, strict, verify, fuse_allreduce)
+    the_plan = build_plan(model, world_size, overrides, strict, verify, fuse_allreduce, experts)
     group = TPGroup.from_torch(world_size, process_group, rt)  # after the plan is known valid
     apply_plan(model, the_plan, group, quant=quant)
     pack_layers(model, rt)

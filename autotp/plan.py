@@ -135,6 +135,17 @@ class HeadSlice:
 
 
 @dataclass
+class ExpertSlice:
+    """Expert parallelism for ``module`` (an experts block called as transformers' experts
+    interface: hidden states, top-k expert indices, top-k weights): rank r holds whole experts
+    ``ranges[r]`` of ``num_experts``; routing indices of the others become "not here"."""
+
+    module: str
+    num_experts: int
+    ranges: list[Ranges]
+
+
+@dataclass
 class Plan:
     """The tensor-parallel plan of one model for one world size."""
 
@@ -143,6 +154,7 @@ class Plan:
     entries: dict[str, Entry] = field(default_factory=dict)
     attrs: list[AttrEdit] = field(default_factory=list)
     head_slices: list[HeadSlice] = field(default_factory=list)
+    expert_slices: list[ExpertSlice] = field(default_factory=list)
 
     def cut(self, key: str) -> tuple[Entry | None, int | None]:
         """The entry covering state-dict ``key`` and the dim of it that entry cuts (None: whole)."""
@@ -175,6 +187,7 @@ class Plan:
             "entries": [{**asdict(e), "style": e.style.value} for e in self.entries.values()],
             "attrs": [asdict(a) for a in self.attrs],
             "head_slices": [asdict(h) for h in self.head_slices],
+            "expert_slices": [asdict(x) for x in self.expert_slices],
         }
 
     def to_json(self) -> str:
@@ -197,6 +210,7 @@ class Plan:
             entries=entries,
             attrs=[AttrEdit(**a) for a in data["attrs"]],
             head_slices=[HeadSlice(**{**h, "ranges": ranges(h["ranges"])}) for h in data["head_slices"]],
+            expert_slices=[ExpertSlice(**{**x, "ranges": ranges(x["ranges"])}) for x in data.get("expert_slices", [])],
         )
         plan.check()
         return plan
@@ -236,6 +250,11 @@ class Plan:
             if not (isinstance(a.module, str) and isinstance(a.attr, str) and isinstance(a.values, list)
                     and len(a.values) == ws and all(isinstance(v, int) for v in a.values)):
                 raise ValueError(f"plan attribute edit {a.module!r}.{a.attr!r}: needs one integer per rank")
+        for x in self.expert_slices:
+            if not (isinstance(x.module, str) and isinstance(x.num_experts, int) and len(x.ranges) == ws
+                    and all(len(r) == 1 for r in x.ranges)):
+                raise ValueError(f"plan expert slice of {x.module!r}: needs module, num_experts and one range "
+                                 f"per rank for {ws} ranks")
         for h in self.head_slices:
             if not (isinstance(h.module, str) and isinstance(h.kwarg, str) and isinstance(h.num_heads, int)
                     and len(h.ranges) == ws):

@@ -18,7 +18,8 @@ def _generate(model, inputs, **kw) -> torch.Tensor:
         return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **kw)
 
 
-def compare_family(rank: int, world_size: int, family: str, beams: int = 1, fuse: bool = True) -> dict:
+def compare_family(rank: int, world_size: int, family: str, beams: int = 1, fuse: bool = True,
+                   experts: str = "tensor") -> dict:
     """Unsharded reference and sharded model in the same rank: logits and greedy tokens."""
     inputs = zoo.batch()
     model = zoo.build(family)
@@ -27,9 +28,10 @@ def compare_family(rank: int, world_size: int, family: str, beams: int = 1, fuse
     ref_tokens = _generate(model, inputs, num_beams=beams)
     ref_beam = _generate(model, inputs, num_beams=3)
     # the plan shard applies below (it verifies it; once is enough)
-    weights = census.census(model, autotp.plan(model, world_size, fuse_allreduce=fuse, verify=False))
+    weights = census.census(model, autotp.plan(model, world_size, fuse_allreduce=fuse, verify=False,
+                                               experts=experts))
     shape = _kv_shape(model)
-    autotp.shard(model, world_size, fuse_allreduce=fuse)
+    autotp.shard(model, world_size, fuse_allreduce=fuse, experts=experts)
     with torch.no_grad():
         logits = model(**inputs).logits
     tokens = _generate(model, inputs, num_beams=beams)
@@ -62,8 +64,9 @@ def _kv_shape(model) -> dict:
     return {"heads": heads, "kv_heads": kv, "kv_head_numel": per_head}
 
 
-def compare_all(rank: int, world_size: int, families: list[str], fuse: bool = True) -> dict:
-    return {f: compare_family(rank, world_size, f, fuse=fuse) for f in families}
+def compare_all(rank: int, world_size: int, families: list[str], fuse: bool = True,
+                experts: str = "tensor") -> dict:
+    return {f: compare_family(rank, world_size, f, fuse=fuse, experts=experts) for f in families}
 
 
 def compare_bf16(rank: int, world_size: int, family: str, kernels: str = "auto") -> dict:

@@ -21,9 +21,10 @@ CHECKS = RankChecks({
         **{f"bf16-torch-{f}": ("compare_bf16", (f, "torch")) for f in BF16},
         **{f"beam-{f}": ("compare_family", (f, 4)) for f in BEAM},
         "wrong-split": ("corrupted_plan", ("llama",)),
+        "expert-parallel": ("compare_all", (list(zoo.MOE), True, "expert")),
         "errors": ("shard_errors", ())},
     3: {"all": ("compare_all", (zoo.FAMILIES,)), **{f"bf16-{f}": ("compare_bf16", (f,)) for f in BF16}},
-    4: {"all": ("compare_all", (zoo.FAMILIES,))},
+    4: {"all": ("compare_all", (zoo.FAMILIES,)), "expert-parallel": ("compare_all", (list(zoo.MOE), True, "expert"))},
 })
 
 
@@ -93,6 +94,23 @@ def test_beam_search_matches(results, family):
 def test_four_beams_in_place_of_greedy(family):
     for r in CHECKS(2, f"beam-{family}"):
         assert r["tokens_equal"] and r["max_abs_diff"] <= TOL
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_expert_parallelism_matches(world_size):
+    """experts="expert": whole experts per rank (4 experts on 2 and 4 ranks), routing indices
+    remapped per rank; logits, greedy and beam tokens as the unsharded model's, and each rank
+    holds its experts only."""
+    per_rank = CHECKS(world_size, "expert-parallel")
+    for family in zoo.MOE:
+        for r in (res[family] for res in per_rank):
+            assert r["max_abs_diff"] <= TOL and r["tokens_equal"] and r["beam_equal"], (family, r["max_abs_diff"])
+            assert not r["unplanned_weights"]
+        held = [res[family]["local_weights"] for res in per_rank]
+        first = per_rank[0][family]
+        assert sum(held) == first["sharded_weights"] + world_size * first["replicated_weights"] + \
+            (sum(len(kv) for kv in assign_heads(first["heads"], first["kv_heads"], world_size).kv_heads)
+             - first["kv_heads"]) * first["kv_head_numel"]
 
 
 def test_negative_control_a_wrong_split_is_detected():

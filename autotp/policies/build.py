@@ -7,7 +7,7 @@ from typing import Mapping
 
 from torch import nn
 
-from autotp.plan import AttrEdit, Entry, HeadSlice, Plan, ShardingError, Style
+from autotp.plan import AttrEdit, Entry, ExpertSlice, HeadSlice, Plan, ShardingError, Style
 from autotp.policies import overrides as table
 from autotp.policies.verify import verify_plan
 from autotp.policies.walker import Trace, parse_source, sample_inputs, walk, weight_candidates
@@ -16,13 +16,21 @@ from autotp.sharding.math import assign_heads, contiguous, merge_ranges, split_s
 _OVERRIDE_HINT = "pass overrides={{'{pattern}': 'replicate'}} (or 'column' / 'row') to autotp.plan / autotp.shard"
 
 
+EXPERTS = ("tensor", "expert")
+
+
 def build_plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style] | None = None,
-               strict: bool = True, verify: bool = True, fuse_allreduce: bool = True) -> Plan:
+               strict: bool = True, verify: bool = True, fuse_allreduce: bool = True,
+               experts: str = "tensor") -> Plan:
     """Classify every Linear of ``model`` from its data flow and split it for ``world_size`` ranks;
     with ``fuse_allreduce``, row layers whose partial sums are added before anything reads them
-    share one all-reduce; with ``verify``, check the result on simulated ranks of one decoder layer."""
+    share one all-reduce; with ``verify``, check the result on simulated ranks of one decoder layer.
+    ``experts="tensor"`` splits every expert like a dense MLP; ``"expert"`` gives each rank whole
+    experts (expert parallelism), where they divide evenly over the ranks."""
     if world_size < 1:
         raise ShardingError(f"world_size must be at least 1, got {world_size}")
+    if experts not in EXPERTS:
+        raise ShardingError(f"experts={experts!r}: pass one of {EXPERTS}")
     modules = dict(model.named_modules())
     layers = _decoder_layers(model)
     forced = _match_overrides(model, overrides or {})
@@ -36,6 +44,8 @@ def build_plan(model: nn.Module, world_size: int, overrides: Mapping[str, str | 
         _add_group(plan, modules, trace, sorted(sources), sorted(rows), layers)
     if fuse_allreduce:
         _fuse_reductions(plan, trace)
+    if experts == "expert":
+        _whole_experts(plan, modules)
     _replicate_the_rest(plan, model, trace, layers, forced, strict)
     order = {name: i for i, name in enumerate(_names_in_order(model))}
     plan.entries = dict(sorted(plan.entries.items(), key=lambda kv: order.get(kv[0], len(order))))
@@ -111,6 +121,34 @@ def _walk_to_fixpoint(model: nn.Module, forced: dict[str, Style], vocab_out: str
         for name in new:
             forced[name] = Style.REPLICATE
     raise ShardingError("autotp: the walker did not settle after 8 passes; pass explicit overrides")
+
+
+def _whole_experts(plan: Plan, modules: dict[str, nn.Module]) -> None:
+    """Expert parallelism: each experts block's parameter entries cut their expert dim (0)
+    instead, whole experts per rank. Only blocks that follow transformers' experts interface
+    (they take routing indices and treat an index >= num_experts as "not here") qualify."""
+    owners: dict[str, list[Entry]] = {}
+    for entry in plan.entries.values():
+        if entry.is_param and entry.style in (Style.COLUMN, Style.ROW):
+            owners.setdefault(entry.name.rpartition(".")[0], []).append(entry)
+    if not owners:
+        raise ShardingError("experts='expert' asks for expert parallelism, but this model has no experts block "
+                            "whose tensors the plan splits; leave experts='tensor'")
+    ws = plan.world_size
+    for owner, entries in owners.items():
+        module = modules[owner]
+        n = getattr(module, "num_experts", None)
+        if not hasattr(module, "_is_expert_parallel") or not isinstance(n, int):
+            raise ShardingError(f"'{owner}' ({type(module).__name__}) does not follow transformers' experts "
+                                "interface (num_experts, routing indices): it cannot be split by whole experts; "
+                                "leave experts='tensor'")
+        if n % ws:
+            raise ShardingError(f"'{owner}' has {n} experts, which do not divide evenly over {ws} ranks; use a "
+                                f"world size dividing {n}, or experts='tensor'")
+        spans = [[s] for s in contiguous(split_sizes(n, ws))]
+        for entry in entries:
+            entry.param_dim, entry.ranges, entry.heads, entry.unit = 0, spans, [], 1
+        plan.expert_slices.append(ExpertSlice(owner, n, spans))
 
 
 def _kind(trace: Trace, name: str) -> str:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from autotp.comm.threads import ThreadWorld
-from autotp.plan import AttrEdit, HeadSlice, Plan, ShardingError
+from autotp.plan import AttrEdit, ExpertSlice, HeadSlice, Plan, ShardingError
 from autotp.sharding.apply import apply_plan
 
 # relative to the output's largest magnitude; a wrong plan errs by O(1), summation order by
@@ -138,4 +138,6 @@ def _sub_plan(plan: Plan, prefix: str) -> Plan:
     sub.attrs = [AttrEdit(cut(a.module), a.attr, a.values) for a in plan.attrs if a.module.startswith(prefix)]
     sub.head_slices = [HeadSlice(cut(h.module), h.kwarg, h.num_heads, h.ranges)
                        for h in plan.head_slices if h.module.startswith(prefix)]
+    sub.expert_slices = [ExpertSlice(cut(x.module), x.num_experts, x.ranges)
+                         for x in plan.expert_slices if x.module.startswith(prefix)]
     return sub

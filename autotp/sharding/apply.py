@@ -67,6 +67,12 @@ def apply_plan(model: nn.Module, plan: Plan, group: TPGroup, share_weights: bool
             model.set_submodule(entry.name, VocabParallelLMHead(source, ranges, sizes, group, tied))
     for edit in plan.attrs:
         _set_attr(model.get_submodule(edit.module), edit.attr, edit.values[rank])
+    for experts in plan.expert_slices:
+        module = model.get_submodule(experts.module)
+        (start, stop), = experts.ranges[rank]
+        module.num_experts = stop - start
+        module._is_expert_parallel = True  # transformers' experts forwards mask "not here" rows then
+        module.register_forward_pre_hook(_LocalExperts(start, stop), with_kwargs=True)
     for head_slice in plan.head_slices:
         hook = _HeadSliceHook(head_slice, rank)
         model.get_submodule(head_slice.module).register_forward_pre_hook(hook, with_kwargs=True)
@@ -154,6 +160,26 @@ def _linear_shard(source: nn.Linear, entry, ranges, group: TPGroup, fused: dict[
     if entry.name in fused:
         return FusedRowParallelLinear(source, ranges, group, fused[entry.name], copy)
     return RowParallelLinear(source, ranges, group, copy)
+
+
+class _LocalExperts:
+    """Forward pre-hook of an experts block under expert parallelism: routing indices of this
+    rank's experts [start, stop) become local, the others ``stop - start`` ("not here"); the
+    block then adds only its experts' share, and its output's all-reduce sums every rank's."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if len(args) > 1:
+            index, put = args[1], lambda new: ((args[0], new, *args[2:]), kwargs)
+        elif "top_k_index" in kwargs:
+            index, put = kwargs["top_k_index"], lambda new: (args, {**kwargs, "top_k_index": new})
+        else:
+            raise ShardingError(f"{type(module).__name__} was called without routing indices (top_k_index), "
+                                "which expert parallelism remaps per rank")
+        here = (index >= self.start) & (index < self.stop)
+        return put(torch.where(here, index - self.start, torch.full_like(index, self.stop - self.start)))
 
 
 class _HeadSliceHook:
