@@ -60,7 +60,7 @@ def routed_share(model: torch.nn.Module, ids: torch.Tensor, world: int) -> list[
             def count(m, args, per_rank=per_rank):
                 for e in args[1].flatten().tolist():
                     counts[min(e // per_rank, world - 1)] += 1
-            hooks.append(module.register_forward_pre_hook(count))
+            hooks.append(module.register_forward_pre_hook(count, prepend=True))  # before the remap
     with torch.no_grad():
         model(input_ids=ids)
     for h in hooks:

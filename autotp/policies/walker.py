@@ -20,7 +20,6 @@ the unit keeps the concatenation of its segments' local rows.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
