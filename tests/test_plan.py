@@ -174,3 +174,53 @@ def test_fusion_follows_the_data_flow_not_the_architecture():
     reads it: same classes, different data flow, two all-reduces."""
     assert autotp.plan(zoo.build("gpt_neox"), 2).collectives_per_layer == {0: 1, 1: 1}
     assert autotp.plan(zoo.build("gpt_neox_sequential"), 2).collectives_per_layer == {0: 2, 1: 2}
+
+
+def test_concatenated_qkv_keeps_each_segments_local_rows():
+    """Phi-3's qkv_proj is q | k | v (8 query heads, 4 KV heads of 8): on 3 ranks KV groups go
+    2/1/1, so rank 1 has KV head 2 and query heads 4-5, i.e. q rows 32:48, k rows 64+16:24 and
+    v rows 96+16:24. gate_up_proj is gate | up (100 each): rank 1 keeps rows 34:67 of each."""
+    plan = autotp.plan(zoo.build("phi3"), 3)
+    qkv = plan.entries["model.layers.0.self_attn.qkv_proj"]
+    assert qkv.ranges[1] == [(32, 48), (80, 88), (112, 120)]
+    assert plan.entries["model.layers.0.mlp.gate_up_proj"].ranges[1] == [(34, 67), (134, 167)]
+    edits = {(a.module, a.attr): a.values for a in plan.attrs}
+    assert edits[("model.layers.0.self_attn", "config.num_attention_heads")] == [4, 2, 2]
+
+
+def test_conv1d_is_column_and_row_with_its_weight_stored_transposed():
+    """GPT-2's c_attn (Conv1D, weight [64, 192]) splits q, k, v on whole heads (3/3/2 on 3
+    ranks): rank 1 keeps heads 3-5 of each; the cut is along the stored weight's dim 1."""
+    plan = autotp.plan(zoo.build("gpt2"), 3)
+    c_attn, c_proj = plan.entries["transformer.h.0.attn.c_attn"], plan.entries["transformer.h.0.attn.c_proj"]
+    assert c_attn.transposed and c_attn.ranges[1] == [(24, 48), (88, 112), (152, 176)]
+    assert plan.cut("transformer.h.0.attn.c_attn.weight")[1] == 1
+    assert c_proj.style == Style.ROW and plan.cut("transformer.h.0.attn.c_proj.weight")[1] == 0
+    assert plan.cut("transformer.h.0.attn.c_proj.bias")[1] is None  # added once, after the all-reduce
+
+
+def test_experts_are_split_like_mlps_and_routers_replicated():
+    """Mixtral's gate_up_proj [4, 2 x 96, 64] is gate | up along dim 1, cut in blocks of 8
+    features (96 = 12 blocks: 4/4/4 on 3 ranks); down_proj [4, 64, 96] along dim 2."""
+    plan = autotp.plan(zoo.build("mixtral"), 3)
+    gate_up = plan.entries["model.layers.0.mlp.experts.gate_up_proj"]
+    down = plan.entries["model.layers.0.mlp.experts.down_proj"]
+    assert (gate_up.style, gate_up.param_dim, gate_up.ranges[1]) == (Style.COLUMN, 1, [(32, 64), (128, 160)])
+    assert (down.style, down.param_dim, down.ranges[1], down.all_reduce) == (Style.ROW, 2, [(32, 64)], True)
+    assert plan.entries["model.layers.0.mlp.gate.weight"].style == Style.REPLICATE
+    assert plan.collectives_per_layer == {0: 2, 1: 2}
+    whole = autotp.plan(zoo.build("mixtral"), 2, experts="expert")
+    assert whole.entries["model.layers.0.mlp.experts.down_proj"].param_dim == 0
+    assert [x.ranges for x in whole.expert_slices][0] == [[(0, 2)], [(2, 4)]]
+    with pytest.raises(ShardingError, match="4 experts, which do not divide evenly over 3"):
+        autotp.plan(zoo.build("mixtral"), 3, experts="expert")
+    again = Plan.from_dict(whole.to_dict())
+    assert again.to_dict() == whole.to_dict()
+
+
+def test_a_sharded_norm_keeps_the_features_of_what_it_normalises():
+    plan = autotp.plan(zoo.build("olmo2"), 3)
+    q, q_norm = plan.entries["model.layers.0.self_attn.q_proj"], plan.entries["model.layers.0.self_attn.q_norm"]
+    assert q_norm.norm_width == 64 and q_norm.ranges == q.ranges
+    k, k_norm = plan.entries["model.layers.0.self_attn.k_proj"], plan.entries["model.layers.0.self_attn.k_norm"]
+    assert k_norm.norm_width == 32 and k_norm.ranges == k.ranges
