@@ -26,6 +26,7 @@ def test_walker_classifies_from_data_flow(family):
     rows = {n for n, e in in_layers.items() if e.style == Style.ROW}
     assert {n.rsplit(".", 1)[1] for n in rows} <= ATTENTION_AND_MLP_ROWS
     per_layer = 1 if family in zoo.PARALLEL_RESIDUAL else 3 if family in zoo.SHARED_EXPERT else 2
+    per_layer += 2 if family in zoo.SHARDED_NORMS else 0
     assert plan.collectives_per_layer == {0: per_layer, 1: per_layer}
     assert plan.entries[model_name(model, model.get_input_embeddings())].style == Style.VOCAB
 
@@ -221,6 +222,6 @@ def test_experts_are_split_like_mlps_and_routers_replicated():
 def test_a_sharded_norm_keeps_the_features_of_what_it_normalises():
     plan = autotp.plan(zoo.build("olmo2"), 3)
     q, q_norm = plan.entries["model.layers.0.self_attn.q_proj"], plan.entries["model.layers.0.self_attn.q_norm"]
-    assert q_norm.norm_width == 64 and q_norm.ranges == q.ranges
+    assert q_norm.norm_width == 64 and q_norm.ranges == q.ranges and q_norm.all_reduce
     k, k_norm = plan.entries["model.layers.0.self_attn.k_proj"], plan.entries["model.layers.0.self_attn.k_norm"]
     assert k_norm.norm_width == 32 and k_norm.ranges == k.ranges

@@ -115,6 +115,8 @@ PARALLEL_RESIDUAL = ["gptj", "gpt_neox", "phi", "cohere", "stablelm_parallel", "
 # MoE blocks with a shared expert beside the routed ones: the experts' all-reduce and the
 # shared expert's, plus attention's
 SHARED_EXPERT = ["qwen2_moe", "ernie4_5_moe"]
+# q/k norms across all heads (sharded norms): one small all-reduce each, besides attention's and the MLP's
+SHARDED_NORMS = ["olmo2", "olmoe"]
 
 # families the walker must refuse (the plan would be wrong or there is nothing to shard)
 UNSUPPORTED: dict[str, dict] = {}

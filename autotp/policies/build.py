@@ -271,7 +271,7 @@ def _add_group(plan: Plan, modules: dict[str, nn.Module], trace: Trace, sources:
     for norm, source in trace.norms.items():
         if source in local:
             plan.entries[norm] = Entry(norm, Style.COLUMN, layer, owner, 1, [], local[source],
-                                       norm_width=trace.widths[source])
+                                       all_reduce=True, norm_width=trace.widths[source])  # of its sums
     if heads:
         _add_attrs(plan, owner, modules[owner], n_q, n_kv, row_unit, assigned)
 
