@@ -39,6 +39,9 @@ def create_shard_model(argv: list[str] | None = None, runtime: Runtime | None = 
                              "embeddings keep --dtype)")
     parser.add_argument("--quant-group-size", type=int, default=DEFAULT_GROUP_SIZE, metavar="G",
                         help="input columns per INT8 scale (default %(default)s; 0: one scale per output row)")
+    parser.add_argument("--experts", choices=("tensor", "expert"), default="tensor",
+                        help="mixture-of-experts blocks: split every expert like an MLP (tensor, the default) or "
+                             "give each rank whole experts (expert; the experts must divide evenly)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -47,7 +50,8 @@ def create_shard_model(argv: list[str] | None = None, runtime: Runtime | None = 
         out = save_sharded(args.model, args.save_path, args.world_size,
                            dtype=getattr(torch, args.dtype) if args.dtype else None, overwrite=args.overwrite,
                            fuse_allreduce=not args.no_fuse_allreduce, progress=not args.quiet,
-                           quantize=args.quantize, quant_group_size=args.quant_group_size, runtime=rt)
+                           quantize=args.quantize, quant_group_size=args.quant_group_size, runtime=rt,
+                           experts=args.experts)
     except (CheckpointError, ShardingError, ValueError) as exc:
         print(f"create_shard_model: error: {exc}", file=sys.stderr)
         return 2

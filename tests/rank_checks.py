@@ -153,16 +153,17 @@ def shard_errors(rank: int, world_size: int) -> dict:
     return messages
 
 
-def load_and_compare(rank: int, world_size: int, cases: list[tuple[str, str]]) -> list[dict]:
-    """For each (family, directory): from_pretrained on this rank against the unsharded model."""
+def load_and_compare(rank: int, world_size: int, cases: list[tuple]) -> list[dict]:
+    """For each (family, directory[, from_pretrained keyword arguments]): from_pretrained on
+    this rank against the unsharded model."""
     inputs = zoo.batch()
     out = []
-    for family, directory in cases:
+    for family, directory, *options in cases:
         reference = zoo.build(family)
         with torch.no_grad():
             ref_logits = reference(**inputs).logits
         ref_tokens = _generate(reference, inputs)
-        model = autotp.from_pretrained(directory)
+        model = autotp.from_pretrained(directory, **(options[0] if options else {}))
         with torch.no_grad():
             logits = model(**inputs).logits
         tokens = _generate(model, inputs)

@@ -4,9 +4,11 @@ import shutil
 
 import pytest
 
+import autotp
 import rank_checks
 import zoo
 from autotp.cli import create_shard_model
+from autotp.plan import CheckpointError
 from dist_helper import run_ranks
 
 TOL = 1e-4
@@ -42,6 +44,21 @@ def test_presharded_and_hf_directories_match_unsharded(sources, tmp_path, world_
         for r in per_rank:
             assert r["max_abs_diff"] <= TOL, r
             assert r["tokens_equal"] and r["new_tokens"] == rank_checks.NEW_TOKENS, r
+
+
+def test_expert_parallel_checkpoints(sources, tmp_path):
+    """Mixtral split by whole experts: written by create_shard_model --experts expert, and read
+    from the Hugging Face directory (each rank reads its experts' stored tensors only)."""
+    hf = sources["mixtral"][0]
+    out = tmp_path / "ep2"
+    assert create_shard_model(["-m", str(hf), "--world-size", "2", "--save-path", str(out), "--experts", "expert",
+                               "--quiet"]) == 0
+    cases = [("mixtral", str(out)), ("mixtral", str(hf), {"experts": "expert"})]
+    for per_rank in run_ranks(rank_checks.load_and_compare, 2, cases):
+        for r in per_rank:
+            assert r["max_abs_diff"] <= TOL and r["tokens_equal"], r
+    with pytest.raises(CheckpointError, match="written with experts='expert'"):
+        autotp.from_pretrained(out, world_size=2, experts="tensor")
 
 
 def test_a_rank_reads_only_its_own_file(sources, tmp_path):

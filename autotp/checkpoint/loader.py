@@ -34,7 +34,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
                     world_size: int | None = None, process_group: Any = None,
                     overrides: Mapping[str, str | Style] | None = None, fuse_allreduce: bool = True,
                     check_sha: bool = True, quantize: str | None = None,
-                    quant_group_size: int | None = None, runtime: Runtime | None = None) -> nn.Module:
+                    quant_group_size: int | None = None, runtime: Runtime | None = None,
+                    experts: str | None = None) -> nn.Module:
     """Load this rank's shard of a model, ready for ``generate()``.
 
     ``path`` is a pre-sharded directory written by create_shard_model / save_sharded (only this
@@ -49,7 +50,11 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     its slice plus, for row-parallel layers, the columns of the INT8 groups its cut touches;
     ``quant_group_size`` defaults to 128, 0 is one scale per row), giving exactly the shards
     ``autotp.shard(model, n, quantize="int8")`` gives. An unquantized pre-sharded checkpoint
-    cannot be quantized at load time (its row-parallel files lack those columns): that raises."""
+    cannot be quantized at load time (its row-parallel files lack those columns): that raises.
+
+    ``experts`` ("tensor", the default, or "expert") splits mixture-of-experts blocks of a
+    Hugging Face directory as in ``autotp.plan``; a pre-sharded directory was split when it
+    was written, and asking for the other split raises."""
     rt = resolve(runtime)
     asked = QuantScheme.parse(quantize, quant_group_size)
     directory = Path(path)
@@ -62,12 +67,16 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     mapped = MappedRegions()
     if is_presharded(directory):
         manifest = read_manifest(directory, world_size, _rank(world_size, process_group), check_sha)
+        stored = "expert" if manifest.plan.expert_slices else "tensor"
+        if experts is not None and experts != stored:
+            raise CheckpointError(f"{directory} was written with experts={stored!r}; load it without experts=, or "
+                                  f"re-create it with create_shard_model --experts {experts}")
         quant = _stored_scheme(manifest, directory, quantize, quant_group_size)
         _check_dtype(manifest, directory, want)
         group = TPGroup.from_torch(world_size, process_group, rt)  # the plan is known valid: meet the others
         model, plan, tensors = _presharded(directory, manifest, group, mapped, quant)
     else:
-        source = HFSource.open(directory, world_size, want, overrides, fuse_allreduce)
+        source = HFSource.open(directory, world_size, want, overrides, fuse_allreduce, experts or "tensor")
         release_free_memory()  # what the trace freed, before the weights arrive
         group = TPGroup.from_torch(world_size, process_group, rt)
         model, plan, tensors = _from_hf(source, group, want, mapped, asked)

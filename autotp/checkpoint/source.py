@@ -33,14 +33,15 @@ class HFSource:
 
     @classmethod
     def open(cls, directory: Path, world_size: int, dtype: torch.dtype | None,
-             overrides: Mapping[str, str | Style] | None, fuse_allreduce: bool) -> "HFSource":
+             overrides: Mapping[str, str | Style] | None, fuse_allreduce: bool,
+             experts: str = "tensor") -> "HFSource":
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{directory} is not a model directory: it has neither autotp.json nor "
                                   "config.json; pass a Hugging Face checkpoint directory or one written by "
                                   "create_shard_model")
         model = build_skeleton(directory, dtype or stored_dtype(directory))
         tensors = source_tensors(directory, model)
-        plan = build_plan(model, world_size, overrides, fuse_allreduce=fuse_allreduce)
+        plan = build_plan(model, world_size, overrides, fuse_allreduce=fuse_allreduce, experts=experts)
         return cls(directory, model, tensors, plan, tie_aliases(model))
 
     def find(self, key: str) -> str | None:

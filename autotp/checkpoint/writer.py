@@ -36,7 +36,8 @@ def save_sharded(model_or_path: nn.Module | str | os.PathLike, save_dir: str | o
                  dtype: torch.dtype | str | None = None, overwrite: bool = False,
                  overrides: Mapping[str, str | Style] | None = None, fuse_allreduce: bool = True,
                  progress: bool = True, quantize: str | None = None,
-                 quant_group_size: int = DEFAULT_GROUP_SIZE, runtime: Runtime | None = None) -> Path:
+                 quant_group_size: int = DEFAULT_GROUP_SIZE, runtime: Runtime | None = None,
+                 experts: str = "tensor") -> Path:
     """Write a pre-sharded checkpoint of ``model_or_path`` (a model in memory, or a Hugging Face
     checkpoint directory with safetensors) for ``world_size`` ranks into ``save_dir``.
 
@@ -45,7 +46,8 @@ def save_sharded(model_or_path: nn.Module | str | os.PathLike, save_dir: str | o
     quantize="int8")`` would make it; ``quant_group_size`` as there). The source weights are
     converted to ``dtype`` (if given) before quantizing; a rank's scales and values are written
     apart (the file keeps larger elements first), so each quantized weight is read twice.
-    ``runtime`` (default ``Runtime.from_env()``) holds autotp's settings."""
+    ``experts`` splits mixture-of-experts blocks as in ``autotp.plan``. ``runtime`` (default
+    ``Runtime.from_env()``) holds autotp's settings."""
     resolve(runtime)  # checked now: a bad setting fails before any work
     quant = QuantScheme.parse(quantize, quant_group_size if quantize else None)
     target = Path(save_dir)
@@ -54,10 +56,11 @@ def save_sharded(model_or_path: nn.Module | str | os.PathLike, save_dir: str | o
                               "(--overwrite)")
     want = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if isinstance(model_or_path, nn.Module):
-        plan, specs, reader, copy_files = _from_model(model_or_path, world_size, want, overrides, fuse_allreduce)
+        plan, specs, reader, copy_files = _from_model(model_or_path, world_size, want, overrides, fuse_allreduce,
+                                                      experts)
     else:
         plan, specs, reader, copy_files = _from_directory(Path(model_or_path), world_size, want, overrides,
-                                                          fuse_allreduce)
+                                                          fuse_allreduce, experts)
     stored = {dtype_name(d) for _, d in specs.values() if d.is_floating_point}
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     _remove_stale_partials(target)
@@ -156,8 +159,9 @@ def _stored_keys(model: nn.Module, plan: Plan) -> list[str]:
     return [k for k in params + buffers if k not in tied_keys(plan)]
 
 
-def _from_model(model: nn.Module, world_size: int, dtype: torch.dtype | None, overrides, fuse_allreduce):
-    plan = build_plan(model, world_size, overrides, fuse_allreduce=fuse_allreduce)
+def _from_model(model: nn.Module, world_size: int, dtype: torch.dtype | None, overrides, fuse_allreduce,
+                experts: str = "tensor"):
+    plan = build_plan(model, world_size, overrides, fuse_allreduce=fuse_allreduce, experts=experts)
     state = model.state_dict(keep_vars=True)
     specs = {}
     for key in _stored_keys(model, plan):
@@ -176,8 +180,9 @@ def _from_model(model: nn.Module, world_size: int, dtype: torch.dtype | None, ov
     return plan, specs, reader, copy_files
 
 
-def _from_directory(directory: Path, world_size: int, dtype: torch.dtype | None, overrides, fuse_allreduce):
-    source = HFSource.open(directory, world_size, dtype, overrides, fuse_allreduce)
+def _from_directory(directory: Path, world_size: int, dtype: torch.dtype | None, overrides, fuse_allreduce,
+                    experts: str = "tensor"):
+    source = HFSource.open(directory, world_size, dtype, overrides, fuse_allreduce, experts)
     skeleton, tensors, plan = source.model, source.tensors, source.plan
     keys = _stored_keys(skeleton, plan)
     lookup = {k: source.find(k) or k for k in keys}
