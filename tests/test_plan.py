@@ -219,6 +219,14 @@ def test_experts_are_split_like_mlps_and_routers_replicated():
     assert again.to_dict() == whole.to_dict()
 
 
+def test_a_model_in_training_mode_plans_as_in_eval_mode():
+    """A model fresh from from_config is in training mode; dropout (GPT-2: 0.1) must not make
+    the verification on simulated ranks fail, nor may planning change the mode."""
+    model = zoo.build("gpt2").train()
+    assert autotp.plan(model, 3).to_dict() == autotp.plan(zoo.build("gpt2"), 3).to_dict()
+    assert model.training
+
+
 def test_a_sharded_norm_keeps_the_features_of_what_it_normalises():
     plan = autotp.plan(zoo.build("olmo2"), 3)
     q, q_norm = plan.entries["model.layers.0.self_attn.q_proj"], plan.entries["model.layers.0.self_attn.q_norm"]

@@ -56,6 +56,10 @@ CONFIGS.update({
     "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
                  num_attention_heads=8, num_key_value_heads=4),
     "gpt_bigcode": dict(model_type="gpt_bigcode", n_embd=64, n_head=8, n_layer=2, n_inner=100),
+    "gpt_bigcode_mha": dict(model_type="gpt_bigcode", n_embd=64, n_head=8, n_layer=2, n_inner=100, multi_query=False),
+    # Falcon-40B's layout: q heads | k | v per KV group, viewed [.., 4 groups, 2 + 2, 8]: split on whole groups
+    "falcon_40b": dict(model_type="falcon", hidden_size=64, num_attention_heads=8, num_hidden_layers=2,
+                       new_decoder_architecture=True, num_kv_heads=4),
     "codegen": dict(model_type="codegen", n_embd=64, n_head=8, n_layer=2, rotary_dim=4, n_inner=100),
     "gemma2": dict(model_type="gemma2", hidden_size=64, intermediate_size=100, num_hidden_layers=2,
                    num_attention_heads=8, num_key_value_heads=4, head_dim=8),
@@ -111,7 +115,8 @@ CONFIGS.update(MOE)
 
 # blocks whose attention and MLP read the same input and are added to the residual together:
 # one all-reduce per layer
-PARALLEL_RESIDUAL = ["gptj", "gpt_neox", "phi", "cohere", "stablelm_parallel", "falcon", "codegen", "cohere2"]
+PARALLEL_RESIDUAL = ["gptj", "gpt_neox", "phi", "cohere", "stablelm_parallel", "falcon", "falcon_40b", "codegen",
+                     "cohere2"]
 # MoE blocks with a shared expert beside the routed ones: the experts' all-reduce and the
 # shared expert's, plus attention's
 SHARED_EXPERT = ["qwen2_moe", "ernie4_5_moe"]

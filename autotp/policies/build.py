@@ -229,8 +229,9 @@ def _add_group(plan: Plan, modules: dict[str, nn.Module], trace: Trace, sources:
                 f"autotp cannot split the heads of '{owner}': {missing or odd} do not share the head "
                 f"layout of the other projections; " + _OVERRIDE_HINT.format(pattern=_pattern(owner, layers)))
         if ws > n_q:
-            raise ShardingError(f"world_size {ws} is larger than the {n_q} attention heads of '{owner}': "
-                                f"heads are split whole, so use a world size of at most {n_q}")
+            raise ShardingError(f"world_size {ws} is larger than the {n_q} attention heads of '{owner}' (or blocks of "
+                                f"heads its fused layout keeps together): they are split whole, so use a world "
+                                f"size of at most {n_q}")
         assigned = assign_heads(n_q, n_kv, ws)
         head_unit = {}
         for s in sources:
@@ -291,6 +292,9 @@ def _add_attrs(plan: Plan, owner: str, module: nn.Module, n_q: int, n_kv: int, h
         for names, (global_value, per_rank) in local.items():
             if attr in names and value == global_value:
                 plan.attrs.append(AttrEdit(owner, attr, per_rank))
+            elif names is table.HEAD_ATTRS and attr in names and value > n_q and value % n_q == 0:
+                # the units split are blocks of heads (Falcon-40B's KV groups): heads scale with them
+                plan.attrs.append(AttrEdit(owner, attr, [n * (value // n_q) for n in per_rank]))
     config = vars(module).get("config")
     if config is not None and hasattr(config, "to_dict"):  # forwards that read self.config.num_attention_heads
         for names in (table.HEAD_ATTRS, table.KV_HEAD_ATTRS):

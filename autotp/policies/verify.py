@@ -84,7 +84,7 @@ def _capture(model: nn.Module, layer: nn.Module, inputs: dict[str, torch.Tensor]
         handle.remove()
     gen = torch.Generator().manual_seed(0)
     args, kwargs = _randomize_hidden(seen["args"], seen["kwargs"], gen)
-    reference = copy.deepcopy(layer)
+    reference = copy.deepcopy(layer).eval()  # a model fresh from from_config is in training mode: no dropout here
     with torch.no_grad():
         for p in reference.parameters():  # weights ~ N(0, 1/fan_in), vectors ~ 1 + N(0, 0.1)
             for rows in torch.split(torch.arange(p.shape[0]), 256):  # bounded temporary memory
