@@ -1,0 +1,161 @@
+"""Where a decode step's time goes: GEMMs, attention, norms / rotary / elementwise ops, the
+all-reduce, KV-cache handling, the lm_head, and the rest (Python, module calls, ``generate``'s
+own work: the step's wall time minus everything the profiler attributes to an op).
+
+A bench-shaped random model (``autotp.bench.shapes``: llama-1b, gptj-1b, ...) is sharded over the
+ranks torchrun starts (one rank: run it with plain python), bf16 or INT8 (or, with ``--plain``,
+left to plain transformers on one rank, for comparison), fed a prompt, and then
+decoded token by token: first a few steps timed without the profiler (the step time quoted),
+then ``--steps`` steps under torch.profiler, whose op times are sorted into the categories. Op
+times under the profiler carry its overhead; the table gives each category's share of the
+profiled step and scales it to the unprofiled median. Rank 0 prints.
+
+    python tools/profile_decode.py --model llama-1b [--int8]
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 tools/profile_decode.py --model gptj-1b
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile, record_function
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import autotp
+from autotp.bench import shapes
+from autotp.comm.group import TPGroup
+
+CATEGORIES = ["GEMMs", "attention", "norms / rotary / elementwise", "all-reduce", "KV cache", "lm_head", "rest"]
+# ranges this tool opens around calls the profiler would otherwise split into small ops
+_RANGES = {"autotp::all_reduce": "all-reduce", "autotp::kv_cache": "KV cache", "autotp::lm_head": "lm_head"}
+_GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "autotp::linear_bf16",
+          "autotp::linear_int8", "aten::_grouped_mm")
+_ATTENTION = ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_attention_math")
+
+
+def category_times(events) -> dict[str, float]:
+    """Microseconds per category over the profiled events: a range or a GEMM / attention op
+    counts whole (its children inside it); any other op counts its own time and its children
+    are sorted on their own."""
+    totals: dict[str, float] = defaultdict(float)
+
+    def visit(event) -> None:
+        name = event.name
+        if name in _RANGES:
+            totals[_RANGES[name]] += event.cpu_time_total
+        elif name in _ATTENTION:
+            totals["attention"] += event.cpu_time_total
+        elif name in _GEMMS:
+            totals["GEMMs"] += event.cpu_time_total
+        else:
+            if name.startswith(("aten::", "autotp::")):
+                totals["norms / rotary / elementwise"] += event.self_cpu_time_total
+            for child in event.cpu_children:
+                visit(child)
+
+    for event in events:
+        if event.cpu_parent is None:
+            visit(event)
+    return totals
+
+
+def instrument(model: torch.nn.Module) -> None:
+    """Name the all-reduce, the KV-cache update and the lm_head for the profiler."""
+    original = TPGroup.all_reduce
+
+    def all_reduce(self, tensor):
+        with record_function("autotp::all_reduce"):
+            return original(self, tensor)
+
+    TPGroup.all_reduce = all_reduce
+    from transformers import cache_utils
+
+    for cls in {type(layer) for layer in DynamicCache(config=model.config).layers} | {cache_utils.DynamicLayer}:
+        update = cls.update
+
+        def wrapped(self, *args, __update=update, **kwargs):
+            with record_function("autotp::kv_cache"):
+                return __update(self, *args, **kwargs)
+
+        cls.update = wrapped
+    head = model.get_output_embeddings()
+    forward = head.forward
+
+    def head_forward(*args, **kwargs):
+        with record_function("autotp::lm_head"):
+            return forward(*args, **kwargs)
+
+    head.forward = head_forward
+
+
+def step(model, token, cache):
+    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1:].argmax(-1), out.past_key_values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-1b", help=f"a bench shape: {', '.join(shapes.SHAPES)}")
+    parser.add_argument("--int8", action="store_true", help="quantize='int8' (group 128)")
+    parser.add_argument("--plain", action="store_true", help="profile plain transformers instead (one rank, bf16)")
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps under the profiler")
+    parser.add_argument("--timed", type=int, default=16, help="decode steps timed without the profiler")
+    args = parser.parse_args()
+
+    if "WORLD_SIZE" in os.environ:
+        autotp.init_distributed()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(shapes.shape_config(args.model), dtype=torch.bfloat16).eval()
+    if args.plain:
+        if world > 1 or args.int8:
+            parser.error("--plain is the unsharded transformers model: one rank, bf16")
+    else:
+        if not dist.is_initialized():  # one rank: a group of one, so that autotp.shard runs as usual
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
+                              WORLD_SIZE="1")
+            autotp.init_distributed()
+        model = autotp.shard(model, world, quantize="int8" if args.int8 else None)
+    instrument(model)
+    ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        token, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
+        for _ in range(4):  # warm-up
+            token, cache = step(model, token, cache)
+        times = []
+        for _ in range(args.timed):
+            start = time.perf_counter()
+            token, cache = step(model, token, cache)
+            times.append(time.perf_counter() - start)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                token, cache = step(model, token, cache)
+            profiled = (time.perf_counter() - start) / args.steps
+    totals = category_times(prof.profiler.function_events)
+    per_step = {k: v / args.steps / 1e6 for k, v in totals.items()}
+    per_step["rest"] = max(0.0, profiled - sum(per_step.values()))
+    if rank == 0:
+        plain = statistics.median(times)
+        kind = "plain transformers, bf16" if args.plain else "autotp, INT8 (group 128)" if args.int8 else "autotp, bf16"
+        print(f"{args.model}, {kind}, {world} rank(s) x {torch.get_num_threads()} thread(s), prompt {args.prompt}: "
+              f"decode step {plain * 1e3:.1f} ms median unprofiled, {profiled * 1e3:.1f} ms profiled")
+        print(f"{'category':<30} {'share':>6} {'ms / step':>10}")
+        for name in CATEGORIES:
+            share = per_step.get(name, 0.0) / profiled
+            print(f"{name:<30} {share:>6.1%} {share * plain * 1e3:>10.2f}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
