@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import autotp
+from bench_fusion import one_generation  # tools/ is the script's directory, on sys.path
 
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
@@ -29,23 +29,6 @@ def build(args: argparse.Namespace) -> torch.nn.Module:
         eos_token_id=2, max_position_embeddings=4096)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-
-
-def one_generation(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[float, list[float]]:
-    """(first-token seconds, next-token seconds per step) for one greedy generation."""
-    dist.barrier()
-    with torch.no_grad():
-        start = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
-        first = time.perf_counter() - start
-        token = out.logits[:, -1:].argmax(-1)
-        steps_s = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            steps_s.append(time.perf_counter() - start)
-    return first, steps_s
 
 
 def routed_share(model: torch.nn.Module, ids: torch.Tensor, world: int) -> list[float]:

@@ -20,7 +20,7 @@ the unit keeps the concatenation of its segments' local rows.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -30,116 +30,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from autotp.plan import Style
-
-# an activation times a weight: (function, which argument is the activation, which the weight,
-# whether the weight operand is [.., out, in] (F.linear) rather than [.., in, out])
-_MATMULS: dict[Any, tuple[int, int, bool]] = {
-    F.linear: (0, 1, True), torch._C._nn.linear: (0, 1, True),
-    torch.addmm: (1, 2, False), torch.Tensor.addmm: (1, 2, False),
-    torch.mm: (0, 1, False), torch.Tensor.mm: (0, 1, False),
-    torch.matmul: (0, 1, False), torch.Tensor.matmul: (0, 1, False), torch.Tensor.__matmul__: (0, 1, False),
-    torch.bmm: (0, 1, False), torch.Tensor.bmm: (0, 1, False),
-}
-for _name in ("grouped_mm",):
-    if hasattr(F, _name):
-        _MATMULS[getattr(F, _name)] = (0, 1, False)
-if hasattr(torch, "_grouped_mm"):
-    _MATMULS[torch._grouped_mm] = (0, 1, False)
-
-# ops that only rename a weight's dims: a view of the parameter, used as an operand later
-_TRANSPOSES = {torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose, torch.Tensor.permute}
-_T_PROPERTIES = {torch.Tensor.T.__get__: "T", torch.Tensor.mT.__get__: "mT"}
-_SAME_WEIGHT = {torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as}
-
-# ops that combine values across a dim: over the whole sharded width they need every rank's part
-_REDUCTIONS = {
-    torch.mean, torch.Tensor.mean, torch.sum, torch.Tensor.sum, torch.var, torch.Tensor.var,
-    torch.std, torch.Tensor.std, torch.norm, torch.Tensor.norm, torch.linalg.vector_norm,
-    torch.amax, torch.Tensor.amax, torch.logsumexp, torch.Tensor.logsumexp, torch.softmax,
-    torch.Tensor.softmax, F.softmax, F.normalize, torch.topk, torch.Tensor.topk, torch.max, torch.Tensor.max,
-    torch.argmax, torch.Tensor.argmax, torch.sort, torch.Tensor.sort,
-}
-_NORMS = {F.layer_norm, F.rms_norm, F.group_norm}
-_CHOICES = {torch.softmax, torch.Tensor.softmax, F.softmax, torch.topk, torch.Tensor.topk, torch.max, torch.Tensor.max,
-            torch.argmax, torch.Tensor.argmax, torch.sort, torch.Tensor.sort}
-# reductions a sharded norm computes as a partial sum and one all-reduce
-_SPLITTABLE_REDUCTIONS = {torch.mean, torch.Tensor.mean, torch.sum, torch.Tensor.sum}
-# ops through which a partial sum stays a partial sum: sums (with replicated tensors too) and
-# dropout, an identity at inference
-_SUMS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
-         torch.Tensor.__iadd__}
-_IDENTITIES = {F.dropout}
-# ops linear in one partial-sum operand (the others replicated): an expert block's combine
-# (routing weights, reordering, summing over the top-k) keeps its down projection's partial sums
-_SCALES = {torch.mul, torch.Tensor.mul, torch.Tensor.mul_, torch.Tensor.__mul__, torch.Tensor.__rmul__,
-           torch.Tensor.__imul__, torch.div, torch.Tensor.div, torch.Tensor.__truediv__}
-_MOVES = {torch.Tensor.__getitem__, torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.permute,
-          torch.Tensor.transpose, torch.transpose, torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float,
-          torch.Tensor.type_as, torch.index_select, torch.Tensor.index_select, torch.Tensor.squeeze,
-          torch.Tensor.unsqueeze, torch.squeeze, torch.unsqueeze, torch.Tensor.flatten, torch.flatten,
-          torch.Tensor.unflatten, torch.sum, torch.Tensor.sum, torch.Tensor.clone, torch.clone}
-_INDEX_ADDS = {torch.Tensor.index_add_, torch.Tensor.index_add, torch.index_add}
-# reshapes: the trailing features keep their order
-_RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten, torch.unflatten,
-             torch.Tensor.flatten, torch.flatten, torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.squeeze,
-             torch.squeeze, torch.Tensor.contiguous, torch.Tensor.clone, torch.clone, torch.Tensor.to,
-             torch.Tensor.float, torch.Tensor.type_as}
-# cuts along one dim into consecutive parts
-_CUTS = {torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk, torch.Tensor.narrow, torch.narrow,
-         torch.Tensor.tensor_split, torch.tensor_split, torch.Tensor.unbind, torch.unbind}
-
-
-@dataclass(frozen=True)
-class Unit:
-    """A weight used as a matmul operand. ``name`` is the module when the parameter is a
-    module's 2-D ``weight`` and the module computes a linear map of its input (nn.Linear,
-    Conv1D, a Linear subclass), else the parameter's full name (expert tensors)."""
-
-    name: str
-    param: str           # the parameter's full name
-    out_dim: int         # the parameter dim holding output features
-    in_dim: int          # the parameter dim holding input features
-    out_features: int
-    in_features: int
-    module_level: bool
-
-    @property
-    def transposed(self) -> bool:
-        """A module-level 2-D weight stored [in, out] (Conv1D)."""
-        return self.module_level and self.out_dim == 1
-
-
-@dataclass
-class Trace:
-    """What one forward showed about each unit and each source (a unit or a segment of one)."""
-
-    units: dict[str, Unit] = field(default_factory=dict)
-    styles: dict[str, Style] = field(default_factory=dict)
-    row_sources: dict[str, set[str]] = field(default_factory=dict)  # row unit -> sources feeding it
-    heads: dict[str, int] = field(default_factory=dict)             # source -> heads in its output
-    widths: dict[str, int] = field(default_factory=dict)            # source -> features
-    escaped: dict[str, str] = field(default_factory=dict)           # unit -> why it cannot stay sharded
-    conflicts: dict[str, str] = field(default_factory=dict)         # unit -> why it has no single style
-    norms: dict[str, str] = field(default_factory=dict)             # norm module -> the source it normalises
-    routers: set[str] = field(default_factory=set)                  # units whose whole output feeds a softmax
-                                                                    # or top-k: a choice among outputs
-    row_order: list[str] = field(default_factory=list)              # row units in order of first call
-    reductions: list[frozenset[str]] = field(default_factory=list)  # row units whose partial sums meet
-                                                                    # before the first op that needs the total
-
-
-def segment_name(unit: str, start: int, stop: int) -> str:
-    return f"{unit}[{start}:{stop}]"
-
-
-def parse_source(source: str) -> tuple[str, int | None, int | None]:
-    """'unit[a:b]' -> (unit, a, b); a whole unit -> (unit, None, None)."""
-    if source.endswith("]") and "[" in source:
-        unit, _, span = source[:-1].rpartition("[")
-        a, b = span.split(":")
-        return unit, int(a), int(b)
-    return source, None, None
-
+from autotp.policies import ops
+from autotp.policies.module_hooks import trace_hooks
+from autotp.policies.trace import Trace, Unit, parse_source, segment_name
 
 @dataclass(frozen=True)
 class _WeightView:
@@ -203,8 +96,8 @@ class _Labeler(TorchFunctionMode):
             return False
         view = self.weights[id(args[0])]
         dims = list(view.dims)
-        name = _T_PROPERTIES.get(func, "")
-        if func in _TRANSPOSES or name:
+        name = ops.T_PROPERTIES.get(func, "")
+        if func in ops.TRANSPOSES or name:
             if name == "T" or func in (torch.Tensor.t, torch.t):
                 dims = dims[::-1]
             elif name == "mT":
@@ -216,9 +109,9 @@ class _Labeler(TorchFunctionMode):
                 a, b = (args[1], args[2]) if len(args) > 2 else (kwargs.get("dim0"), kwargs.get("dim1"))
                 a, b = a % len(dims), b % len(dims)
                 dims[a], dims[b] = dims[b], dims[a]
-        elif func in _SAME_WEIGHT:
+        elif func in ops.SAME_WEIGHT:
             pass
-        elif func is torch.Tensor.__getitem__ and _picks_first(args[1]):
+        elif func is torch.Tensor.__getitem__ and ops.picks_first(args[1]):
             dims = dims[1:]  # one expert: its matrix
         else:
             return False
@@ -231,7 +124,7 @@ class _Labeler(TorchFunctionMode):
     def _matmul(self, func, args: tuple, kwargs: dict):
         """(activation, weight view, whether the weight operand is [out, in]) when ``func``
         multiplies an activation by a tracked weight, else None."""
-        spec = _MATMULS.get(func)
+        spec = ops.MATMULS.get(func)
         if spec is None:
             return None
         xi, wi, out_in = spec
@@ -293,7 +186,7 @@ class _Labeler(TorchFunctionMode):
         if not pending:
             return False
         rows = frozenset().union(*(self.pending[id(t)] for t in pending))
-        plain_sum = (func in _SUMS and kwargs.get("alpha", 1) == 1) or func in _IDENTITIES
+        plain_sum = (func in ops.SUMS and kwargs.get("alpha", 1) == 1) or func in ops.IDENTITIES
         if plain_sum and not any(id(t) in self.labels for t in inputs) and isinstance(out, torch.Tensor):
             self.pending[id(out)] = rows
             self.alive.append(out)
@@ -314,10 +207,10 @@ class _Labeler(TorchFunctionMode):
         rows = frozenset().union(*(self.partial[id(t)] for t in held))
         others = [t for t in inputs if id(t) not in self.partial]
         linear = (
-            (func in _MOVES and id(inputs[0]) in self.partial)
-            or (func in _SCALES and len(held) == 1 and len(inputs) <= 2)
-            or (func in _SUMS and not others)
-            or (func in _INDEX_ADDS and held and held[-1] is inputs[-1])
+            (func in ops.MOVES and id(inputs[0]) in self.partial)
+            or (func in ops.SCALES and len(held) == 1 and len(inputs) <= 2)
+            or (func in ops.SUMS and not others)
+            or (func in ops.INDEX_ADDS and held and held[-1] is inputs[-1])
         )
         if linear and not any(id(t) in self.labels for t in inputs):
             for t in tree_leaves(out):
@@ -354,31 +247,31 @@ class _Labeler(TorchFunctionMode):
         replicated."""
         broken = set()
         x = args[0] if args else None
-        if (func in _REDUCTIONS or func in _NORMS) and isinstance(x, torch.Tensor) and id(x) in self.labels:
+        if (func in ops.REDUCTIONS or func in ops.NORMS) and isinstance(x, torch.Tensor) and id(x) in self.labels:
             dim = None
-            if func in _REDUCTIONS:
+            if func in ops.REDUCTIONS:
                 dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], torch.Tensor) else None)
                 if func in (torch.topk, torch.Tensor.topk):
                     dim = kwargs.get("dim", args[2] if len(args) > 2 else -1)
             dims = range(x.dim()) if dim is None else (dim if isinstance(dim, (tuple, list)) else (dim,))
-            if func in _NORMS or any(isinstance(d, int) and d % max(x.dim(), 1) == x.dim() - 1 for d in dims):
+            if func in ops.NORMS or any(isinstance(d, int) and d % max(x.dim(), 1) == x.dim() - 1 for d in dims):
                 for name in self.labels[id(x)]:
                     if self.trace.widths.get(name) != x.shape[-1]:
                         continue
-                    norm = self._norm_module(name) if func in _SPLITTABLE_REDUCTIONS else None
+                    norm = self._norm_module(name) if func in ops.SPLITTABLE_REDUCTIONS else None
                     if norm is not None:
                         self.trace.norms[norm] = name
                         continue
                     why = f"its sharded output is reduced across its whole width by {getattr(func, '__name__', func)}"
                     self.trace.escaped.setdefault(parse_source(name)[0], why)
-                    if func in _CHOICES:
+                    if func in ops.CHOICES:
                         self.trace.routers.add(parse_source(name)[0])
                     broken.add(name)
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         widest = max((t.shape[-1] for t in outputs if t.dim()), default=0)
         for t in tree_leaves((args, kwargs)):
             if isinstance(t, torch.Tensor) and id(t) in self.labels and t.dim() and t.shape[-1] == 1 < widest \
-                    and func not in _MATMULS:
+                    and func not in ops.MATMULS:
                 for name in self.labels[id(t)]:
                     if self.trace.widths.get(name) == 1:
                         self.trace.escaped.setdefault(parse_source(name)[0], "its one output feature is broadcast "
@@ -423,7 +316,7 @@ class _Labeler(TorchFunctionMode):
         same = {self.views[id(t)] for t in sharded if id(t) in self.views and t.shape == outputs[0].shape}
         if len(same) == 1:  # elementwise (scaled, normalised, cast): the same features
             self._set_view(outputs[0], *same.pop())
-        elif len(sharded) == 1 and id(sharded[0]) in self.views and func in _RESHAPES:
+        elif len(sharded) == 1 and id(sharded[0]) in self.views and func in ops.RESHAPES:
             self._reshaped(sharded[0], outputs[0])
 
     def _set_view(self, t: torch.Tensor, source: str, tail: tuple[int, ...]) -> None:
@@ -456,12 +349,12 @@ class _Labeler(TorchFunctionMode):
         stride = math.prod(tail[1:])
         blocks = None
         if func is torch.Tensor.__getitem__:
-            picked = _picked_block(args[1], src.dim(), axis, tail[0])
+            picked = ops.picked_block(args[1], src.dim(), axis, tail[0])
             if picked is None:
                 return None
             start, stop, keep_dim = picked
             blocks = [(start, stop, keep_dim)]
-        elif func in _CUTS:
+        elif func in ops.CUTS:
             narrow = func in (torch.Tensor.narrow, torch.narrow)
             position = 1 if narrow or func in (torch.Tensor.unbind, torch.unbind) else 2
             dim = kwargs.get("dim", args[position] if len(args) > position else 0)
@@ -490,47 +383,6 @@ class _Labeler(TorchFunctionMode):
                 return None
             cut.append((name, part_tail))
         return cut
-
-
-def _picks_first(index: Any) -> bool:
-    """``w[e]``: an integer (or a 0-d integer tensor) picking along dim 0, nothing else."""
-    if isinstance(index, tuple):
-        if len(index) != 1:
-            return False
-        index = index[0]
-    if isinstance(index, torch.Tensor):
-        return index.dim() == 0 and not index.is_floating_point()
-    return isinstance(index, int) and not isinstance(index, bool)
-
-
-def _picked_block(index: Any, ndim: int, axis: int, size: int) -> tuple[int, int, bool] | None:
-    """The [start, stop) block an index picks along ``axis`` (whole slices elsewhere), and
-    whether that dim stays; None for any other index."""
-    items = list(index) if isinstance(index, tuple) else [index]
-    if sum(1 for i in items if i is Ellipsis) > 1 or any(i is None for i in items):
-        return None
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
-        items = items[:at] + [slice(None)] * (ndim - len(items) + 1) + items[at + 1:]
-    items += [slice(None)] * (ndim - len(items))
-    if len(items) != ndim:
-        return None
-    for d, item in enumerate(items):
-        if d != axis and item != slice(None):
-            return None
-    item = items[axis]
-    if isinstance(item, slice):
-        if item.step not in (None, 1):
-            return None
-        start, stop, _ = item.indices(size)
-        return (start, stop, True) if stop > start else None
-    if isinstance(item, int) and not isinstance(item, bool):
-        return (item % size, item % size + 1, False)
-    if isinstance(item, list) and item and all(isinstance(i, int) for i in item):
-        picked = [i % size for i in item]
-        if picked == list(range(picked[0], picked[0] + len(picked))):
-            return (picked[0], picked[-1] + 1, True)
-    return None
 
 
 def sample_inputs(model: nn.Module, seq_len: int = 6) -> dict[str, torch.Tensor]:
@@ -575,7 +427,7 @@ def walk(model: nn.Module, forced: dict[str, Style], vocab_head: str | None) -> 
             by_id[id(params[f"{vocab_head}.weight"])] = (f"{vocab_head}.weight", params[f"{vocab_head}.weight"])
         trace = Trace()
         labeler = _Labeler(by_id, params, module_weights, forced, vocab_head, trace)
-        hooks = _hooks(model, labeler, params, module_weights)
+        hooks = trace_hooks(model, labeler, params, module_weights)
         names = {id(m): n for n, m in model.named_modules()}
         hooks.append(nn.modules.module.register_module_forward_pre_hook(
             lambda m, a: labeler.stack.append((names.get(id(m), "?"), m)) and None))
@@ -606,58 +458,6 @@ def _finish(trace: Trace, labeler: _Labeler, result: Any, forced: dict[str, Styl
         if style == Style.COLUMN and name not in fed and name not in forced:
             trace.escaped.setdefault(name, "its sharded output is never read by a row-parallel layer")
     return trace
-
-
-def _hooks(model: nn.Module, labeler: _Labeler, params: dict[str, torch.Tensor],
-           module_weights: dict[str, str]) -> list:
-    """Forward hooks for the trace: a module whose 2-D weight is multiplied by something other
-    than stock nn.Linear.forward must return x W^T (+ b) of its first input to be replaced by a
-    parallel Linear (else it is recorded in ``not_linear``); a module owning parameter units
-    returns their partial sums, reduced there."""
-    hooks = []
-    modules = dict(model.named_modules())
-    for mname in set(module_weights.values()):
-        module = modules[mname]
-        if type(module).forward is not nn.Linear.forward:
-            hooks.append(module.register_forward_hook(_LinearCheck(labeler, mname), with_kwargs=True))
-    owners: dict[str, set[str]] = {}
-    for pname in params:
-        if pname not in module_weights:
-            owners.setdefault(pname.rpartition(".")[0], set()).add(pname)
-    for mname, names in owners.items():
-        hook = lambda m, a, out, mname=mname, names=frozenset(names): labeler.module_output(mname, names, out)
-        hooks.append(modules[mname].register_forward_hook(hook))
-    return hooks
-
-
-class _LinearCheck:
-    def __init__(self, labeler: _Labeler, name: str) -> None:
-        self.labeler, self.name = labeler, name
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        w = module.weight
-        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
-            self.labeler.not_linear.add(self.name)
-            return
-        bias = getattr(module, "bias", None)
-        with torch._C.DisableTorchFunction():
-            for weight in (w, w.t()):
-                if weight.shape[-1] != x.shape[-1]:
-                    continue
-                b = bias if isinstance(bias, torch.Tensor) and bias.shape == (weight.shape[0],) else None
-                want = F.linear(x, weight, b)
-                if want.shape == out.shape and (out.is_meta or _close(want, out)):
-                    return  # on the meta device (a skeleton) only the shape can be checked
-        self.labeler.not_linear.add(self.name)
-
-
-def _close(want: torch.Tensor, got: torch.Tensor) -> bool:
-    """Equal up to summation order; a skeleton's uninitialised weights may hold inf and NaN,
-    which both computations then share."""
-    want, got = torch.nan_to_num(want.float()), torch.nan_to_num(got.float())
-    scale = want.abs().max().item() if want.numel() else 0.0
-    return torch.allclose(want, got, rtol=1e-3, atol=1e-5 * (1.0 + scale))
 
 
 def _leaves(result: Any) -> Iterator[torch.Tensor]:
