@@ -13,6 +13,7 @@ from autotp.plan import Plan, Style
 from autotp.policies import build_plan
 from autotp.runtime import Runtime, resolve
 from autotp.sharding.apply import apply_plan, check_not_sharded
+from autotp.sharding.decode import prepare_decoding
 from autotp.sharding.layers import pack_layers
 from autotp.sharding.quantize import DEFAULT_GROUP_SIZE, QuantScheme
 
@@ -61,7 +62,10 @@ def shard(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style
     (activations keep the model's dtype): one fp32 scale per output row and group of
     ``quant_group_size`` input columns of the whole weight (0: per row), so each rank holds
     exactly its slice of the quantized unsharded model. The lm_head and embeddings stay as
-    they are."""
+    they are.
+
+    With ``runtime.compile`` (``AUTOTP_COMPILE=1``) ``generate`` decodes with a static KV cache
+    and a compiled step (autotp.sharding.decode)."""
     rt = resolve(runtime)
     check_not_sharded(model)
     quant = QuantScheme.parse(quantize, quant_group_size if quantize else None)
@@ -69,7 +73,7 @@ def shard(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style
     group = TPGroup.from_torch(world_size, process_group, rt)  # after the plan is known valid
     apply_plan(model, the_plan, group, quant=quant)
     pack_layers(model, rt)
-    return model
+    return prepare_decoding(model, rt)
 
 
 __all__ = ["from_pretrained", "init_distributed", "plan", "save_sharded", "shard", "Plan", "Runtime", "Style"]

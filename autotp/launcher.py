@@ -25,7 +25,7 @@ SYS_CPU = Path("/sys/devices/system/cpu")
 SYS_NODE = Path("/sys/devices/system/node")
 
 
-def _parse_cpulist(text: str) -> set[int]:
+def parse_cpulist(text: str) -> set[int]:
     cpus: set[int] = set()
     for part in text.strip().split(","):
         if "-" in part:
@@ -49,7 +49,7 @@ def physical_cores(cpus: set[int], sys_cpu: Path = SYS_CPU, sys_node: Path = SYS
     node_of: dict[int, int] = {}
     for node_dir in sorted(sys_node.glob("node[0-9]*")):
         try:
-            for cpu in _parse_cpulist((node_dir / "cpulist").read_text()):
+            for cpu in parse_cpulist((node_dir / "cpulist").read_text()):
                 node_of[cpu] = int(node_dir.name[4:])
         except OSError:
             continue

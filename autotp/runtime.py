@@ -31,6 +31,7 @@ ENV_NAMES = {
     "comm_portable": "AUTOTP_COMM_PORTABLE",
     "verbose_build": "AUTOTP_VERBOSE_BUILD",
     "portable_build": "AUTOTP_PORTABLE_BUILD",
+    "compile": "AUTOTP_COMPILE",
 }
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -58,6 +59,8 @@ class Runtime:
     portable_build  build the extension from its portable code only (no x86 tables, as on a CPU
                     architecture without them), under its own name; the first build a process
                     loads is the one it keeps.
+    compile         ``generate`` decodes with a static KV cache and a ``torch.compile``d
+                    forward (autotp.sharding.decode); the prompt's forward stays eager.
     """
 
     kernels: str = "auto"
@@ -68,6 +71,7 @@ class Runtime:
     comm_portable: bool = False
     verbose_build: bool = False
     portable_build: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name, choices in (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES)):
@@ -100,7 +104,7 @@ class Runtime:
             if not values["comm_timeout_s"] > 0:
                 raise ValueError(f"autotp: {ENV_NAMES['comm_timeout_s']} must be positive, got {raw['comm_timeout_s']}")
         values["host_id"] = raw["host_id"] or None
-        for field in ("comm_portable", "verbose_build", "portable_build"):
+        for field in ("comm_portable", "verbose_build", "portable_build", "compile"):
             if raw[field] not in ("", "0", "1"):
                 raise ValueError(f"autotp: {ENV_NAMES[field]}={raw[field]!r} must be 0 or 1")
             values[field] = raw[field] == "1"
@@ -116,7 +120,8 @@ class Runtime:
                ENV_NAMES["comm_timeout_s"]: repr(float(self.comm_timeout_s)),
                ENV_NAMES["comm_portable"]: "1" if self.comm_portable else "0",
                ENV_NAMES["verbose_build"]: "1" if self.verbose_build else "0",
-               ENV_NAMES["portable_build"]: "1" if self.portable_build else "0"}
+               ENV_NAMES["portable_build"]: "1" if self.portable_build else "0",
+               ENV_NAMES["compile"]: "1" if self.compile else "0"}
         if self.host_id:
             env[ENV_NAMES["host_id"]] = self.host_id
         return env

@@ -41,6 +41,8 @@ def latency_rows(model: str, timed: dict[str, list[dict]], labels: dict[str, str
                    "backend": results[0]["backend"], "packed_layers": results[0]["packed_layers"],
                    "int8_layers": results[0].get("int8_layers", 0),
                    "bytes_per_rank": results[0]["bytes_per_rank"],
+                   "warmup_s": statistics.median(r.get("warmup_s", float("nan")) for r in results),
+                   "compiled": results[0].get("compiled", False),
                    "floor_ms": statistics.median(floors) * 1e3 if floors else None}
             row["next_over_floor"] = row["next"]["median_ms"] / row["floor_ms"] if floors else None
             if base:
@@ -134,6 +136,11 @@ def markdown(doc: dict) -> str:
                       "| --- | --- | --- | --- | --- |"]
             lines += [f"| {r['case']} | {r['label']} | {r['bf16_twin']} | {r['bf16_over_int8_next']:.2f}x "
                       f"| {r['bf16_over_int8_first']:.2f}x |" for r in int8]
+        warm = {r["label"]: r for r in doc["latency"] if r["model"] == model}
+        lines += ["", "| configuration | decoding step | warm-up s (median per process; compiling, if compiled) |",
+                  "| --- | --- | --- |"]
+        lines += [f"| {label} | {'compiled' if r['compiled'] else 'eager'} | {r['warmup_s']:.1f} |"
+                  for label, r in warm.items()]
         lines += ["", f"| configuration | max abs logits error vs float32 | unsharded {doc['settings']['dtype']}'s "
                   "| ratio | float32 tokens vs unsharded |", "| --- | --- | --- | --- | --- |"]
         for a in (a for a in doc["accuracy"] if a["model"] == model):

@@ -30,7 +30,7 @@ import torch
 
 from autotp import kernels
 from autotp.bench import report, shapes
-from autotp.launcher import physical_cores
+from autotp.launcher import parse_cpulist, physical_cores
 from autotp.runtime import Runtime
 
 
@@ -45,10 +45,14 @@ class RunConfig:
     fuse: bool = True  # fuse_allreduce
     quantize: str | None = None  # autotp.from_pretrained(quantize=...)
     bf16_twin: str | None = None  # for an INT8 configuration: the same one without quantization
+    compile: bool = True  # AUTOTP_COMPILE: static KV cache and a compiled decoding step
+    cores: int | None = None  # physical cores the configuration may use (None: all)
 
     def label(self, cores: int) -> str:
+        cores = min(cores, self.cores or cores)
         head = f"{self.ranks}x{cores // self.ranks}"
-        tail = f" {self.quantize}" if self.quantize else ""
+        tail = (f" {self.quantize}" if self.quantize else "") + \
+            ("" if self.compile or self.impl == "transformers" else " eager")
         if self.impl == "transformers":
             return f"{head} transformers"
         if self.ranks == 1:
@@ -60,12 +64,16 @@ class RunConfig:
 def all_configs(ranks: int) -> list[RunConfig]:
     return [RunConfig("transformers", 1, "transformers", "torch", "torch"),
             RunConfig("autotp-1", 1, "autotp"),
+            RunConfig("autotp-1x1", 1, "autotp", cores=1),
             RunConfig("native-shm", ranks, "autotp"),
+            RunConfig("native-shm-eager", ranks, "autotp", compile=False),
             RunConfig("torch-shm", ranks, "autotp", kernels="torch"),
             RunConfig("native-gloo", ranks, "autotp", comm="torch"),
             RunConfig("native-shm-unfused", ranks, "autotp", fuse=False),
             RunConfig("int8-1", 1, "autotp", quantize="int8", bf16_twin="autotp-1"),
-            RunConfig("int8-shm", ranks, "autotp", quantize="int8", bf16_twin="native-shm")]
+            RunConfig("int8-shm", ranks, "autotp", quantize="int8", bf16_twin="native-shm"),
+            RunConfig("int8-shm-eager", ranks, "autotp", quantize="int8", bf16_twin="native-shm-eager",
+                      compile=False)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -132,9 +140,21 @@ def launch(cfg: RunConfig, spec: dict[str, Any], spec_path: Path, log_path: Path
     cmd = [sys.executable, "-m", "autotp.launcher", "--nproc", str(cfg.ranks), "--bind-cores",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            "-m", "autotp.bench.worker", str(spec_path)]
-    env = dict(os.environ, **runtime.replace(kernels=cfg.kernels, comm=cfg.comm).as_env(), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, **runtime.replace(kernels=cfg.kernels, comm=cfg.comm, compile=cfg.compile).as_env(),
+               PYTHONUNBUFFERED="1")
+    cpus = None
+    if cfg.cores:  # the first cfg.cores physical cores (with their hyperthreads), for the launcher to bind
+        mine = set(os.sched_getaffinity(0))
+        first = physical_cores(mine)[:cfg.cores]
+        cpus = {c for c in mine if any(_same_core(c, p) for p in first)}
+
+    def restrict() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=restrict)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -147,6 +167,15 @@ def launch(cfg: RunConfig, spec: dict[str, Any], spec_path: Path, log_path: Path
         print(f"autotp.bench: {cfg.key} failed ({code}); last lines of {log_path}:\n    {tail}", file=sys.stderr)
         return None
     return json.loads(result.read_text())
+
+
+def _same_core(cpu: int, core: int) -> bool:
+    """Whether logical ``cpu`` is physical core ``core`` (the lowest-numbered logical CPU of it)."""
+    path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+    try:
+        return core in parse_cpulist(path.read_text())
+    except OSError:
+        return cpu == core
 
 
 def machine_facts(cores: list[int], runtime: Runtime) -> dict[str, Any]:

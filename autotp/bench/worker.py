@@ -24,6 +24,7 @@ import autotp
 from autotp import kernels
 from autotp.comm.group import TPGroup
 from autotp.runtime import Runtime
+from autotp.sharding.decode import compiled_decoding
 
 PROBE_BYTES = 512 << 20  # per rank: far beyond any last-level cache
 
@@ -138,12 +139,17 @@ def pad_id(model: nn.Module) -> int:
     return (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
 
 
-def run_cases(model: nn.Module, spec: dict[str, Any], vocab: int, world: int) -> list[dict[str, Any]]:
+def run_cases(model: nn.Module, spec: dict[str, Any], vocab: int, world: int
+              ) -> tuple[list[dict[str, Any]], float]:
+    """The timed cases, and the seconds the warm-up took (with a compiled decoding step: its
+    compilation, for every case's shape)."""
     cases = [dict(c, first=[], next=[], steps=[], tokens=None) for c in spec["cases"]]
-    for beams in sorted({c["beams"] for c in cases}):  # warm-up: shortest prompt, a few steps
+    start = time.perf_counter()
+    for beams in sorted({c["beams"] for c in cases}):  # warm-up: every prompt length, a few steps
         for _ in range(spec["warmup"]):
-            shortest = min(c["input"] for c in cases)
-            generate_once(model, case_ids(vocab, spec["batch"], shortest), beams, 4, world)
+            for length in sorted({c["input"] for c in cases}):
+                generate_once(model, case_ids(vocab, spec["batch"], length), beams, 4, world)
+    warmup = time.perf_counter() - start
     for _ in range(spec["runs"]):
         for case in cases:
             ids = case_ids(vocab, spec["batch"], case["input"])
@@ -154,7 +160,7 @@ def run_cases(model: nn.Module, spec: dict[str, Any], vocab: int, world: int) ->
             if case["tokens"] not in (None, tokens):
                 case["tokens_vary"] = True  # the same prompt gave other tokens on another run
             case["tokens"] = tokens
-    return cases
+    return cases, warmup
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         logits = model(input_ids=probe).logits[0].float()
     collectives = collectives_per_forward(model, probe)
-    cases = run_cases(model, spec, vocab, world)
+    cases, warmup = run_cases(model, spec, vocab, world)
     per_rank = [facts] * world
     if world > 1:
         dist.all_gather_object(per_rank, facts)
@@ -193,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
             "bytes_per_rank": max(f["bytes"] for f in per_rank),
             "bandwidth_per_rank": [f["bandwidth"] for f in per_rank],
             "floor_s": max(floors) if len(floors) == world else None,
+            "warmup_s": warmup, "compiled": compiled_decoding(model),
             "cases": cases,
         }
         tmp = Path(spec["result_path"] + ".tmp")

@@ -26,6 +26,7 @@ from autotp.plan import CheckpointError, Plan, Style
 from autotp.policies.verify import release_free_memory
 from autotp.runtime import Runtime, resolve
 from autotp.sharding.apply import apply_plan
+from autotp.sharding.decode import prepare_decoding
 from autotp.sharding.layers import pack_layers
 from autotp.sharding.quantize import SCALE_SUFFIX, QuantScheme
 
@@ -86,7 +87,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         release_free_memory()  # and the heap the plain copies (column cuts) held
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
-    return model
+    return prepare_decoding(model, rt)
 
 
 def _rank(world_size: int, process_group: Any) -> int:

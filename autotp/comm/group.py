@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import itertools
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -40,6 +41,33 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> No
     dist.init_process_group(backend=backend or "gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
+_KEYS = itertools.count()
+_GROUPS: "weakref.WeakValueDictionary[int, TPGroup]" = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("autotp::all_reduce", mutates_args=())
+def _all_reduce_op(tensor: torch.Tensor, group: int) -> torch.Tensor:
+    """The group's all-reduce as one opaque op for torch.compile: a compiled graph calls it
+    without breaking (its eager body is the group's own, on a copy)."""
+    return _GROUPS[group]._all_reduce(tensor.contiguous().clone())
+
+
+@_all_reduce_op.register_fake
+def _(tensor: torch.Tensor, group: int) -> torch.Tensor:
+    return torch.empty_like(tensor, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("autotp::all_gather_last_dim", mutates_args=())
+def _all_gather_op(tensor: torch.Tensor, group: int, sizes: list[int]) -> torch.Tensor:
+    """The group's all-gather along the last dim, opaque to torch.compile like ``all_reduce``."""
+    return _GROUPS[group]._all_gather_last_dim(tensor, sizes)
+
+
+@_all_gather_op.register_fake
+def _(tensor: torch.Tensor, group: int, sizes: list[int]) -> torch.Tensor:
+    return tensor.new_empty((*tensor.shape[:-1], sum(sizes)))
+
+
 @dataclass
 class TPGroup:
     """Rank and size of one tensor-parallel group, and its collectives."""
@@ -51,6 +79,14 @@ class TPGroup:
     # the tensors of the latest torch.distributed collective, referenced until the next one
     # (and, at exit, until the backend lets go of them: see settle)
     in_flight: tuple = field(default=(), repr=False, compare=False)
+    # how a compiled graph names this group to the collectives' custom ops
+    key: int = field(default=-1, repr=False, compare=False)
+    shm_key: int = field(default=-1, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.key = next(_KEYS)
+        _GROUPS[self.key] = self
+        self.shm_key = self.shm.id() if self.shm is not None else -1
 
     def settle(self, timeout_s: float = 1.0) -> None:
         """Wait until torch.distributed's worker threads hold no reference to the tensors of
@@ -92,9 +128,17 @@ class TPGroup:
         return group
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over the group in place and return it."""
+        """Sum ``tensor`` over the group and return it: in place, except under torch.compile
+        (there one custom op returns the sum in a new tensor)."""
         if self.tp_size == 1:
             return tensor
+        if torch.compiler.is_compiling():  # one op each, so that the graph does not break
+            if self.shm is not None and tensor.dtype in (torch.float32, torch.bfloat16):
+                return torch.ops.autotp.shm_all_reduce(tensor, self.shm_key)
+            return torch.ops.autotp.all_reduce(tensor, self.key)
+        return self._all_reduce(tensor)
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.shm is not None and tensor.dtype in (torch.float32, torch.bfloat16) and tensor.is_contiguous():
             return self.shm.all_reduce(tensor)
         dist.all_reduce(tensor, group=self.process_group)
@@ -106,6 +150,13 @@ class TPGroup:
         columns (uneven sizes are padded for the collective and trimmed after)."""
         if self.tp_size == 1:
             return tensor
+        if self.shm is not None and tensor.dtype in (torch.float32, torch.bfloat16):
+            return torch.ops.autotp.shm_all_gather_last_dim(tensor, self.shm_key, list(sizes))
+        if torch.compiler.is_compiling():
+            return torch.ops.autotp.all_gather_last_dim(tensor, self.key, list(sizes))
+        return self._all_gather_last_dim(tensor, sizes)
+
+    def _all_gather_last_dim(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         width = max(sizes)
         pad = width - tensor.shape[-1]
         send = torch.nn.functional.pad(tensor, (0, pad)) if pad else tensor.contiguous()

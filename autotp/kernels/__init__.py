@@ -304,3 +304,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("autotp::linear_int8")
     def _(x, qpacked, spacked, bias, out_features, group_size, group_offset=0, out_dtype=None, isa=""):
         return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)
+
+    @torch.library.register_fake("autotp::shm_all_reduce")
+    def _(tensor, comm):
+        return torch.empty_like(tensor, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("autotp::shm_all_gather_last_dim")
+    def _(tensor, comm, sizes):
+        return tensor.new_empty((*tensor.shape[:-1], sum(sizes)))

@@ -255,7 +255,10 @@ TORCH_LIBRARY(autotp, m) {
       .def(torch::init<std::string, int64_t, int64_t, int64_t, bool, double, std::string>())
       .def("all_reduce", &autotp::ShmComm::all_reduce)
       .def("unlink", &autotp::ShmComm::unlink)
-      .def("name", &autotp::ShmComm::name);
+      .def("name", &autotp::ShmComm::name)
+      .def("id", &autotp::ShmComm::id);
+  m.def("shm_all_reduce(Tensor tensor, int comm) -> Tensor");
+  m.def("shm_all_gather_last_dim(Tensor tensor, int comm, int[] sizes) -> Tensor");
   m.def("prepack_bf16(Tensor weight) -> Tensor");
   m.def("unpack_bf16(Tensor packed, int out_features, int in_features) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features, ScalarType? out_dtype=None, "
@@ -273,4 +276,6 @@ TORCH_LIBRARY_IMPL(autotp, CPU, m) {
   m.impl("linear_bf16", &autotp::linear_bf16);
   m.impl("linear_int8", &autotp::linear_int8);
   m.impl("read_probe", &autotp::read_probe);
+  m.impl("shm_all_reduce", &autotp::shm_all_reduce);
+  m.impl("shm_all_gather_last_dim", &autotp::shm_all_gather_last_dim);
 }

@@ -13,6 +13,8 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 
 namespace autotp {
 namespace {
@@ -37,7 +39,45 @@ inline void cpu_relax() {
 #endif
 }
 
+std::mutex registry_mutex;
+std::unordered_map<int64_t, ShmComm*>& registry() {
+  static std::unordered_map<int64_t, ShmComm*> handles;
+  return handles;
+}
+int64_t next_id = 0;
+
 }  // namespace
+
+ShmComm& ShmComm::lookup(int64_t id) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  auto it = registry().find(id);
+  TORCH_CHECK(it != registry().end(), "autotp shared-memory all-reduce: no open handle numbered ", id,
+              " (its group was closed)");
+  return *it->second;
+}
+
+at::Tensor shm_all_reduce(const at::Tensor& tensor, int64_t comm) {
+  return ShmComm::lookup(comm).all_reduce(tensor.contiguous().clone());
+}
+
+at::Tensor shm_all_gather_last_dim(const at::Tensor& tensor, int64_t comm, at::IntArrayRef sizes) {
+  ShmComm& handle = ShmComm::lookup(comm);
+  const int64_t rank = handle.rank();
+  TORCH_CHECK(static_cast<int64_t>(sizes.size()) == handle.size() && tensor.dim() >= 1 &&
+                  tensor.size(-1) == sizes[rank],
+              "autotp shared-memory all-gather: rank ", rank, " holds ", tensor.size(-1), " columns, sizes say ",
+              sizes);
+  int64_t offset = 0, total = 0;
+  for (int64_t r = 0; r < static_cast<int64_t>(sizes.size()); ++r) {
+    offset += r < rank ? sizes[r] : 0;
+    total += sizes[r];
+  }
+  auto shape = tensor.sizes().vec();
+  shape.back() = total;
+  at::Tensor whole = at::zeros(shape, tensor.options().memory_format(at::MemoryFormat::Contiguous));
+  whole.narrow(-1, offset, sizes[rank]).copy_(tensor);
+  return handle.all_reduce(whole);
+}
 
 struct ShmComm::Header {
   std::atomic<uint64_t> magic;
@@ -86,9 +126,16 @@ ShmComm::ShmComm(std::string name, int64_t rank, int64_t size, int64_t slot_byte
                 "autotp ShmComm: segment ", name_, " was not made for this group");
   }
   header_->pids[rank].store(getpid(), std::memory_order_release);
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  id_ = next_id++;
+  registry()[id_] = this;
 }
 
 ShmComm::~ShmComm() {
+  if (id_ >= 0) {
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    registry().erase(id_);
+  }
   if (base_ && base_ != MAP_FAILED) munmap(base_, bytes_);
 }
 

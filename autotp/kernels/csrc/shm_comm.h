@@ -33,6 +33,14 @@ class ShmComm : public torch::CustomClassHolder {
   // Removes the segment's name (the mappings stay valid); called once every rank has it open.
   void unlink();
   std::string name() const { return name_; }
+  // This handle's number in the process-wide registry the ops below look it up in (a compiled
+  // graph passes numbers, not objects).
+  int64_t id() const { return id_; }
+  int64_t rank() const { return rank_; }
+  int64_t size() const { return size_; }
+
+  // The handle numbered `id` (alive while its ShmComm is); an error if there is none.
+  static ShmComm& lookup(int64_t id);
 
  private:
   struct Header;
@@ -49,6 +57,13 @@ class ShmComm : public torch::CustomClassHolder {
   int64_t seq_ = 0;
   bool unlinked_ = false;
   bool broken_ = false;
+  int64_t id_ = -1;
 };
+
+// Ops for compiled graphs and the lm_head: the sum (a new tensor) of `tensor` over the ranks of
+// handle `comm`; and the concatenation along the last dim of every rank's `tensor`, rank r
+// holding `sizes[r]` columns (written into a zeroed whole and summed, which is exact).
+at::Tensor shm_all_reduce(const at::Tensor& tensor, int64_t comm);
+at::Tensor shm_all_gather_last_dim(const at::Tensor& tensor, int64_t comm, at::IntArrayRef sizes);
 
 }  // namespace autotp
