@@ -16,6 +16,7 @@ from typing import Mapping
 
 KERNEL_MODES = ("auto", "native", "torch")
 COMM_MODES = ("auto", "shm", "torch")
+ATTENTION_MODES = ("auto", "sdpa")
 # instruction sets the native code may use, lowest first; "auto" takes the best the CPU has
 ISAS = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
 ISA_CHOICES = ("auto", *ISAS)
@@ -32,6 +33,7 @@ ENV_NAMES = {
     "verbose_build": "AUTOTP_VERBOSE_BUILD",
     "portable_build": "AUTOTP_PORTABLE_BUILD",
     "compile": "AUTOTP_COMPILE",
+    "attention": "AUTOTP_ATTENTION",
 }
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -61,6 +63,8 @@ class Runtime:
                     loads is the one it keeps.
     compile         ``generate`` decodes with a static KV cache and a ``torch.compile``d
                     forward (autotp.sharding.decode); the prompt's forward stays eager.
+    attention       ``auto``: a model on transformers' SDPA attention decodes with autotp's
+                    attention function (autotp.sharding.attention); ``sdpa``: leave it on SDPA.
     """
 
     kernels: str = "auto"
@@ -72,9 +76,11 @@ class Runtime:
     verbose_build: bool = False
     portable_build: bool = False
     compile: bool = False
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
-        for name, choices in (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES)):
+        for name, choices in (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES),
+                              ("attention", ATTENTION_MODES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"autotp: Runtime({name}={getattr(self, name)!r}) is not one of "
                                  f"{', '.join(choices)} (environment variable {ENV_NAMES[name]})")
@@ -90,7 +96,8 @@ class Runtime:
         env = os.environ if environ is None else environ
         raw = {field: env.get(var, "").strip() for field, var in ENV_NAMES.items()}
         values: dict[str, object] = {}
-        for field, choices in (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES)):
+        for field, choices in (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES),
+                               ("attention", ATTENTION_MODES)):
             value = raw[field].lower() or choices[0]
             if value not in choices:
                 raise ValueError(f"autotp: {ENV_NAMES[field]}={value!r} is not one of {', '.join(choices)}")
@@ -121,7 +128,7 @@ class Runtime:
                ENV_NAMES["comm_portable"]: "1" if self.comm_portable else "0",
                ENV_NAMES["verbose_build"]: "1" if self.verbose_build else "0",
                ENV_NAMES["portable_build"]: "1" if self.portable_build else "0",
-               ENV_NAMES["compile"]: "1" if self.compile else "0"}
+               ENV_NAMES["compile"]: "1" if self.compile else "0", ENV_NAMES["attention"]: self.attention}
         if self.host_id:
             env[ENV_NAMES["host_id"]] = self.host_id
         return env
