@@ -313,3 +313,34 @@ def load_int8_and_compare(rank: int, world_size: int, cases: list[tuple[str, str
             out.append({"case": (hf_dir, how, group), "int8_layers": len(layers), "parts_equal": parts_equal,
                         "max_abs_diff": diff})
     return out
+
+
+def compare_fast_decoding(rank: int, world_size: int, family: str) -> dict:
+    """The sharded model with a compiled decoding step and autotp's attention function against
+    the unsharded model on plain transformers (SDPA, dynamic cache, eager): greedy and 3-beam
+    tokens; how many graphs dynamo compiled and how often the attention function ran its own
+    decode path (not SDPA's)."""
+    from torch._dynamo.utils import counters
+
+    from autotp.sharding import attention
+
+    inputs = zoo.batch()
+    model = zoo.build(family)
+    ref_greedy, ref_beam = _generate(model, inputs), _generate(model, inputs, num_beams=3)
+    calls = {"decode": 0}
+    own = attention.decode_attention
+
+    def counted(module, query, *args, **kwargs):
+        calls["decode"] += query.shape[2] == 1
+        return own(module, query, *args, **kwargs)
+
+    attention.decode_attention = counted
+    graphs = counters["stats"]["unique_graphs"]
+    try:
+        autotp.shard(model, world_size, runtime=autotp.Runtime.from_env().replace(compile=True, attention="auto"))
+        greedy, beam = _generate(model, inputs), _generate(model, inputs, num_beams=3)
+    finally:
+        attention.decode_attention = own
+    return {"greedy_equal": torch.equal(greedy, ref_greedy), "beam_equal": torch.equal(beam, ref_beam),
+            "graphs": counters["stats"]["unique_graphs"] - graphs, "decode_calls": calls["decode"],
+            "attn": model.config._attn_implementation, "tokens": greedy.tolist()}

@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, record_function
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 import autotp
 from autotp.bench import shapes
@@ -32,22 +32,37 @@ from autotp.comm.group import TPGroup
 
 CATEGORIES = ["GEMMs", "attention", "norms / rotary / elementwise", "all-reduce", "KV cache", "lm_head", "rest"]
 # ranges this tool opens around calls the profiler would otherwise split into small ops
-_RANGES = {"autotp::all_reduce": "all-reduce", "autotp::kv_cache": "KV cache", "autotp::lm_head": "lm_head"}
+_RANGES = {"autotp::all_reduce": "all-reduce", "autotp::kv_cache": "KV cache", "autotp::lm_head": "lm_head",
+           "autotp::attention": "attention",
+           # a compiled step calls the collectives as ops (the lm_head's gather is its all-gather)
+           "autotp::shm_all_reduce": "all-reduce", "autotp::all_reduce": "all-reduce",
+           "autotp::shm_all_gather_last_dim": "lm_head", "autotp::all_gather_last_dim": "lm_head"}
+_LINEAR_OPS = ("autotp::linear_bf16", "autotp::linear_int8")
 _GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "autotp::linear_bf16",
           "autotp::linear_int8", "aten::_grouped_mm")
 _ATTENTION = ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_attention_math")
 
 
-def category_times(events) -> dict[str, float]:
+def category_times(events, head_shape: tuple[int, ...] | None = None, compiled: bool = False) -> dict[str, float]:
     """Microseconds per category over the profiled events: a range or a GEMM / attention op
     counts whole (its children inside it); any other op counts its own time and its children
-    are sorted on their own."""
+    are sorted on their own. In a compiled step (``compiled``) the lm_head's GEMM is the linear
+    op whose weight has ``head_shape`` (shapes recorded), the batched matmuls are attention's
+    (the only ones a dense decoder's step has), and inductor's fused loops count as
+    elementwise (their cache writes included)."""
     totals: dict[str, float] = defaultdict(float)
 
     def visit(event) -> None:
         name = event.name
-        if name in _RANGES:
+        shapes = getattr(event, "input_shapes", None) or []
+        if compiled and name in _LINEAR_OPS and head_shape and len(shapes) > 1 and tuple(shapes[1]) == head_shape:
+            totals["lm_head"] += event.cpu_time_total
+        elif compiled and name == "aten::bmm":
+            totals["attention"] += event.cpu_time_total
+        elif compiled and "cpp_fused" in name:
+            totals["norms / rotary / elementwise"] += event.cpu_time_total
+        elif name in _RANGES:
             totals[_RANGES[name]] += event.cpu_time_total
         elif name in _ATTENTION:
             totals["attention"] += event.cpu_time_total
@@ -66,7 +81,8 @@ def category_times(events) -> dict[str, float]:
 
 
 def instrument(model: torch.nn.Module) -> None:
-    """Name the all-reduce, the KV-cache update and the lm_head for the profiler."""
+    """Name the all-reduce, the KV-cache update, the attention function and the lm_head for the
+    profiler (in eager steps: a compiled step runs none of this Python)."""
     original = TPGroup.all_reduce
 
     def all_reduce(self, tensor):
@@ -84,6 +100,17 @@ def instrument(model: torch.nn.Module) -> None:
                 return __update(self, *args, **kwargs)
 
         cls.update = wrapped
+    from transformers import AttentionInterface
+
+    impl = model.config._attn_implementation
+    if impl in AttentionInterface._global_mapping:
+        attend = AttentionInterface._global_mapping[impl]
+
+        def attention(*args, **kwargs):
+            with record_function("autotp::attention"):
+                return attend(*args, **kwargs)
+
+        AttentionInterface._global_mapping[impl] = attention
     head = model.get_output_embeddings()
     forward = head.forward
 
@@ -94,9 +121,9 @@ def instrument(model: torch.nn.Module) -> None:
     head.forward = head_forward
 
 
-def step(model, token, cache):
-    out = model(input_ids=token, past_key_values=cache, use_cache=True)
-    return out.logits[:, -1:].argmax(-1), out.past_key_values
+def step(forward, token, cache, position):
+    out = forward(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position)
+    return out.logits[:, -1:].argmax(-1), out.past_key_values, position[-1:] + 1
 
 
 def main() -> None:
@@ -104,6 +131,10 @@ def main() -> None:
     parser.add_argument("--model", default="llama-1b", help=f"a bench shape: {', '.join(shapes.SHAPES)}")
     parser.add_argument("--int8", action="store_true", help="quantize='int8' (group 128)")
     parser.add_argument("--plain", action="store_true", help="profile plain transformers instead (one rank, bf16)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode as AUTOTP_COMPILE=1 does: a static cache and the compiled step")
+    parser.add_argument("--attention", choices=["auto", "sdpa"], default="auto",
+                        help="AUTOTP_ATTENTION: autotp's attention function (auto) or SDPA")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--steps", type=int, default=16, help="decode steps under the profiler")
     parser.add_argument("--timed", type=int, default=16, help="decode steps timed without the profiler")
@@ -116,39 +147,55 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(shapes.shape_config(args.model), dtype=torch.bfloat16).eval()
     if args.plain:
-        if world > 1 or args.int8:
-            parser.error("--plain is the unsharded transformers model: one rank, bf16")
+        if world > 1 or args.int8 or args.compile:
+            parser.error("--plain is the unsharded transformers model: one rank, bf16, eager")
     else:
         if not dist.is_initialized():  # one rank: a group of one, so that autotp.shard runs as usual
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
                               WORLD_SIZE="1")
             autotp.init_distributed()
-        model = autotp.shard(model, world, quantize="int8" if args.int8 else None)
+        runtime = autotp.Runtime.from_env().replace(compile=args.compile, attention=args.attention)
+        model = autotp.shard(model, world, quantize="int8" if args.int8 else None, runtime=runtime)
     instrument(model)
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    forward = model
+    if args.compile:  # what generate does with AUTOTP_COMPILE=1
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.enable_kernel_profile = True  # name the fused loops for the profiler
+        cache = StaticCache(config=model.config, max_cache_len=args.prompt + 8 + args.timed + args.steps)
+        forward = model._compiled_call
+    else:
+        cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
-        token, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
-        for _ in range(4):  # warm-up
-            token, cache = step(model, token, cache)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(args.prompt))
+        token, cache, position = out.logits[:, -1:].argmax(-1), out.past_key_values, torch.tensor([args.prompt])
+        start = time.perf_counter()
+        for _ in range(4):  # warm-up (compiling, with --compile)
+            token, cache, position = step(forward, token, cache, position)
+        warmup = time.perf_counter() - start
         times = []
         for _ in range(args.timed):
             start = time.perf_counter()
-            token, cache = step(model, token, cache)
+            token, cache, position = step(forward, token, cache, position)
             times.append(time.perf_counter() - start)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.compile) as prof:
             start = time.perf_counter()
             for _ in range(args.steps):
-                token, cache = step(model, token, cache)
+                token, cache, position = step(forward, token, cache, position)
             profiled = (time.perf_counter() - start) / args.steps
-    totals = category_times(prof.profiler.function_events)
+    head = model.get_output_embeddings().weight
+    totals = category_times(prof.profiler.function_events, tuple(head.shape), args.compile)
     per_step = {k: v / args.steps / 1e6 for k, v in totals.items()}
     per_step["rest"] = max(0.0, profiled - sum(per_step.values()))
     if rank == 0:
         plain = statistics.median(times)
         kind = "plain transformers, bf16" if args.plain else "autotp, INT8 (group 128)" if args.int8 else "autotp, bf16"
+        if not args.plain:
+            kind += (", compiled step" if args.compile else ", eager") + f", attention {args.attention}"
         print(f"{args.model}, {kind}, {world} rank(s) x {torch.get_num_threads()} thread(s), prompt {args.prompt}: "
-              f"decode step {plain * 1e3:.1f} ms median unprofiled, {profiled * 1e3:.1f} ms profiled")
+              f"decode step {plain * 1e3:.1f} ms median unprofiled, {profiled * 1e3:.1f} ms profiled; "
+              f"warm-up {warmup:.1f} s")
         print(f"{'category':<30} {'share':>6} {'ms / step':>10}")
         for name in CATEGORIES:
             share = per_step.get(name, 0.0) / profiled

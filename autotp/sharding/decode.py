@@ -4,8 +4,10 @@ With ``Runtime.compile`` (``AUTOTP_COMPILE=1``) ``generate`` keeps the KV cache 
 preallocated cache (transformers' ``StaticCache``: shapes stay fixed from step to step) and
 runs each decoding step through ``torch.compile`` (inductor): the norms, rotary embedding,
 residual adds, casts and cache writes of a step become a few fused C++ loops, and the Python
-of the modules runs once, at tracing, instead of every token. The prompt's forward stays
-eager. autotp's own ops (the GEMMs, the shared-memory all-reduce and all-gather) are custom
+of the modules runs once, at tracing, instead of every token. The model's ``forward`` routes
+each call: a decoding step (one new position per sequence over a static cache: greedy,
+sampling and beam search alike; transformers' own compilation covers only the first two) to
+the compiled function, anything else (the prompt) to the eager forward. autotp's own ops (the GEMMs, the shared-memory all-reduce and all-gather) are custom
 ops with shape functions, so a compiled step calls them without breaking the graph.
 
 Compilation happens on the first decoding step of a new shape (about 20-50 s for a 1 B model
@@ -13,6 +15,8 @@ on two cores; a second shape makes the graph dynamic) and is cached on disk by i
 (``TORCHINDUCTOR_CACHE_DIR``), so later processes compile in a few seconds.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,9 +28,8 @@ from autotp.sharding import attention
 def compiled_decoding(model: nn.Module) -> bool:
     """Whether ``generate`` on ``model`` decodes with a static cache and a compiled step."""
     gen = getattr(model, "generation_config", None)
-    config = getattr(gen, "compile_config", None)
     return bool(gen is not None and gen.cache_implementation == "static"
-                and getattr(config, "_compile_all_devices", False))
+                and getattr(model, "_autotp_compiled_step", None) is not None)
 
 
 def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
@@ -47,14 +50,46 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     gen = getattr(model, "generation_config", None)
     if gen is None or not getattr(model, "_can_compile_fullgraph", True):
         return model
-    from transformers import CompileConfig
-
-    # The guards on module attributes and parameters (checked before every step: ~1.5 ms for a
-    # 1 B model) are skipped: a sharded model's modules do not change while it decodes (weights
-    # changed in place are still read).
-    config = CompileConfig(fullgraph=False, dynamic=None, mode=None,
-                           options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-    config._compile_all_devices = True  # transformers compiles on CPU only when asked to
-    gen.compile_config = config
     gen.cache_implementation = "static"
+    forward = model.forward  # the class's, bound
+    compiled = torch.compile(_own_step(forward), dynamic=None, options={"guard_filter_fn": _inputs_only})
+
+    def decode_or_prompt(*args, **kwargs):
+        if _decoding_step(args, kwargs) and not torch.compiler.is_compiling():
+            return compiled(*args, **kwargs)
+        return forward(*args, **kwargs)
+
+    model.forward = decode_or_prompt  # an instance attribute: nn.Module.__call__ finds it first
+    model._autotp_compiled_step = compiled
     return model
+
+
+def _decoding_step(args: tuple, kwargs: dict) -> bool:
+    """Whether a forward call is one decoding step over a static cache: one new position per
+    sequence (greedy, sampling and beam search alike), the cache a StaticCache."""
+    from transformers import StaticCache
+
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 1 and isinstance(cache, StaticCache)
+
+
+def _own_step(forward: Callable) -> Callable:
+    """``forward(...)`` through a function with a code object of its own, so that the compiled
+    graphs dynamo keeps on that code object are this model's only: dynamo keys its cache on
+    code objects, and two models of one class would otherwise share entries (told apart by
+    guards on their modules)."""
+    def step(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    step.__code__ = step.__code__.replace()  # a new code object, not shared with other models
+    return step
+
+
+def _inputs_only(entries: list) -> list[bool]:
+    """Guards kept for a compiled step: all but those on the model's modules and parameters,
+    which dynamo would otherwise check before every step (about 1.5 ms for a 1 B model). The
+    graph belongs to one model (_own_step), whose modules do not change while it decodes;
+    weights changed in place are still read, the inputs and the cache are still guarded."""
+    return ["._modules[" not in e.name and "._parameters[" not in e.name and "._buffers[" not in e.name
+            for e in entries]
