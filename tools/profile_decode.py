@@ -158,13 +158,12 @@ def main() -> None:
         model = autotp.shard(model, world, quantize="int8" if args.int8 else None, runtime=runtime)
     instrument(model)
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-    forward = model
+    forward = model  # with --compile its forward sends one-position steps over a static cache to the compiled step
     if args.compile:  # what generate does with AUTOTP_COMPILE=1
-        import torch._inductor.config
+        from torch._inductor import config as inductor_config
 
-        torch._inductor.config.cpp.enable_kernel_profile = True  # name the fused loops for the profiler
+        inductor_config.cpp.enable_kernel_profile = True  # name the fused loops for the profiler
         cache = StaticCache(config=model.config, max_cache_len=args.prompt + 8 + args.timed + args.steps)
-        forward = model._compiled_call
     else:
         cache = DynamicCache(config=model.config)
     with torch.no_grad():
