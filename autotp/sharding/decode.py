@@ -16,6 +16,7 @@ on two cores; a second shape makes the graph dynamic) and is cached on disk by i
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -50,6 +51,11 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     gen = getattr(model, "generation_config", None)
     if gen is None or not getattr(model, "_can_compile_fullgraph", True):
         return model
+    why = _static_cache_fails(model)
+    if why:
+        warnings.warn(f"autotp: {type(model).__name__} does not generate over a static KV cache ({why}); "
+                      "AUTOTP_COMPILE leaves it decoding eagerly on its dynamic cache", stacklevel=3)
+        return model
     gen.cache_implementation = "static"
     forward = model.forward  # the class's, bound
     compiled = torch.compile(_own_step(forward), dynamic=None, options={"guard_filter_fn": _inputs_only})
@@ -62,6 +68,26 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     model.forward = decode_or_prompt  # an instance attribute: nn.Module.__call__ finds it first
     model._autotp_compiled_step = compiled
     return model
+
+
+def _static_cache_fails(model: nn.Module) -> str | None:
+    """Why ``generate`` over a StaticCache differs from the default cache on ``model`` (two
+    tokens after a batch of two 4-token prompts, one left-padded; eager), or None. Every rank runs it at once (collectives)."""
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.tensor([[3, 4, 5, 6], [0, 0, 5, 6]]).clamp(max=vocab - 1)  # the second left-padded
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2,
+                  do_sample=False, num_beams=1, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    try:
+        with torch.no_grad():
+            plain = model.generate(**kwargs)
+            static = model.generate(cache_implementation="static", **kwargs)
+    except Exception as exc:  # a family whose forward cannot take a static cache
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    for a, b in zip(plain.logits, static.logits):
+        if (a.float() - b.float()).abs().max() > 0.05 * a.float().abs().max() + 1e-6:
+            return "its logits differ"
+    return None
 
 
 def _decoding_step(args: tuple, kwargs: dict) -> bool:
