@@ -88,6 +88,24 @@ def test_the_switches_set_the_model_up_and_leave_it_alone_when_off():
         autotp.Runtime.from_env({"AUTOTP_ATTENTION": "flash"})
 
 
+@pytest.mark.parametrize("family", ["falcon", "llama"])
+def test_models_that_branch_on_the_name_sdpa_keep_it(family):
+    """Falcon computes attention itself and reads ``_attn_implementation == "sdpa"``: under
+    another name it adds the SDPA mask as floats. The switch leaves such models on SDPA and
+    their logits unchanged; forcing the name on Falcon (the negative control) changes them."""
+    model, inputs = zoo.build(family), zoo.batch()
+    with torch.no_grad():
+        before = model(**inputs).logits
+        prepare_decoding(model, autotp.Runtime())
+        after = model(**inputs).logits
+        switched = model.config._attn_implementation == attention.NAME
+        assert switched == (family == "llama")
+        assert (after - before).abs().max() <= 1e-5
+        if family == "falcon":
+            model.config._attn_implementation = attention.NAME
+            assert (model(**inputs).logits - before).abs().max() > 1e-2
+
+
 def test_each_model_compiles_its_own_step():
     """Three models of one class (two of the same shape, one deeper), each compiled: each gets
     its own graph, and each generates what it does uncompiled."""

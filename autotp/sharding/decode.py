@@ -16,6 +16,9 @@ on two cores; a second shape makes the graph dynamic) and is cached on disk by i
 """
 from __future__ import annotations
 
+import inspect
+import re
+import sys
 import warnings
 from typing import Callable
 
@@ -33,15 +36,38 @@ def compiled_decoding(model: nn.Module) -> bool:
                 and getattr(model, "_autotp_compiled_step", None) is not None)
 
 
+_NAMES_SDPA = re.compile(r"_attn_implementation\s*(?:==|!=|in|not in)\s*[^\n]*[\"']sdpa[\"']")
+
+
+def _takes_attention_functions(model: nn.Module) -> bool:
+    """Whether ``model`` calls its attention only through transformers' AttentionInterface, so
+    that another registered function can stand in for SDPA. Not when the class cannot change
+    its implementation (Falcon computes attention itself; transformers only warns), nor when
+    its code branches on the name "sdpa" (Falcon again; DeepSeek-V3.2's and GLM-5's sparse
+    masks): under another name such code takes a path meant for other kernels, over a mask
+    made for SDPA."""
+    cls = type(model)
+    can_set = getattr(cls, "_can_set_attn_implementation", None)
+    if can_set is None or not can_set():
+        return False
+    try:
+        source = inspect.getsource(sys.modules[cls.__module__])
+    except (KeyError, OSError, TypeError):
+        return False
+    return _NAMES_SDPA.search(source) is None
+
+
 def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     """Set ``model`` up for the decoding ``runtime`` asks for: autotp's attention function
     (``runtime.attention``, autotp.sharding.attention) where the model runs transformers' SDPA
     one, and the compiled step of the module docstring (``runtime.compile``) where the model
     has a generation config and supports a static cache."""
     config = getattr(model, "config", None)
-    if runtime.attention == "auto" and getattr(config, "_attn_implementation", None) == "sdpa":
+    if (runtime.attention == "auto" and getattr(config, "_attn_implementation", None) == "sdpa"
+            and _takes_attention_functions(model)):
         attention.register()
         model.set_attn_implementation(attention.NAME)
+    if getattr(config, "_attn_implementation", None) == attention.NAME:
         for module in model.modules():  # private config copies the plan gave some modules (AttrEdit)
             own = getattr(module, "config", None)
             if own is not config and getattr(own, "_attn_implementation", None) == "sdpa":
