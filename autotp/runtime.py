@@ -34,6 +34,7 @@ ENV_NAMES = {
     "portable_build": "AUTOTP_PORTABLE_BUILD",
     "compile": "AUTOTP_COMPILE",
     "attention": "AUTOTP_ATTENTION",
+    "huge_pages": "AUTOTP_HUGE_PAGES",
 }
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -65,6 +66,8 @@ class Runtime:
                     forward (autotp.sharding.decode); the prompt's forward stays eager.
     attention       ``auto``: a model on transformers' SDPA attention decodes with autotp's
                     attention function (autotp.sharding.attention); ``sdpa``: leave it on SDPA.
+    huge_pages      the weights a decoding step streams are moved onto transparent huge pages
+                    where the OS offers them (autotp.kernels.pages); off: left where they are.
     """
 
     kernels: str = "auto"
@@ -77,6 +80,7 @@ class Runtime:
     portable_build: bool = False
     compile: bool = False
     attention: str = "auto"
+    huge_pages: bool = True
 
     def __post_init__(self) -> None:
         for name, choices in (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES),
@@ -115,6 +119,9 @@ class Runtime:
             if raw[field] not in ("", "0", "1"):
                 raise ValueError(f"autotp: {ENV_NAMES[field]}={raw[field]!r} must be 0 or 1")
             values[field] = raw[field] == "1"
+        if raw["huge_pages"] not in ("", "0", "1"):
+            raise ValueError(f"autotp: {ENV_NAMES['huge_pages']}={raw['huge_pages']!r} must be 0 or 1")
+        values["huge_pages"] = raw["huge_pages"] != "0"
         return cls(**values)  # type: ignore[arg-type]
 
     def replace(self, **changes: object) -> "Runtime":
@@ -128,7 +135,8 @@ class Runtime:
                ENV_NAMES["comm_portable"]: "1" if self.comm_portable else "0",
                ENV_NAMES["verbose_build"]: "1" if self.verbose_build else "0",
                ENV_NAMES["portable_build"]: "1" if self.portable_build else "0",
-               ENV_NAMES["compile"]: "1" if self.compile else "0", ENV_NAMES["attention"]: self.attention}
+               ENV_NAMES["compile"]: "1" if self.compile else "0", ENV_NAMES["attention"]: self.attention,
+               ENV_NAMES["huge_pages"]: "1" if self.huge_pages else "0"}
         if self.host_id:
             env[ENV_NAMES["host_id"]] = self.host_id
         return env

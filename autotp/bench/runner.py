@@ -47,12 +47,14 @@ class RunConfig:
     bf16_twin: str | None = None  # for an INT8 configuration: the same one without quantization
     compile: bool = True  # AUTOTP_COMPILE: static KV cache and a compiled decoding step
     cores: int | None = None  # physical cores the configuration may use (None: all)
+    huge_pages: bool = True  # AUTOTP_HUGE_PAGES: weights on transparent huge pages
 
     def label(self, cores: int) -> str:
         cores = min(cores, self.cores or cores)
         head = f"{self.ranks}x{cores // self.ranks}"
         tail = (f" {self.quantize}" if self.quantize else "") + \
-            ("" if self.compile or self.impl == "transformers" else " eager")
+            ("" if self.compile or self.impl == "transformers" else " eager") + \
+            ("" if self.huge_pages or self.impl == "transformers" else " 4k-pages")
         if self.impl == "transformers":
             return f"{head} transformers"
         if self.ranks == 1:
@@ -67,13 +69,15 @@ def all_configs(ranks: int) -> list[RunConfig]:
             RunConfig("autotp-1x1", 1, "autotp", cores=1),
             RunConfig("native-shm", ranks, "autotp"),
             RunConfig("native-shm-eager", ranks, "autotp", compile=False),
+            RunConfig("native-shm-4k", ranks, "autotp", huge_pages=False),
             RunConfig("torch-shm", ranks, "autotp", kernels="torch"),
             RunConfig("native-gloo", ranks, "autotp", comm="torch"),
             RunConfig("native-shm-unfused", ranks, "autotp", fuse=False),
             RunConfig("int8-1", 1, "autotp", quantize="int8", bf16_twin="autotp-1"),
             RunConfig("int8-shm", ranks, "autotp", quantize="int8", bf16_twin="native-shm"),
             RunConfig("int8-shm-eager", ranks, "autotp", quantize="int8", bf16_twin="native-shm-eager",
-                      compile=False)]
+                      compile=False),
+            RunConfig("int8-shm-4k", ranks, "autotp", quantize="int8", bf16_twin="native-shm-4k", huge_pages=False)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -140,7 +144,8 @@ def launch(cfg: RunConfig, spec: dict[str, Any], spec_path: Path, log_path: Path
     cmd = [sys.executable, "-m", "autotp.launcher", "--nproc", str(cfg.ranks), "--bind-cores",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            "-m", "autotp.bench.worker", str(spec_path)]
-    env = dict(os.environ, **runtime.replace(kernels=cfg.kernels, comm=cfg.comm, compile=cfg.compile).as_env(),
+    env = dict(os.environ, **runtime.replace(kernels=cfg.kernels, comm=cfg.comm, compile=cfg.compile,
+                                                     huge_pages=cfg.huge_pages).as_env(),
                PYTHONUNBUFFERED="1")
     cpus = None
     if cfg.cores:  # the first cfg.cores physical cores (with their hyperthreads), for the launcher to bind

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 
 import autotp
 from autotp import kernels
+from autotp.kernels import pages
 from autotp.comm.group import TPGroup
 from autotp.runtime import Runtime
 from autotp.sharding.decode import compiled_decoding
@@ -79,10 +80,12 @@ def streamed_bytes(model: nn.Module) -> int:
 def read_bandwidth(world: int, runtime: Runtime, repeats: int = 5) -> float | None:
     """Bytes per second this rank reads while every rank reads at once (the extension's
     streaming probe: AVX-512 loads where the CPU has them, portable ones elsewhere; None where
-    the extension is not built)."""
+    the extension is not built). The buffer is on huge pages where the system has them
+    (autotp.kernels.pages), as autotp's weights are: the floor is what memory can give."""
     if not kernels.extension_loaded(runtime):
         return None
-    buf = torch.ones(PROBE_BYTES, dtype=torch.uint8)
+    buf = pages.empty(PROBE_BYTES)
+    buf = torch.ones(PROBE_BYTES, dtype=torch.uint8) if buf is None else buf.fill_(1)
     kernels.read_probe(buf, runtime)  # touch every page first
     times = []
     for _ in range(repeats):

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from autotp.kernels import pages
 from autotp.runtime import Runtime
 from autotp.sharding import attention
 
@@ -61,7 +62,10 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     """Set ``model`` up for the decoding ``runtime`` asks for: autotp's attention function
     (``runtime.attention``, autotp.sharding.attention) where the model runs transformers' SDPA
     one, and the compiled step of the module docstring (``runtime.compile``) where the model
-    has a generation config and supports a static cache."""
+    has a generation config and supports a static cache. First the weights move onto huge
+    pages (``runtime.huge_pages``, autotp.kernels.pages): a step streams them all."""
+    if runtime.huge_pages:
+        pages.place_on_huge_pages(model)
     config = getattr(model, "config", None)
     if (runtime.attention == "auto" and getattr(config, "_attn_implementation", None) == "sdpa"
             and _takes_attention_functions(model)):
