@@ -77,24 +77,36 @@ def streamed_bytes(model: nn.Module) -> int:
     return total
 
 
-def read_bandwidth(world: int, runtime: Runtime, repeats: int = 5) -> float | None:
+class BandwidthProbe:
     """Bytes per second this rank reads while every rank reads at once (the extension's
-    streaming probe: AVX-512 loads where the CPU has them, portable ones elsewhere; None where
-    the extension is not built). The buffer is on huge pages where the system has them
-    (autotp.kernels.pages), as autotp's weights are: the floor is what memory can give."""
-    if not kernels.extension_loaded(runtime):
-        return None
-    buf = pages.empty(PROBE_BYTES)
-    buf = torch.ones(PROBE_BYTES, dtype=torch.uint8) if buf is None else buf.fill_(1)
-    kernels.read_probe(buf, runtime)  # touch every page first
-    times = []
-    for _ in range(repeats):
-        if world > 1:
-            dist.barrier()
-        start = time.perf_counter()
-        kernels.read_probe(buf, runtime)
-        times.append(time.perf_counter() - start)
-    return PROBE_BYTES / statistics.median(times)
+    streaming probe: AVX-512 loads where the CPU has them, portable ones elsewhere). The buffer
+    is on huge pages where the system has them (autotp.kernels.pages), as autotp's weights are:
+    the floor is what memory can give. Sampled at load and again before every timed run (this
+    machine's bandwidth moves while it runs); the floor uses the median of the samples."""
+
+    def __init__(self, world: int, runtime: Runtime) -> None:
+        self.world, self.runtime, self.samples = world, runtime, []
+        self.buf = None
+        if kernels.extension_loaded(runtime):
+            buf = pages.empty(PROBE_BYTES)
+            self.buf = torch.ones(PROBE_BYTES, dtype=torch.uint8) if buf is None else buf.fill_(1)
+            kernels.read_probe(self.buf, runtime)  # touch every page first
+
+    def sample(self, repeats: int = 3) -> None:
+        if self.buf is None:
+            return
+        times = []
+        for _ in range(repeats):
+            if self.world > 1:
+                dist.barrier()
+            start = time.perf_counter()
+            kernels.read_probe(self.buf, self.runtime)
+            times.append(time.perf_counter() - start)
+        self.samples.append(PROBE_BYTES / statistics.median(times))
+
+    def bandwidth(self) -> float | None:
+        """The median sample (None where the extension is not built)."""
+        return statistics.median(self.samples) if self.samples else None
 
 
 def collectives_per_forward(model: nn.Module, ids: torch.Tensor) -> int:
@@ -142,18 +154,21 @@ def pad_id(model: nn.Module) -> int:
     return (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
 
 
-def run_cases(model: nn.Module, spec: dict[str, Any], vocab: int, world: int
+def run_cases(model: nn.Module, spec: dict[str, Any], vocab: int, world: int, probe: BandwidthProbe
               ) -> tuple[list[dict[str, Any]], float]:
     """The timed cases, and the seconds the warm-up took (with a compiled decoding step: its
-    compilation, for every case's shape)."""
+    compilation, for every case's shape); ``probe`` samples the bandwidth before each run."""
     cases = [dict(c, first=[], next=[], steps=[], tokens=None) for c in spec["cases"]]
     start = time.perf_counter()
-    for beams in sorted({c["beams"] for c in cases}):  # warm-up: every prompt length, a few steps
+    # warm-up: every prompt length, as many new tokens as timed (a compiled step's static cache
+    # is as long as prompt and new tokens: another length would compile again while timed)
+    for beams in sorted({c["beams"] for c in cases}):
         for _ in range(spec["warmup"]):
             for length in sorted({c["input"] for c in cases}):
-                generate_once(model, case_ids(vocab, spec["batch"], length), beams, 4, world)
+                generate_once(model, case_ids(vocab, spec["batch"], length), beams, spec["new_tokens"], world)
     warmup = time.perf_counter() - start
     for _ in range(spec["runs"]):
+        probe.sample()
         for case in cases:
             ids = case_ids(vocab, spec["batch"], case["input"])
             first, steps, tokens = generate_once(model, ids, case["beams"], spec["new_tokens"], world)
@@ -179,12 +194,14 @@ def main(argv: list[str] | None = None) -> None:
     model = load(spec, world, runtime)
     vocab = model.config.get_text_config().vocab_size
     groups = [m.group for m in model.modules() if isinstance(getattr(m, "group", None), TPGroup)]
-    facts = {"bytes": streamed_bytes(model), "bandwidth": read_bandwidth(world, runtime)}
+    reader = BandwidthProbe(world, runtime)
+    reader.sample(5)
     probe = case_ids(vocab, 1, spec["probe_tokens"])
     with torch.no_grad():
         logits = model(input_ids=probe).logits[0].float()
     collectives = collectives_per_forward(model, probe)
-    cases, warmup = run_cases(model, spec, vocab, world)
+    cases, warmup = run_cases(model, spec, vocab, world, reader)
+    facts = {"bytes": streamed_bytes(model), "bandwidth": reader.bandwidth(), "samples": reader.samples}
     per_rank = [facts] * world
     if world > 1:
         dist.all_gather_object(per_rank, facts)
@@ -201,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             "collectives_per_token": collectives,
             "bytes_per_rank": max(f["bytes"] for f in per_rank),
             "bandwidth_per_rank": [f["bandwidth"] for f in per_rank],
+            "bandwidth_samples": [f["samples"] for f in per_rank],
             "floor_s": max(floors) if len(floors) == world else None,
             "warmup_s": warmup, "compiled": compiled_decoding(model),
             "cases": cases,

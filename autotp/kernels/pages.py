@@ -82,15 +82,18 @@ def _independent(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t for i, t in enumerate(tensors) if i not in clash]
 
 
-def place_on_huge_pages(model: nn.Module, min_bytes: int | None = None) -> int:
-    """Move each contiguous parameter and buffer of ``model`` of at least ``min_bytes`` (default:
-    one huge page) onto huge pages, one at a time (the old memory goes as each is replaced, unless
+_ARENAS: set[int] = set()  # storages place_on_huge_pages made: their tensors are in place already
+_ALIGN = 64  # bytes between two tensors of an arena (a cache line: the kernels' vector loads)
+
+
+def place_on_huge_pages(model: nn.Module, min_bytes: int = 1 << 20) -> int:
+    """Move each contiguous parameter and buffer of ``model`` of at least ``min_bytes`` onto huge
+    pages: one arena for all of them (a mapping per tensor would round each up to a whole huge
+    page), filled one tensor at a time so that the old memory goes as each is replaced (unless
     something else holds it). Tied weights stay tied (a Parameter moves once, for all its
     modules). Returns the bytes moved; 0 where the system has no huge pages."""
-    size = huge_page_size()
-    if size is None:
+    if huge_page_size() is None:
         return 0
-    floor = size if min_bytes is None else min_bytes
     by_storage: dict[int, list[torch.Tensor]] = {}
     seen: set[int] = set()
     for t in [*model.parameters(), *model.buffers()]:
@@ -98,18 +101,20 @@ def place_on_huge_pages(model: nn.Module, min_bytes: int | None = None) -> int:
             continue
         seen.add(id(t))
         by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(t)
-    moved = 0
-    for group in by_storage.values():
-        for t in _independent(group):
-            nbytes = t.numel() * t.element_size()
-            if nbytes < floor:
-                continue
-            copy = copy_to_huge_pages(t.detach())
-            if copy is None:
-                return moved
-            t.data = copy
-            moved += nbytes
-    return moved
+    chosen = [t for ptr, group in by_storage.items() if ptr not in _ARENAS for t in _independent(group)
+              if t.numel() * t.element_size() >= min_bytes]
+    spans = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in chosen]
+    arena = empty(sum(spans))
+    if arena is None:
+        return 0
+    _ARENAS.add(arena.untyped_storage().data_ptr())
+    offset = 0
+    for t, span in zip(chosen, spans):
+        place = arena[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        place.copy_(t.detach())
+        t.data = place
+        offset += span
+    return offset
 
 
 def huge_bytes(tensor: torch.Tensor) -> int:
