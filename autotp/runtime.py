@@ -155,3 +155,9 @@ def missing_launch_variables() -> list[str]:
 def put_on_path(folder: Path) -> None:
     """Put ``folder`` first on this process's PATH (for the tools a build runs, such as ninja)."""
     os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def launched_world() -> tuple[int, int]:
+    """(rank, world size) as torchrun / autotp-run gave them to this process; (0, 1) when it
+    was started directly."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
