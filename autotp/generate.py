@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", required=True, metavar="MODEL_DIR",
                    help="Hugging Face checkpoint directory, or one written by create_shard_model")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weights and activations (default bfloat16)")
+    p.add_argument("--dtype", choices=DTYPES, help="weights and activations (default: the checkpoint's; a "
+                                                   "pre-sharded one only loads in the dtype it was written in)")
     p.add_argument("--quantize", choices=SCHEMES, help="weight-only quantization while loading a Hugging Face "
                                                       "directory (a pre-sharded one keeps what it was written with)")
     src = p.add_mutually_exclusive_group(required=True)
