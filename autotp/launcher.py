@@ -130,7 +130,15 @@ def main(argv: list[str] | None = None) -> None:
         script_args = [args.training_script, *args.training_script_args]
         args.training_script_args = ["--worker", *(["--module"] if args.module else []), *script_args]
         args.training_script, args.module, args.no_python = "autotp.launcher", True, False
-    run(args)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    try:
+        run(args)
+    except ChildFailedError as exc:  # the rank has said why on its own stderr: no traceback of ours
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode if failure.exitcode > 0 else 1
+        print(f"autotp-run: rank {rank} exited with code {failure.exitcode}; its output above says why",
+              file=sys.stderr)
+        raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

@@ -93,3 +93,12 @@ def test_two_machines_on_loopback_use_torch_distributed_and_match():
 def test_help_explains_the_options():
     done = launch(["--help"])
     assert done.returncode == 0 and "--bind-cores" in done.stdout and "torchrun" in done.stdout
+
+
+def test_a_failing_rank_ends_the_launch_with_its_code_and_no_traceback(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text("import os, sys\nprint('rank', os.environ['RANK'], 'refuses', file=sys.stderr)\nsys.exit(3)\n")
+    done = launch(["--nproc", "2", "--master-port", str(free_port()), str(script)])
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "refuses" in done.stderr and "exited with code 3" in done.stderr
+    assert "Traceback" not in done.stderr
