@@ -4,6 +4,8 @@ the attention function on real ranks against plain transformers."""
 from __future__ import annotations
 
 import copy
+import inspect
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import autotp
 from autotp.sharding import attention
-from autotp.sharding.decode import compiled_decoding, prepare_decoding
+from autotp.sharding.decode import _NAMES_SDPA, _takes_attention_functions, compiled_decoding, prepare_decoding
 from dist_helper import RankChecks
 import zoo
 
@@ -88,20 +90,31 @@ def test_the_switches_set_the_model_up_and_leave_it_alone_when_off():
         autotp.Runtime.from_env({"AUTOTP_ATTENTION": "flash"})
 
 
-@pytest.mark.parametrize("family", ["falcon", "llama"])
-def test_models_that_branch_on_the_name_sdpa_keep_it(family):
-    """Falcon computes attention itself and reads ``_attn_implementation == "sdpa"``: under
-    another name it adds the SDPA mask as floats. The switch leaves such models on SDPA and
-    their logits unchanged; forcing the name on Falcon (the negative control) changes them."""
+def test_the_name_check_finds_code_that_branches_on_sdpa():
+    assert _NAMES_SDPA.search('        if self.config._attn_implementation == "sdpa" and not output_attentions:')
+    assert _NAMES_SDPA.search("if self.config._attn_implementation in ('eager', 'sdpa'):")
+    assert not _NAMES_SDPA.search("fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, e)")
+
+
+@pytest.mark.parametrize("family", ["falcon", "falcon_40b", "bloom", "llama"])
+def test_the_switch_keeps_every_models_logits(family):
+    """Switched where the model calls attention only through the interface (Llama; Falcon from
+    transformers 5.25 on), else left on its own attention (BLOOM; Falcon up to 5.24, which read
+    ``_attn_implementation == "sdpa"`` and under another name added the SDPA mask as floats).
+    Either way the logits stay. Where a model branches on the name, forcing it is the negative
+    control: the logits move."""
     model, inputs = zoo.build(family), zoo.batch()
     with torch.no_grad():
         before = model(**inputs).logits
         prepare_decoding(model, autotp.Runtime())
         after = model(**inputs).logits
         switched = model.config._attn_implementation == attention.NAME
-        assert switched == (family == "llama")
+        assert switched == _takes_attention_functions(model)
+        assert switched or family != "llama"
         assert (after - before).abs().max() <= 1e-5
-        if family == "falcon":
+        source = inspect.getsource(sys.modules[type(model).__module__])
+        if _NAMES_SDPA.search(source) and type(model)._can_set_attn_implementation() is False:
+            attention.register()  # the name's mask function exists, as after any switched model
             model.config._attn_implementation = attention.NAME
             assert (model(**inputs).logits - before).abs().max() > 1e-2
 

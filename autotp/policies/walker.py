@@ -322,7 +322,11 @@ class _Labeler(TorchFunctionMode):
     def _set_view(self, t: torch.Tensor, source: str, tail: tuple[int, ...]) -> None:
         self.views[id(t)] = (source, tail)
         if len(tail) >= 2:
-            self.trace.heads.setdefault(source, int(tail[0]))
+            seen = self.trace.heads.setdefault(source, int(tail[0]))
+            # viewed per head first and then in blocks of heads (Falcon-40B in transformers 5.25:
+            # [.., heads, hd] then [.., kv groups, -1, hd]): the blocks are what a rank must keep whole
+            if 1 < tail[0] < seen and seen % tail[0] == 0 and len(tail) >= 3:
+                self.trace.heads[source] = int(tail[0])
 
     def _reshaped(self, src: torch.Tensor, out: torch.Tensor) -> None:
         """[.., D] reshaped keeps its features in order in the shortest trailing dims whose
