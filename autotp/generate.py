@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoTokenizer, LogitsProcessor, LogitsProcessorList, TextStreamer
 
+from autotp.bench.worker import StepClock
 from autotp.checkpoint.format import MANIFEST
 from autotp.checkpoint.loader import from_pretrained
 from autotp.comm.group import init_distributed
@@ -47,17 +48,6 @@ class SameScores(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.contiguous()
         dist.broadcast(scores, src=0)
-        return scores
-
-
-class StepClock(LogitsProcessor):
-    """The time of each decoding step (generate calls it once per step, after the forward)."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.stamps.append(time.perf_counter())
         return scores
 
 

@@ -11,7 +11,8 @@ from autotp.plan import AttrEdit, Entry, ExpertSlice, HeadSlice, Plan, ShardingE
 from autotp.policies import overrides as table
 from autotp.policies.verify import verify_plan
 from autotp.policies.trace import Trace, parse_source
-from autotp.policies.walker import sample_inputs, walk, weight_candidates
+from autotp.policies.candidates import sample_inputs, weight_candidates
+from autotp.policies.walker import walk
 from autotp.sharding.math import assign_heads, contiguous, merge_ranges, split_sizes, unit_ranges
 
 _OVERRIDE_HINT = "pass overrides={{'{pattern}': 'replicate'}} (or 'column' / 'row') to autotp.plan / autotp.shard"
