@@ -170,9 +170,9 @@ def native_enabled(dtype: torch.dtype = torch.bfloat16, runtime: Runtime | None 
     rt = resolve(runtime)
     if rt.kernels == "torch":
         return False
-    if dtype not in (torch.bfloat16, torch.int8):
+    if dtype not in (torch.bfloat16, torch.int8, torch.uint8):  # uint8: INT4, two values per byte
         if rt.kernels == "native":
-            _EXTENSION.warn_once(f"autotp: {ENV}=native covers bfloat16 and int8 weights; {dtype} layers run "
+            _EXTENSION.warn_once(f"autotp: {ENV}=native covers bfloat16, int8 and int4 weights; {dtype} layers run "
                                  "on torch")
         return False
     ok, why = status(rt)
@@ -195,7 +195,7 @@ def read_probe(buffer: torch.Tensor, runtime: Runtime | None = None) -> int:
 
 def serving_isa(isa: str, weight: str = "bf16", x_dtype: torch.dtype = torch.bfloat16, rows: int = 1) -> str:
     """The kernel table that serves a GEMM started at ``isa`` ("" the best this CPU runs) with
-    ``weight`` ("bf16" or "int8") weights, activations of ``x_dtype`` and ``rows`` rows: a table
+    ``weight`` ("bf16", "int8" or "int4") weights, activations of ``x_dtype`` and ``rows`` rows: a table
     that serves only bf16 activations, or only from some number of rows (AMX), hands the rest
     to the one below it. Needs the extension built."""
     return torch.ops.autotp.serving_isa(isa, weight, x_dtype, rows)
@@ -305,6 +305,10 @@ def _register_fakes() -> None:
     def _(x, qpacked, spacked, bias, out_features, group_size, group_offset=0, out_dtype=None, isa=""):
         return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)
 
+    @torch.library.register_fake("autotp::linear_int4")
+    def _(x, qpacked, spacked, zpacked, bias, out_features, group_size, group_offset=0, out_dtype=None, isa=""):
+        return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)
+
     @torch.library.register_fake("autotp::shm_all_reduce")
     def _(tensor, comm):
         return torch.empty_like(tensor, memory_format=torch.contiguous_format)
@@ -312,3 +316,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("autotp::shm_all_gather_last_dim")
     def _(tensor, comm, sizes):
         return tensor.new_empty((*tensor.shape[:-1], sum(sizes)))
+
+
+# -- weight-only INT4 (its definition and layouts: autotp.kernels.int4) ------------------------
+from autotp.kernels.int4 import (dequantize_int4, linear_int4, pack_int4, prepack_int4,  # noqa: E402
+                                 quantize_int4, unpack_int4, unprepack_int4)

@@ -33,18 +33,20 @@ def _differs(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, w: torch.Te
     return bool(((got.double() - want.double()).abs() > bound).any()) or got.shape != want.shape
 
 
-def check_paths(isas: list[str], linear_bf16: Bf16Op | None = None, linear_int8: Bf16Op | None = None
-                ) -> dict[str, str]:
-    """ISA -> why it is switched off, for each of ``isas`` whose bf16 or INT8 GEMM differs from
-    the generic path's beyond summation order. ``linear_bf16`` / ``linear_int8`` default to the
-    extension's ops (a test passes wrong ones to see the check fail)."""
+def check_paths(isas: list[str], linear_bf16: Bf16Op | None = None, linear_int8: Bf16Op | None = None,
+                linear_int4: Bf16Op | None = None) -> dict[str, str]:
+    """ISA -> why it is switched off, for each of ``isas`` whose bf16, INT8 or INT4 GEMM differs
+    from the generic path's beyond summation order. ``linear_bf16`` / ``linear_int8`` /
+    ``linear_int4`` default to the extension's ops (a test passes wrong ones to see the check fail)."""
     bf16 = linear_bf16 or torch.ops.autotp.linear_bf16
     int8 = linear_int8 or torch.ops.autotp.linear_int8
+    int4 = linear_int4 or torch.ops.autotp.linear_int4
     failed: dict[str, str] = {}
     for seed, (m, n, k) in enumerate(SHAPES):
         x, w, b = _inputs(m, n, k, seed)
         packed = torch.ops.autotp.prepack_bf16(w)
         q, s, wq = _int8(w, k)
+        q4, s4, z4, w4 = _int4(n, k, symmetric=seed % 2 == 0)
         for isa in [i for i in isas if i != "generic" and i not in failed]:
             if _differs(bf16(x, packed, b, n, torch.float32, isa),
                         torch.ops.autotp.linear_bf16(x, packed, b, n, torch.float32, "generic"), x, w):
@@ -53,6 +55,10 @@ def check_paths(isas: list[str], linear_bf16: Bf16Op | None = None, linear_int8:
                           torch.ops.autotp.linear_int8(x, q, s, b, n, INT8_GROUP, INT8_OFFSET, torch.float32,
                                                        "generic"), x, wq):
                 failed[isa] = f"its INT8 GEMM differs from the generic one at M={m} N={n} K={k}"
+            elif _differs(int4(x, q4, s4, z4, b, n, INT8_GROUP, INT8_OFFSET, torch.float32, isa),
+                          torch.ops.autotp.linear_int4(x, q4, s4, z4, b, n, INT8_GROUP, INT8_OFFSET, torch.float32,
+                                                       "generic"), x, w4):
+                failed[isa] = f"its INT4 GEMM differs from the generic one at M={m} N={n} K={k}"
     return failed
 
 
@@ -65,10 +71,32 @@ def _int8(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     s = torch.rand(n, groups, generator=gen) / 64
     per_column = s.repeat_interleave(INT8_GROUP, 1)[:, INT8_OFFSET:INT8_OFFSET + k]
+    return _group_major(q), _group_major(s), q.float() * per_column
+
+
+def _int4(n: int, k: int, symmetric: bool
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Packed random INT4 values, scales and (asymmetric) zero points for an [N, K] weight with the
+    check's group and offset, and the dequantised weight (the layouts of autotp.kernels.int4)."""
+    groups = -(-(k + INT8_OFFSET) // INT8_GROUP)
+    gen = torch.Generator().manual_seed(k + 1)
+    u = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    s = torch.rand(n, groups, generator=gen) / 8
+    z = None if symmetric else torch.randint(0, 16, (n, groups), generator=gen, dtype=torch.uint8)
+
+    def per_column(t: torch.Tensor) -> torch.Tensor:
+        return t.float().repeat_interleave(INT8_GROUP, 1)[:, INT8_OFFSET:INT8_OFFSET + k]
+
+    from autotp.kernels.int4 import prepack_int4  # torch only, as this module
+
+    q4, sp, zp = prepack_int4(u, s, z)
+    w = (u.float() - (8.0 if z is None else per_column(z))) * per_column(s)
+    return q4, sp, zp, w
+
+
+def _group_major(t: torch.Tensor) -> torch.Tensor:
+    """[N, C] -> [ceil(N/64), C, 64], element (g, c, j) = t[64 g + j, c], zero past N."""
+    n = t.shape[0]
     ng = -(-n // 64)
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        t = torch.nn.functional.pad(t, (0, 0, 0, ng * 64 - n))
-        return t.view(ng, 64, t.shape[1]).transpose(1, 2).contiguous()
-
-    return pack(q), pack(s), q.float() * per_column
+    t = torch.nn.functional.pad(t, (0, 0, 0, ng * 64 - n))
+    return t.view(ng, 64, t.shape[1]).transpose(1, 2).contiguous()

@@ -96,7 +96,7 @@ void bf16x_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b
 
 const KernelTable& avx512_bf16_table() {
   const KernelTable& below = avx512_table();
-  static const KernelTable table{"avx512_bf16", supported, nullptr, bf16x_tile, 1, 0, 0, nullptr, below.sum_bf16,
+  static const KernelTable table{"avx512_bf16", supported, nullptr, bf16x_tile, 1, 0, 0, nullptr, nullptr, below.sum_bf16,
                                  below.sum_f32, below.stream_read};
   return table;
 }

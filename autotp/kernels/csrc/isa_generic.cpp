@@ -29,6 +29,30 @@ struct Scalar {
 
 #include "gemm_tiles.h"
 
+// INT4, the spec (kernel_table.h): each weight (float(U - Z)) * S rounded once, x times it
+// summed in K order, one output at a time; U read from the packed layout by its definition.
+void int4_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
+  alignas(64) float c[kInt8BlockM * kInt8MaxItemGroups * kInt8Group];
+  const int64_t ldc = (g1 - g0) * kInt8Group, pairs = (a.K + 1) / 2;
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* q = a.q4 + g * pairs * 64;
+    for (int64_t col = 0; col < kInt8Group; ++col) {
+      const int64_t j = col / 8, lane = col % 8;
+      for (int64_t m = m0; m < m1; ++m) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < a.K; ++k) {
+          const int64_t t = (k + a.O) / a.G, at = (g * a.KG + t) * kInt8Group + col;
+          const uint8_t byte = q[(k / 2) * 64 + ((k % 2) * 8 + lane) * 4 + j / 2];
+          const int u = j % 2 ? byte >> 4 : byte & 15, zero = a.z ? a.z[at] : 8;
+          acc += a.x[m * a.K + k] * (static_cast<float>(u - zero) * a.s[at]);
+        }
+        c[(m - m0) * ldc + (g - g0) * kInt8Group + col] = acc;
+      }
+    }
+  }
+  store_rows(c, ldc, m0, m1, g0 * kInt8Group, std::min(a.N, g1 * kInt8Group), a.bias, a.out, a.ldo, a.out_bf16);
+}
+
 void sum_bf16(const uint16_t* const* srcs, int64_t count, uint16_t* out, int64_t n) {
   float acc[1024];
   for (int64_t i0 = 0; i0 < n; i0 += 1024) {
@@ -64,7 +88,7 @@ bool always() { return true; }
 }  // namespace
 
 const KernelTable& generic_table() {
-  static const KernelTable table{"generic", always, bf16_tile<Scalar>, nullptr, 0, 0, 0, int8_tile<Scalar>, sum_bf16, sum_f32,
+  static const KernelTable table{"generic", always, bf16_tile<Scalar>, nullptr, 0, 0, 0, int8_tile<Scalar>, int4_tile, sum_bf16, sum_f32,
                                  stream_read};
   return table;
 }

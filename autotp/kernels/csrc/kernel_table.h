@@ -15,6 +15,13 @@
 //   S [N, KG] fp32 -> [NG, KG, 64]; KG = ceil((K + O) / G). The product (the spec):
 //   y[m, n] = bias[n] + sum over k of x[m, k] * (float(Q[n, k]) * S[n, (k + O) / G]),
 //   each dequantised weight rounded to fp32 once, summed in K order.
+// INT4 packed weight: U [N, K] of 4-bit values 0..15 -> [NG, ceil(K/2), 64] uint8: per group g
+//   and pair p of K rows, 16 little-endian 32-bit words, word l's nibble j (bits 4j .. 4j+3)
+//   = U[64 g + 8 j + l % 8, 2 p + l / 8], zero past N or K; scales as INT8's; zero points
+//   Z [N, KG] uint8 -> [NG, KG, 64] (or none: 8 for every group, the symmetric scheme). The
+//   product (the spec): y[m, n] = bias[n] + sum over k of x[m, k] * (float(U[n, k] - Z[n, g]) *
+//   S[n, g]), g = (k + O) / G, each dequantised weight rounded to fp32 once, summed in K order;
+//   the vector paths apply S once per group to fp32 sums of x * (U - Z) (int4_tiles.h).
 #pragma once
 
 #include <cstdint>
@@ -52,9 +59,11 @@ struct GemmArgs {
 
 constexpr int64_t kXbPadCols = 32;  // bf16 activations: zero columns up to a multiple of 32 (AMX reads K 32 at a time)
 
-struct Int8GemmArgs {
+struct Int8GemmArgs {  // INT8 and INT4 calls
   const float* x;     // activations as fp32, [M, K]
-  const int8_t* q;    // packed weight, [NG, K, 64]
+  const int8_t* q;    // INT8: packed weight, [NG, K, 64]
+  const uint8_t* q4;  // INT4: packed weight, [NG, K, 32]
+  const uint8_t* z;   // INT4: packed zero points, [NG, KG, 64], or null (8)
   const float* s;     // packed scales, [NG, KG, 64]
   const float* bias;  // [N] or nullptr
   void* out;          // [M, N] with row stride ldo, bf16 or fp32
@@ -84,6 +93,7 @@ struct KernelTable {
   int64_t bf16x_unit_rows;
   int64_t bf16x_unit_blocks;  // with bf16x_unit_rows: blocks of 16 columns per unit at most (a multiple of 4)
   void (*int8_tile)(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
+  void (*int4_tile)(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1);  // as int8_tile
   // out[i] = sum over s of srcs[s][i] in fp32, in the order of srcs; bf16 rounded once
   void (*sum_bf16)(const uint16_t* const* srcs, int64_t count, uint16_t* out, int64_t n);
   void (*sum_f32)(const float* const* srcs, int64_t count, float* out, int64_t n);
@@ -114,7 +124,7 @@ const std::vector<const KernelTable*>& runnable_tables();
 // The table called `name` if this CPU runs it; "" is the best this CPU runs. Raises otherwise.
 const KernelTable& kernel_table(const std::string& name);
 // What kind of GEMM call a table is asked to serve.
-enum class CallKind { kBf16Fp32X, kBf16Bf16X, kInt8 };
+enum class CallKind { kBf16Fp32X, kBf16Bf16X, kInt8, kInt4 };
 // The first runnable table from `start` down the list that serves a call of this kind and M
 // (bf16 activations go to a bf16x tile where one serves M, else to an fp32-activation tile).
 const KernelTable& serving_table(const KernelTable& start, CallKind kind, int64_t M);

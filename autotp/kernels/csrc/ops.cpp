@@ -205,7 +205,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   at::Tensor out = call.out, b = call.bias;
   if (call.finished) return out;
   at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
-  Int8GemmArgs args{xf.data_ptr<float>(), qpacked.data_ptr<int8_t>(), spacked.data_ptr<float>(),
+  Int8GemmArgs args{xf.data_ptr<float>(), qpacked.data_ptr<int8_t>(), nullptr, nullptr, spacked.data_ptr<float>(),
                             b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K, group_size,
                             group_offset, spacked.size(1), N, out.scalar_type() == at::kBFloat16};
   const int64_t rows = M <= kInt8DirectM
@@ -220,6 +220,46 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
 // Reads every byte of `buffer` once, split over the threads: a benchmark's measure of the read
 // bandwidth the GEMM's weight streaming can be compared with. Returns a checksum (the XOR of
 // every 8-byte word, the same on every ISA).
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qpacked, const at::Tensor& spacked,
+                       const std::optional<at::Tensor>& zpacked, const std::optional<at::Tensor>& bias, int64_t N,
+                       int64_t group_size, int64_t group_offset, std::optional<at::ScalarType> out_dtype,
+                       const std::string& isa) {
+  const char* op = "autotp::linear_int4";
+  LinearCall call = begin_linear(x, bias, N, out_dtype, isa, op);
+  const int64_t K = call.K, M = call.M, G = group_size, O = group_offset;
+  const int64_t NG = ceil_div(N, kInt8Group), KG = ceil_div(K + O, std::max<int64_t>(G, 1));
+  TORCH_CHECK(G >= 1, op, ": group_size must be at least 1, got ", G);
+  TORCH_CHECK(O >= 0 && O < G, op, ": group_offset must be in [0, group_size), got ", O, " for group size ", G);
+  TORCH_CHECK(qpacked.dim() == 3 && qpacked.scalar_type() == at::kByte && qpacked.size(0) == NG &&
+                  qpacked.size(1) == ceil_div(K, 2) && qpacked.size(2) == kInt8Group && qpacked.is_contiguous(),
+              op, ": packed weight must be contiguous uint8 [", NG, ", ", ceil_div(K, 2), ", 64] (prepack_int4 of an [",
+              N, ", ", K, "] weight), got ", qpacked.scalar_type(), " ", qpacked.sizes());
+  TORCH_CHECK(spacked.dim() == 3 && spacked.scalar_type() == at::kFloat && spacked.size(0) == NG &&
+                  spacked.size(1) == KG && spacked.size(2) == kInt8Group && spacked.is_contiguous(),
+              op, ": packed scales must be contiguous float32 [", NG, ", ", KG, ", 64] for group size ", G,
+              " and offset ", O, ", got ", spacked.scalar_type(), " ", spacked.sizes());
+  const bool zeros = zpacked.has_value() && zpacked->defined();
+  if (zeros)
+    TORCH_CHECK(zpacked->scalar_type() == at::kByte && zpacked->sizes() == spacked.sizes() &&
+                    zpacked->is_contiguous(),
+                op, ": packed zero points must be contiguous uint8 of the scales' shape ", spacked.sizes(), ", got ",
+                zpacked->scalar_type(), " ", zpacked->sizes());
+  at::Tensor out = call.out, b = call.bias;
+  if (call.finished) return out;
+  at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
+  Int8GemmArgs args{xf.data_ptr<float>(), nullptr, qpacked.data_ptr<uint8_t>(),
+                    zeros ? zpacked->data_ptr<uint8_t>() : nullptr, spacked.data_ptr<float>(),
+                    b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K, G, O, KG, N,
+                    out.scalar_type() == at::kBFloat16};
+  const int64_t rows = M <= kInt8DirectM
+      ? M
+      : std::min(kInt8BlockM, ceil_div(ceil_div(M, ceil_div(M, kInt8BlockM)), kRowTile) * kRowTile);
+  const auto tile = serving_table(*call.table, CallKind::kInt4, M).int4_tile;
+  for_each_unit(M, rows, NG, kInt8MaxItemGroups, 1,
+                [&](int64_t m0, int64_t m1, int64_t g0, int64_t g1) { tile(args, m0, m1, g0, g1); });
+  return out;
+}
+
 int64_t read_probe(const at::Tensor& buffer, const std::string& isa) {
   TORCH_CHECK(buffer.device().is_cpu() && buffer.is_contiguous(), "autotp::read_probe: needs a contiguous CPU tensor");
   const auto read = kernel_table(isa).stream_read;
@@ -235,8 +275,10 @@ int64_t read_probe(const at::Tensor& buffer, const std::string& isa) {
 
 // The table that serves a GEMM call started at `isa` (see serving_table), for tests and benchmarks.
 std::string serving_isa(const std::string& isa, const std::string& weight, at::ScalarType x_dtype, int64_t M) {
-  TORCH_CHECK(weight == "bf16" || weight == "int8", "autotp::serving_isa: weight must be bf16 or int8, got ", weight);
-  const CallKind kind = weight == "int8" ? CallKind::kInt8
+  TORCH_CHECK(weight == "bf16" || weight == "int8" || weight == "int4",
+              "autotp::serving_isa: weight must be bf16, int8 or int4, got ", weight);
+  const CallKind kind = weight == "int8"   ? CallKind::kInt8
+                        : weight == "int4" ? CallKind::kInt4
                         : x_dtype == at::kBFloat16 ? CallKind::kBf16Bf16X : CallKind::kBf16Fp32X;
   return serving_table(kernel_table(isa), kind, M).name;
 }
@@ -265,6 +307,8 @@ TORCH_LIBRARY(autotp, m) {
         "str isa=\"\") -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qpacked, Tensor spacked, Tensor? bias, int out_features, int group_size, "
         "int group_offset=0, ScalarType? out_dtype=None, str isa=\"\") -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor qpacked, Tensor spacked, Tensor? zpacked, Tensor? bias, int out_features, "
+        "int group_size, int group_offset=0, ScalarType? out_dtype=None, str isa=\"\") -> Tensor");
   m.def("read_probe(Tensor buffer, str isa=\"\") -> int");
   m.def("cpu_isas() -> str[]", &autotp::cpu_isas);
   m.def("serving_isa(str isa, str weight, ScalarType x_dtype, int rows) -> str", &autotp::serving_isa);
@@ -275,6 +319,7 @@ TORCH_LIBRARY_IMPL(autotp, CPU, m) {
   m.impl("unpack_bf16", &autotp::unpack_bf16);
   m.impl("linear_bf16", &autotp::linear_bf16);
   m.impl("linear_int8", &autotp::linear_int8);
+  m.impl("linear_int4", &autotp::linear_int4);
   m.impl("read_probe", &autotp::read_probe);
   m.impl("shm_all_reduce", &autotp::shm_all_reduce);
   m.impl("shm_all_gather_last_dim", &autotp::shm_all_gather_last_dim);
