@@ -61,8 +61,9 @@ def shard(model: nn.Module, world_size: int, overrides: Mapping[str, str | Style
     ``quantize="int8"`` gives the column- and row-parallel layers weight-only INT8 weights
     (activations keep the model's dtype): one fp32 scale per output row and group of
     ``quant_group_size`` input columns of the whole weight (0: per row), so each rank holds
-    exactly its slice of the quantized unsharded model. The lm_head and embeddings stay as
-    they are.
+    exactly its slice of the quantized unsharded model. ``quantize="int4"`` does the same with
+    4-bit values, two per byte (symmetric), ``"int4-asym"`` with a 4-bit zero point per group
+    too (autotp.kernels.int4 defines both). The lm_head and embeddings stay as they are.
 
     With ``runtime.compile`` (``AUTOTP_COMPILE=1``) ``generate`` decodes with a static KV cache
     and a compiled step (autotp.sharding.decode)."""

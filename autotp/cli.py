@@ -34,11 +34,12 @@ def create_shard_model(argv: list[str] | None = None, runtime: Runtime | None = 
     parser.add_argument("--no-fuse-allreduce", action="store_true",
                         help="give every row-parallel layer its own all-reduce (for comparison)")
     parser.add_argument("--quantize", choices=SCHEMES,
-                        help="store the column- and row-parallel Linear weights as weight-only INT8 with fp32 "
-                             "scales (each rank's file holds its slice of the quantized whole; the lm_head and "
-                             "embeddings keep --dtype)")
+                        help="store the column- and row-parallel Linear weights weight-only quantized: int8, "
+                             "int4 (symmetric, two values per byte) or int4-asym (with zero points), with fp32 "
+                             "scales per group (each rank's file holds its slice of the quantized whole; the "
+                             "lm_head and embeddings keep --dtype)")
     parser.add_argument("--quant-group-size", type=int, default=DEFAULT_GROUP_SIZE, metavar="G",
-                        help="input columns per INT8 scale (default %(default)s; 0: one scale per output row)")
+                        help="input columns per scale (default %(default)s; 0: one scale per output row)")
     parser.add_argument("--experts", choices=("tensor", "expert"), default="tensor",
                         help="mixture-of-experts blocks: split every expert like an MLP (tensor, the default) or "
                              "give each rank whole experts (expert; the experts must divide evenly)")

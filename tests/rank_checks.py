@@ -242,10 +242,11 @@ def shm_peer_fails(rank: int, world_size: int, victim: int, how: str) -> dict | 
     return {"error": error, "seconds": time.monotonic() - start}
 
 
-def int8_spec_model(family: str, world_size: int, group_size: int, dtype: torch.dtype = torch.float32):
-    """The unsharded model with every layer the plan splits replaced by its INT8 spec: the
-    whole weight quantized (autotp.kernels.quantize_int8) and dequantised in fp32, the same
-    on any number of ranks."""
+def int8_spec_model(family: str, world_size: int, group_size: int, dtype: torch.dtype = torch.float32,
+                    scheme: str = "int8"):
+    """The unsharded model with every layer the plan splits replaced by its quantized spec: the
+    whole weight quantized (autotp.kernels.quantize_int8, or quantize_int4 for the INT4 schemes)
+    and dequantised in fp32, the same on any number of ranks."""
     from autotp import kernels
     from autotp.plan import Style
 
@@ -255,24 +256,28 @@ def int8_spec_model(family: str, world_size: int, group_size: int, dtype: torch.
             linear = model.get_submodule(entry.name)
             weight = linear.weight.data.t() if entry.transposed else linear.weight.data  # Conv1D: [in, out]
             g = group_size or weight.shape[1]
-            q, s = kernels.quantize_int8(weight, g)
-            spec = kernels.dequantize_int8(q, s, g).to(dtype)
+            if scheme == "int8":
+                spec = kernels.dequantize_int8(*kernels.quantize_int8(weight, g), g).to(dtype)
+            else:
+                u, s, z = kernels.quantize_int4(weight, g, 0, scheme == "int4")
+                spec = kernels.dequantize_int4(u, s, z, g).to(dtype)
             linear.weight.data = spec.t().contiguous() if entry.transposed else spec
     return model
 
 
-def compare_int8(rank: int, world_size: int, family: str, group_size: int) -> dict:
-    """Sharded INT8 against the INT8 spec model (fp32 activations: only the summation order
-    differs) and, in bf16, against the unsharded bf16 model: logits and 32 greedy tokens."""
+def compare_int8(rank: int, world_size: int, family: str, group_size: int, scheme: str = "int8") -> dict:
+    """Sharded INT8 (or INT4: ``scheme``) against the quantized spec model (fp32 activations:
+    only the summation order differs) and, in bf16, against the unsharded bf16 model: logits and
+    32 greedy tokens."""
     inputs = zoo.batch()
     mask = inputs["attention_mask"].bool()
     with torch.no_grad():
-        spec = int8_spec_model(family, world_size, group_size)(**inputs).logits
-        sharded = autotp.shard(zoo.build(family), world_size, quantize="int8", quant_group_size=group_size)
+        spec = int8_spec_model(family, world_size, group_size, scheme=scheme)(**inputs).logits
+        sharded = autotp.shard(zoo.build(family), world_size, quantize=scheme, quant_group_size=group_size)
         got = sharded(**inputs).logits
         plain = zoo.build(family, torch.bfloat16)
         ref16 = plain(**inputs).logits.float()
-        int8_16 = autotp.shard(zoo.build(family, torch.bfloat16), world_size, quantize="int8",
+        int8_16 = autotp.shard(zoo.build(family, torch.bfloat16), world_size, quantize=scheme,
                                quant_group_size=group_size)
         got16 = int8_16(**inputs).logits.float()
         # greedy agreement step by step, each step fed the bf16 model's own tokens so far (a
@@ -280,31 +285,45 @@ def compare_int8(rank: int, world_size: int, family: str, group_size: int) -> di
         seq = plain.generate(**inputs, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
         full_mask = torch.cat([inputs["attention_mask"], torch.ones_like(seq[:, -32:])], 1)
         picks = [m(input_ids=seq, attention_mask=full_mask).logits[:, -33:-1].argmax(-1) for m in (plain, int8_16)]
+        # one decode step (M = 2 rows: the kernels' few-rows path) against the spec too
+        step = {k: v[:, -1:] for k, v in inputs.items() if k == "input_ids"}
+        step_err = (sharded(**step).logits - int8_spec_model(family, world_size, group_size, scheme=scheme)(
+            **step).logits).abs().max().item()
     return {"spec_err": (got - spec)[mask].abs().max().item(), "spec_absmax": spec[mask].abs().max().item(),
+            "step_err": step_err,
             "bf16_rel_err": ((got16 - ref16)[mask].abs().max() / ref16[mask].abs().max()).item(),
             "token_agreement": (picks[0] == picks[1]).float().mean().item(),
-            "int8_layers": sum(bool(getattr(m, "quantized", False)) for m in sharded.modules())}
+            "int8_layers": sum(bool(getattr(m, "quantized", False)) for m in sharded.modules()),
+            "formats": sorted({type(m.weight_format).__name__ for m in sharded.modules()
+                               if getattr(m, "quantized", False)})}
 
 
-def load_int8_and_compare(rank: int, world_size: int, cases: list[tuple[str, str, int]]) -> list[dict]:
-    """For each (Hugging Face dir, INT8 pre-sharded dir, group size): from_pretrained on the
-    pre-sharded dir and on the HF dir with quantize="int8", against autotp.shard(quantize="int8")
-    of the HF model on the same ranks: INT8 values, scales, offsets and logits."""
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+def load_int8_and_compare(rank: int, world_size: int, cases: list[tuple[str, str, int]], scheme: str = "int8"
+                          ) -> list[dict]:
+    """For each (Hugging Face dir, quantized pre-sharded dir, group size): from_pretrained on the
+    pre-sharded dir and on the HF dir with quantize=``scheme``, against autotp.shard(quantize=
+    ``scheme``) of the HF model on the same ranks: quantized values, scales (zero points),
+    offsets and logits."""
     from transformers import AutoModelForCausalLM
 
     inputs = zoo.batch()
     out = []
     for hf_dir, presharded, group in cases:
-        online = autotp.shard(AutoModelForCausalLM.from_pretrained(hf_dir), world_size, quantize="int8",
+        online = autotp.shard(AutoModelForCausalLM.from_pretrained(hf_dir), world_size, quantize=scheme,
                               quant_group_size=group)
         loaded = {"presharded": autotp.from_pretrained(presharded),
-                  "hf": autotp.from_pretrained(hf_dir, quantize="int8", quant_group_size=group)}
+                  "hf": autotp.from_pretrained(hf_dir, quantize=scheme, quant_group_size=group)}
         with torch.no_grad():
             ref = online(**inputs).logits
         layers = {n: m for n, m in online.named_modules() if getattr(m, "quantized", False)}
         for how, model in loaded.items():
             mine = dict(model.named_modules())
-            parts_equal = all(all(torch.equal(a, b) for a, b in zip(m.int8_parts(), mine[n].int8_parts()))
+            parts_equal = all(all(_same(a, b) for a, b in zip(m.weight_format.parts(m),
+                                                              mine[n].weight_format.parts(mine[n])))
                               and mine[n].weight_format.group_size == m.weight_format.group_size
                               and mine[n].weight_format.group_offset == m.weight_format.group_offset
                               for n, m in layers.items())

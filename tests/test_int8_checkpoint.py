@@ -119,10 +119,10 @@ def test_wrong_requests_are_refused(sources, tmp_path):
     assert autotp.from_pretrained(q16, quantize="int8", quant_group_size=16) is not None  # what it stores
     with pytest.raises(ValueError, match="quant_group_size was given without quantize"):
         autotp.from_pretrained(sources / "llama", quant_group_size=16)
-    with pytest.raises(ValueError, match="quantize='int4'"):
-        autotp.from_pretrained(sources / "llama", quantize="int4")
+    with pytest.raises(ValueError, match="quantize='int2'"):
+        autotp.from_pretrained(sources / "llama", quantize="int2")
     args = ["-m", str(sources / "llama"), "--world-size", "2", "--save-path", str(tmp_path / "bad"), "--quiet"]
     assert create_shard_model(args + ["--quantize", "int8", "--quant-group-size", "-1"]) == 2
     with pytest.raises(SystemExit):
-        create_shard_model(args + ["--quantize", "int4"])
+        create_shard_model(args + ["--quantize", "int2"])
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))

@@ -224,6 +224,18 @@ def test_negative_control_self_check_switches_off_a_wrong_kernel(monkeypatch):
 
     failed = kernels.selfcheck.check_paths(["avx512"], linear_bf16=right, linear_int8=wrong_int8)
     assert "INT8 GEMM differs" in failed["avx512"]
+
+    def right_int8(x, q, s, bias, n, g, o, out_dtype, isa):
+        return torch.ops.autotp.linear_int8(x, q, s, bias, n, g, o, out_dtype, "generic")
+
+    def wrong_int4(x, q, s, z, bias, n, g, o, out_dtype, isa):  # one column off by 1e-3 of the scale
+        y = torch.ops.autotp.linear_int4(x, q, s, z, bias, n, g, o, out_dtype, "generic")
+        y[..., 5] += 1e-3 * y.abs().max()
+        return y
+
+    failed = kernels.selfcheck.check_paths(["avx2"], linear_bf16=right, linear_int8=right_int8,
+                                           linear_int4=wrong_int4)
+    assert "INT4 GEMM differs" in failed["avx2"] and "M=1 N=70 K=33" in failed["avx2"]
     handle = kernels.Extension(build=lambda verbose, portable: ["avx2", "generic"],
                                check=lambda isas: kernels.selfcheck.check_paths(isas, linear_bf16=wrong))
     monkeypatch.setattr(kernels, "_EXTENSION", handle)
@@ -289,5 +301,6 @@ def test_each_call_goes_to_the_first_table_down_the_list_that_serves_it():
                     want = isa
                 assert got == want, (isa, dtype, rows, got)
         assert kernels.serving_isa(isa, "int8") == ("avx512" if isa in ("amx", "avx512_bf16") else isa)
-    with pytest.raises(RuntimeError, match="weight must be bf16 or int8"):
-        kernels.serving_isa("", "int4")
+        assert kernels.serving_isa(isa, "int4") == ("avx512" if isa in ("amx", "avx512_bf16") else isa)
+    with pytest.raises(RuntimeError, match="weight must be bf16, int8 or int4"):
+        kernels.serving_isa("", "int2")

@@ -5,10 +5,11 @@
     OUT_DIR/config.json, ...            copied from the source
     OUT_DIR/rank-00-of-02.safetensors   exactly the tensors rank 0 holds, sharded shapes
 
-A quantized checkpoint (create_shard_model --quantize int8) stores each column- and
-row-parallel layer's "<module>.weight" as int8 and its fp32 scales as "<module>.weight_scale",
-in the shapes autotp.sharding.quantize.QuantScheme.layout gives; autotp.json's "quantization" names
-the scheme and group size.
+A quantized checkpoint (create_shard_model --quantize int8 | int4 | int4-asym) stores each
+column- and row-parallel layer's "<module>.weight" as int8 (INT4: uint8, two values per byte),
+its fp32 scales as "<module>.weight_scale" and, for int4-asym, its zero points as
+"<module>.weight_zero", in the shapes autotp.sharding.quantize.QuantScheme.layout gives;
+autotp.json's "quantization" names the scheme and group size.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class Manifest:
 def write_manifest(directory: Path, plan: Plan, dtype: str, files: list[dict[str, Any]],
                    quant: QuantScheme | None = None) -> None:
     """``dtype`` is the floating dtype of the unquantized tensors; ``quant`` (None: none) the
-    scheme of the INT8 layers (autotp.sharding.quantize)."""
+    scheme of the quantized layers (autotp.sharding.quantize)."""
     manifest = Manifest(FORMAT_VERSION, plan.world_size, dtype, plan.architecture, quant,
                         [RankFile(**f) for f in files], plan)
     (directory / MANIFEST).write_text(manifest.to_json())

@@ -28,7 +28,7 @@ from autotp.runtime import Runtime, resolve
 from autotp.sharding.apply import apply_plan
 from autotp.sharding.decode import prepare_decoding
 from autotp.sharding.layers import pack_layers
-from autotp.sharding.quantize import SCALE_SUFFIX, QuantScheme
+from autotp.sharding.quantize import SCALE_SUFFIX, ZERO_SUFFIX, QuantScheme
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
@@ -46,11 +46,12 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     manifest before use. bf16 Linear shards are packed for the native kernels where they run;
     ``runtime`` (default ``Runtime.from_env()``) holds those settings and the all-reduce's.
 
-    A pre-sharded checkpoint written with ``--quantize int8`` loads as INT8 as it is stored.
-    ``quantize="int8"`` on a Hugging Face directory quantizes while loading (each rank reads
-    its slice plus, for row-parallel layers, the columns of the INT8 groups its cut touches;
-    ``quant_group_size`` defaults to 128, 0 is one scale per row), giving exactly the shards
-    ``autotp.shard(model, n, quantize="int8")`` gives. An unquantized pre-sharded checkpoint
+    A pre-sharded checkpoint written with ``--quantize int8`` (``int4``, ``int4-asym``) loads
+    quantized as it is stored. ``quantize="int8"`` (or ``"int4"``, ``"int4-asym"``) on a Hugging
+    Face directory quantizes while loading (each rank reads its slice plus, for row-parallel
+    layers, the columns of the groups its cut touches; ``quant_group_size`` defaults to 128, 0
+    is one scale per row), giving exactly the shards ``autotp.shard(model, n, quantize=...)``
+    gives. An unquantized pre-sharded checkpoint
     cannot be quantized at load time (its row-parallel files lack those columns): that raises.
 
     ``experts`` ("tensor", the default, or "expert") splits mixture-of-experts blocks of a
@@ -110,7 +111,7 @@ def _stored_scheme(manifest: Manifest, directory: Path, quantize: str | None,
         return stored
     if stored is None:
         raise CheckpointError(f"{directory} stores unquantized weights split for {manifest.world_size} ranks; a "
-                              "row-parallel rank's file lacks the columns its INT8 groups need, so it cannot be "
+                              "row-parallel rank's file lacks the columns its quantization groups need, so it cannot be "
                               f"quantized at load time. Re-create it with create_shard_model --quantize {quantize}, "
                               "or load the Hugging Face checkpoint directory with quantize=")
     if quantize != stored.name:
@@ -140,13 +141,13 @@ def _from_hf(source: HFSource, group: TPGroup, dtype: torch.dtype | None, mapped
     model, plan, sources = source.model, source.plan, source.tensors
     parameters_to_meta(model)
     apply_plan(model, plan, group, quant=quant)
-    int8 = quant.entries(plan) if quant is not None else {}
+    quantized = quant.entries(plan) if quant is not None else {}
     wanted = [k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"]
     tensors = {}
     with _SourceReader(mapped) as reader:
         for key in wanted:
             module, _, param = key.rpartition(".")
-            if module in int8 and param == "weight" + SCALE_SUFFIX:  # made with the weight
+            if module in quantized and param in ("weight" + SCALE_SUFFIX, "weight" + ZERO_SUFFIX):  # made with it
                 continue
             found = source.find(key)
             if found is None:  # left on meta: _assign reports it
@@ -158,10 +159,10 @@ def _from_hf(source: HFSource, group: TPGroup, dtype: torch.dtype | None, mapped
             def read(dim: int | None, ranges: list | None) -> torch.Tensor:
                 return reader.read(path, info, dim, ranges, convert).to(to)
 
-            if module in int8 and param == "weight":
-                entry = int8[module]
+            if module in quantized and param == "weight":
+                entry = quantized[module]
                 shard = quant.quantize_slice(read, info.shape, entry, entry.ranges[group.tp_rank])
-                tensors[key], tensors[key + SCALE_SUFFIX] = shard.q, shard.scales
+                tensors.update({key + suffix: t for suffix, t in shard.tensors().items()})
                 reader.release()
             else:
                 tensors[key] = read(*param_slice(plan, key, group.tp_rank))

@@ -25,7 +25,7 @@ from autotp.plan import CheckpointError, Plan, Style
 from autotp.policies import build_plan
 from autotp.runtime import Runtime, resolve
 from autotp.sharding.layers import take
-from autotp.sharding.quantize import DEFAULT_GROUP_SIZE, SCALE_SUFFIX, QuantScheme
+from autotp.sharding.quantize import DEFAULT_GROUP_SIZE, SCALE_SUFFIX, ZERO_SUFFIX, QuantScheme
 from autotp.util import pid_alive
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -41,11 +41,12 @@ def save_sharded(model_or_path: nn.Module | str | os.PathLike, save_dir: str | o
     """Write a pre-sharded checkpoint of ``model_or_path`` (a model in memory, or a Hugging Face
     checkpoint directory with safetensors) for ``world_size`` ranks into ``save_dir``.
 
-    ``quantize="int8"`` stores the column- and row-parallel layers as weight-only INT8 (each
-    rank's file holds exactly its slice of the quantized whole, as ``autotp.shard(...,
-    quantize="int8")`` would make it; ``quant_group_size`` as there). The source weights are
-    converted to ``dtype`` (if given) before quantizing; a rank's scales and values are written
-    apart (the file keeps larger elements first), so each quantized weight is read twice.
+    ``quantize="int8"`` (or ``"int4"``, ``"int4-asym"``) stores the column- and row-parallel
+    layers as weight-only INT8 (INT4) (each rank's file holds exactly its slice of the quantized
+    whole, as ``autotp.shard(..., quantize=...)`` would make it; ``quant_group_size`` as there).
+    The source weights are converted to ``dtype`` (if given) before quantizing; a rank's values,
+    scales (and zero points) are written apart (the file keeps larger elements first), so each
+    quantized weight is read once per tensor that stands for it.
     ``experts`` splits mixture-of-experts blocks as in ``autotp.plan``. ``runtime`` (default
     ``Runtime.from_env()``) holds autotp's settings."""
     resolve(runtime)  # checked now: a bad setting fails before any work
@@ -65,9 +66,9 @@ def save_sharded(model_or_path: nn.Module | str | os.PathLike, save_dir: str | o
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     _remove_stale_partials(target)
     partial.mkdir(parents=True)
-    int8 = _Int8Writer(plan, specs, reader, quant) if quant is not None else None
+    quantized = _QuantWriter(plan, specs, reader, quant) if quant is not None else None
     try:
-        files = _write_ranks(partial, plan, specs, reader, progress, int8)
+        files = _write_ranks(partial, plan, specs, reader, progress, quantized)
         copy_files(partial)
         write_manifest(partial, plan, stored.pop() if len(stored) == 1 else "mixed", files, quant)
         _move_into_place(partial, target)
@@ -77,9 +78,10 @@ def save_sharded(model_or_path: nn.Module | str | os.PathLike, save_dir: str | o
     return target
 
 
-class _Int8Writer:
-    """The INT8 tensors of the quantized layers: "<module>.weight" becomes int8 and
-    "<module>.weight_scale" joins it, both in the shapes of each rank's Int8Layout."""
+class _QuantWriter:
+    """The tensors of the quantized layers: "<module>.weight" becomes the quantized values,
+    "<module>.weight_scale" (and, asymmetric INT4, "<module>.weight_zero") join it, all in the
+    shapes of each rank's QuantLayout."""
 
     def __init__(self, plan: Plan, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], reader: Reader,
                  quant: QuantScheme) -> None:
@@ -87,33 +89,33 @@ class _Int8Writer:
         self.entries = quant.entries(plan)
 
     def source_key(self, key: str) -> str | None:
-        """The source weight behind ``key`` if ``key`` is one of the INT8 tensors, else None."""
-        base = key.removesuffix(SCALE_SUFFIX)
+        """The source weight behind ``key`` if ``key`` is one of the quantized tensors, else None."""
+        base = key.removesuffix(SCALE_SUFFIX).removesuffix(ZERO_SUFFIX)
         module, _, param = base.rpartition(".")
         return base if param == "weight" and module in self.entries and base in self.specs else None
 
     def rank_specs(self, key: str, rank: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        """The int8 values and fp32 scales that stand for source weight ``key`` in ``rank``'s file."""
+        """The quantized tensors that stand for source weight ``key`` in ``rank``'s file."""
         entry = self.entries[key.rpartition(".")[0]]
         layout = self.quant.layout(self.specs[key][0], entry, entry.ranges[rank])
-        return [(key, torch.int8, layout.q_shape), (key + SCALE_SUFFIX, torch.float32, layout.scale_shape)]
+        return [(key + suffix, dtype, shape) for suffix, dtype, shape in layout.specs()]
 
     def tensor(self, key: str, rank: int) -> torch.Tensor:
         base = self.source_key(key)
         entry, (shape, dtype) = self.entries[base.rpartition(".")[0]], self.specs[base]
         shard = self.quant.quantize_slice(lambda dim, ranges: self.reader(base, dim, ranges).to(dtype), shape,
                                           entry, entry.ranges[rank])
-        return shard.scales if key.endswith(SCALE_SUFFIX) else shard.q
+        return shard.tensors()[key[len(base):]]
 
 
 def _write_ranks(directory: Path, plan: Plan, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 reader: Reader, progress: bool, int8: _Int8Writer | None = None) -> list[dict]:
+                 reader: Reader, progress: bool, quantized: _QuantWriter | None = None) -> list[dict]:
     writers = []
     for rank in range(plan.world_size):  # every layout is checked before anything is written
         rank_specs = []
         for key, (shape, dtype) in specs.items():
-            if int8 is not None and int8.source_key(key):
-                rank_specs += int8.rank_specs(key, rank)
+            if quantized is not None and quantized.source_key(key):
+                rank_specs += quantized.rank_specs(key, rank)
                 continue
             dim, ranges = param_slice(plan, key, rank)
             local = list(shape)
@@ -128,8 +130,8 @@ def _write_ranks(directory: Path, plan: Plan, specs: dict[str, tuple[tuple[int, 
             for key in writers[0].order:
                 whole = None
                 for rank, writer in enumerate(writers):
-                    if int8 is not None and int8.source_key(key):
-                        writer.write(key, int8.tensor(key, rank))
+                    if quantized is not None and quantized.source_key(key):
+                        writer.write(key, quantized.tensor(key, rank))
                         continue
                     dim, ranges = param_slice(plan, key, rank)
                     if dim is None:

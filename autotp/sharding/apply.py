@@ -53,9 +53,9 @@ def apply_plan(model: nn.Module, plan: Plan, group: TPGroup, share_weights: bool
         elif entry.style in (Style.COLUMN, Style.ROW):
             layer = _linear_shard(_as_linear(source, entry), entry, ranges, group, fused, not share_weights)
             if quant is not None and source.weight.is_meta:  # a loader fills it in later
-                layer.set_int8(quant.layout(tuple(source.weight.shape), entry, ranges).empty())
+                layer.set_quantized(quant.layout(tuple(source.weight.shape), entry, ranges).empty())
             elif quant is not None:
-                layer.set_int8(quant.quantize_shard(source.weight.data, entry, ranges))
+                layer.set_quantized(quant.quantize_shard(source.weight.data, entry, ranges))
             if entry.transposed:  # checkpoints store this weight [in, out]: turned as it is loaded
                 layer.register_load_state_dict_pre_hook(_turn_stored_weight)
             model.set_submodule(entry.name, layer)

@@ -16,10 +16,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from autotp.comm import TPGroup
-from autotp.kernels.formats import Int8Weight, PlainWeight, Release, WeightFormat
+from autotp.kernels.formats import Int4Weight, Int8Weight, PlainWeight, Release, WeightFormat
 from autotp.plan import Ranges, Style, cut_dim
 from autotp.runtime import Runtime, resolve
-from autotp.sharding.quantize import Int8Shard
+from autotp.sharding.quantize import QuantShard
 
 
 def take(tensor: torch.Tensor, dim: int, ranges: Ranges, copy: bool = True) -> torch.Tensor:
@@ -48,8 +48,9 @@ class ParallelLayer:
 
 class PackableLinear(nn.Linear):
     """A Linear whose weight has a format (autotp.kernels.formats): plain, packed bf16, INT8 or
-    packed INT8. The format multiplies, unpacks and packs; the layer keeps its tensors as
-    parameters (``weight``, and ``weight_scale`` for INT8) so state dicts see them."""
+    INT4, plain or packed. The format multiplies, unpacks and packs; the layer keeps its tensors
+    as parameters (``weight``, and ``weight_scale`` / ``weight_zero`` when quantized) so state
+    dicts see them."""
 
     weight_format: WeightFormat = PlainWeight()
 
@@ -61,19 +62,32 @@ class PackableLinear(nn.Linear):
     def quantized(self) -> bool:
         return self.weight_format.quantized
 
-    def set_int8(self, shard: Int8Shard) -> None:
-        """Hold the INT8 ``shard`` (autotp.sharding.quantize) in place of the weight: ``weight``
-        becomes the int8 values and ``weight_scale`` their fp32 scales, plain until
-        :meth:`pack_weight` packs them for the native INT8 GEMM where it runs; plain, the torch
-        path dequantises and multiplies in fp32 (the spec the kernel meets)."""
+    def set_quantized(self, shard: QuantShard) -> None:
+        """Hold the quantized ``shard`` (autotp.sharding.quantize) in place of the weight: ``weight``
+        becomes the int8 values (INT8) or the 4-bit ones two per byte (INT4), ``weight_scale``
+        their fp32 scales and, for asymmetric INT4, ``weight_zero`` the zero points; plain until
+        :meth:`pack_weight` packs them for the native GEMM where it runs. Plain, the torch path
+        dequantises and multiplies in fp32 (the spec the kernels meet)."""
         self.weight = nn.Parameter(shard.q, requires_grad=False)
         self.weight_scale = nn.Parameter(shard.scales, requires_grad=False)
-        self.weight_format = Int8Weight(shard.group_size, shard.group_offset)
+        if shard.zeros is not None:
+            self.weight_zero = nn.Parameter(shard.zeros, requires_grad=False)
+        self.weight_format = (Int8Weight(shard.group_size, shard.group_offset) if shard.bits == 8 else
+                              Int4Weight(shard.group_size, shard.group_offset, shard.zeros is None))
+
+    set_int8 = set_quantized
 
     def int8_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q [out_features, in_features] int8, scales [out_features, groups] fp32) of an INT8 layer."""
         if not isinstance(self.weight_format, Int8Weight):
             raise ValueError(f"autotp: this {type(self).__name__} holds {self.weight.dtype} weights, not INT8")
+        return self.weight_format.parts(self)
+
+    def int4_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(U [out_features, in_features] uint8 values 0..15, scales [out_features, groups] fp32,
+        zero points [out_features, groups] uint8 or None when symmetric) of an INT4 layer."""
+        if not isinstance(self.weight_format, Int4Weight):
+            raise ValueError(f"autotp: this {type(self).__name__} holds {self.weight.dtype} weights, not INT4")
         return self.weight_format.parts(self)
 
     def pack_weight(self, runtime: Runtime | None = None, release: Release | None = None) -> bool:
@@ -85,8 +99,8 @@ class PackableLinear(nn.Linear):
         return self.weight_format.packed
 
     def unpacked_weight(self) -> torch.Tensor:
-        """The [out_features, in_features] weight, unpacked if need be (a new tensor then); an
-        INT8 layer's dequantised, in float32."""
+        """The [out_features, in_features] weight, unpacked if need be (a new tensor then); a
+        quantized layer's dequantised, in float32."""
         return self.weight_format.unpacked(self)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

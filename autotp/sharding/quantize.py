@@ -1,14 +1,20 @@
-"""Weight-only INT8 of the parallel Linear layers, made from each rank's shard of the plan.
+"""Weight-only INT8 and INT4 of the parallel Linear layers, made from each rank's shard of the plan.
 
 Scales belong to the whole weight: one per output row and group of G input columns of the
 unsharded layer. A column-parallel shard keeps whole rows, so quantizing it is quantizing its
 rows. A row-parallel shard keeps columns [k0, k1), which may start or end inside a group; it
 quantizes the columns of every group it touches (at most G - 1 more on each side), keeps its
-own, and records k0 % G as the group offset the INT8 kernel reads. Either way the rank holds
+own, and records k0 % G as the group offset the kernels read. Either way the rank holds
 exactly the slice of the quantized whole: quantize-then-shard equals shard-then-quantize.
 
+INT8 (autotp.kernels.quantize_int8): "<module>.weight" int8 [N, K], "<module>.weight_scale"
+fp32 [N, KG]. INT4 (autotp.kernels.int4; "int4" symmetric, "int4-asym" with zero points): the
+weight as uint8 [N, ceil(K/2)], two values per byte, the scales, and for "int4-asym"
+"<module>.weight_zero" uint8 [N, KG]. A row-parallel INT4 shard packs its own columns from its
+first (an odd k0 does not shift the nibbles).
+
 The same layout serves the online path (``autotp.shard``), the offline sharder (which reads
-only the columns a rank's groups need) and the loaders (which set up empty INT8 layers of the
+only the columns a rank's groups need) and the loaders (which set up empty quantized layers of the
 right shapes before the stored values arrive).
 """
 from __future__ import annotations
@@ -21,50 +27,87 @@ import torch
 from autotp import kernels
 from autotp.plan import CUT_DIMS, CheckpointError, Entry, Plan, Ranges, ShardingError, Style
 
-SCHEMES = ("int8",)
+SCHEMES = ("int8", "int4", "int4-asym")
 DEFAULT_GROUP_SIZE = 128
 SCALE_SUFFIX = "_scale"  # a quantized layer's scales sit beside its weight: "<module>.weight_scale"
+ZERO_SUFFIX = "_zero"    # and an asymmetric INT4 layer's zero points: "<module>.weight_zero"
 
 # (dim, ranges) -> those blocks of the full weight, concatenated (dim None: all of it)
 SliceReader = Callable[[int | None, Ranges | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class Int8Shard:
-    """This rank's INT8 weight [N_local, K_local], its scales [N_local, KG] and their grouping."""
+class QuantShard:
+    """This rank's quantized weight, its scales [N_local, KG] (and INT4 zero points) and their
+    grouping. ``q`` is int8 [N_local, K_local] (``bits`` 8) or uint8 [N_local, ceil(K_local/2)],
+    two values per byte (``bits`` 4)."""
     q: torch.Tensor
     scales: torch.Tensor
     group_size: int
     group_offset: int
+    zeros: torch.Tensor | None = None
+    bits: int = 8
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Suffix ("" for the weight itself) -> tensor, as the layer and checkpoints hold them."""
+        out = {"": self.q, SCALE_SUFFIX: self.scales}
+        if self.zeros is not None:
+            out[ZERO_SUFFIX] = self.zeros
+        return out
+
+
+Int8Shard = QuantShard  # the INT8 case
 
 
 @dataclass(frozen=True)
-class Int8Layout:
-    """Where a rank's INT8 shard comes from and what shapes it has.
+class QuantLayout:
+    """Where a rank's quantized shard comes from and what shapes it has.
 
     The rank quantizes the blocks ``read_ranges`` along ``read_dim`` of the full weight (None:
-    all of it) and keeps columns ``keep`` of the result (None: all)."""
+    all of it) and keeps columns ``keep`` of the result (None: all); it holds ``rows`` x
+    ``columns`` weights in groups of ``group_size``."""
     group_size: int
     group_offset: int
     read_dim: int | None
     read_ranges: Ranges | None
     keep: tuple[int, int] | None
-    q_shape: tuple[int, int]
-    scale_shape: tuple[int, int]
+    rows: int
+    columns: int
+    groups: int
+    bits: int = 8
+    symmetric: bool = True
 
-    def empty(self, device: str | torch.device = "meta") -> Int8Shard:
-        """An Int8Shard of this layout whose values are still to be filled (on the meta device:
+    @property
+    def q_shape(self) -> tuple[int, int]:
+        return (self.rows, self.columns if self.bits == 8 else -(-self.columns // 2))
+
+    @property
+    def scale_shape(self) -> tuple[int, int]:
+        return (self.rows, self.groups)
+
+    def specs(self) -> list[tuple[str, torch.dtype, tuple[int, int]]]:
+        """(suffix, dtype, shape) of each tensor that stands for the weight (QuantShard.tensors)."""
+        out = [("", torch.int8 if self.bits == 8 else torch.uint8, self.q_shape),
+               (SCALE_SUFFIX, torch.float32, self.scale_shape)]
+        if not self.symmetric:
+            out.append((ZERO_SUFFIX, torch.uint8, self.scale_shape))
+        return out
+
+    def empty(self, device: str | torch.device = "meta") -> QuantShard:
+        """A QuantShard of this layout whose values are still to be filled (on the meta device:
         no memory)."""
-        return Int8Shard(torch.empty(self.q_shape, dtype=torch.int8, device=device),
-                         torch.empty(self.scale_shape, dtype=torch.float32, device=device),
-                         self.group_size, self.group_offset)
+        t = {suffix: torch.empty(shape, dtype=dtype, device=device) for suffix, dtype, shape in self.specs()}
+        return QuantShard(t[""], t[SCALE_SUFFIX], self.group_size, self.group_offset, t.get(ZERO_SUFFIX), self.bits)
+
+
+Int8Layout = QuantLayout
 
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """How the column- and row-parallel weights are quantized: the scheme (``int8``: symmetric,
-    weight-only) and ``group_size``, the input columns of the whole weight that share one scale
-    (0: one scale per output row). The one value ``autotp.shard``, the checkpoint writer and both
+    """How the column- and row-parallel weights are quantized: the scheme (``int8``: symmetric;
+    ``int4``: symmetric, ``int4-asym``: with zero points; all weight-only) and ``group_size``, the
+    input columns of the whole weight that share one scale (0: one scale per output row). The one value ``autotp.shard``, the checkpoint writer and both
     loaders use: it gives each rank's layout, makes its shard, and is what autotp.json records."""
 
     name: str = "int8"
@@ -85,9 +128,18 @@ class QuantScheme:
         an error."""
         if quantize is None:
             if group_size is not None:
-                raise ValueError("autotp: quant_group_size was given without quantize; pass quantize='int8' too")
+                raise ValueError("autotp: quant_group_size was given without quantize; pass quantize='int8' (or "
+                                 "'int4') too")
             return None
         return cls(quantize, DEFAULT_GROUP_SIZE if group_size is None else group_size)
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.name == "int8" else 4
+
+    @property
+    def symmetric(self) -> bool:
+        return self.name != "int4-asym"
 
     # -- which layers, which shapes ------------------------------------------------------
     @staticmethod
@@ -98,7 +150,7 @@ class QuantScheme:
         return {name: e for name, e in plan.entries.items()
                 if e.style in (Style.COLUMN, Style.ROW) and not e.is_param and e.norm_width is None}
 
-    def layout(self, shape: tuple[int, ...], entry: Entry | None, ranges: Ranges) -> Int8Layout:
+    def layout(self, shape: tuple[int, ...], entry: Entry | None, ranges: Ranges) -> QuantLayout:
         """The layout of this rank's shard of a full weight of ``shape`` [N, K] as stored
         ([K, N] for a transposed entry) under the plan ``entry`` (None: the layer is not
         split), ``ranges`` the rank's blocks."""
@@ -107,48 +159,65 @@ class QuantScheme:
         dim = CUT_DIMS[entry.style]["weight"] if entry is not None else None
         if dim == 1:
             if len(ranges) != 1:
-                raise ShardingError(f"INT8 quantization of '{entry.name}': this rank keeps {len(ranges)} separate "
-                                    "blocks of its input columns; the INT8 kernel takes one contiguous range. "
-                                    "Leave this layer unquantized or shard on fewer ranks")
+                raise ShardingError(f"{self.name.upper()} quantization of '{entry.name}': this rank keeps "
+                                    f"{len(ranges)} separate blocks of its input columns; the quantized kernels take "
+                                    "one contiguous range. Leave this layer unquantized or shard on fewer ranks")
             (k0, k1), = ranges
             first, last = k0 // g, -(-k1 // g)
             start = first * g
-            return Int8Layout(g, k0 % g, 1, [(start, min(k, last * g))], (k0 - start, k1 - start), (n, k1 - k0),
-                              (n, last - first))
+            return QuantLayout(g, k0 % g, 1, [(start, min(k, last * g))], (k0 - start, k1 - start), n, k1 - k0,
+                               last - first, self.bits, self.symmetric)
         if dim is None:
-            return Int8Layout(g, 0, None, None, None, (n, k), (n, -(-k // g)))
+            return QuantLayout(g, 0, None, None, None, n, k, -(-k // g), self.bits, self.symmetric)
         rows = sum(b - a for a, b in ranges)
-        return Int8Layout(g, 0, 0, ranges, None, (rows, k), (rows, -(-k // g)))
+        return QuantLayout(g, 0, 0, ranges, None, rows, k, -(-k // g), self.bits, self.symmetric)
 
     # -- the maths -------------------------------------------------------------------------
-    def quantize(self, weight: torch.Tensor, group_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q, scales) of an [N, K] weight by this scheme's definition (kernels.quantize_int8)."""
-        return kernels.quantize_int8(weight, self.group_size or None, group_offset)
+    def quantize(self, weight: torch.Tensor, group_offset: int = 0) -> QuantShard:
+        """The whole [N, K] ``weight`` quantized by this scheme's definition
+        (kernels.quantize_int8, kernels.quantize_int4; INT4 values packed two per byte)."""
+        g = self.group_size or max(weight.shape[1], 1)
+        if self.bits == 8:
+            q, scales = kernels.quantize_int8(weight, g, group_offset)
+            return QuantShard(q, scales, g, group_offset)
+        u, scales, zeros = kernels.quantize_int4(weight, g, group_offset, self.symmetric)
+        return QuantShard(kernels.pack_int4(u), scales, g, group_offset, zeros, 4)
 
-    def dequantize(self, q: torch.Tensor, scales: torch.Tensor, group_offset: int = 0) -> torch.Tensor:
-        """float32 Q * S: the weight the INT8 GEMM multiplies by."""
-        return kernels.dequantize_int8(q, scales, self.group_size or None, group_offset)
+    @staticmethod
+    def dequantize(shard: QuantShard, in_features: int) -> torch.Tensor:
+        """float32 [N, in_features]: the weight the quantized GEMMs multiply by, each product
+        rounded once."""
+        if shard.bits == 8:
+            return kernels.dequantize_int8(shard.q, shard.scales, shard.group_size, shard.group_offset)
+        return kernels.dequantize_int4(kernels.unpack_int4(shard.q, in_features), shard.scales, shard.zeros,
+                                       shard.group_size, shard.group_offset)
 
     def quantize_slice(self, read: SliceReader, shape: tuple[int, ...], entry: Entry | None,
-                       ranges: Ranges) -> Int8Shard:
-        """This rank's INT8 shard, reading from the full weight (stored ``shape``) only the
+                       ranges: Ranges) -> QuantShard:
+        """This rank's quantized shard, reading from the full weight (stored ``shape``) only the
         blocks its layout needs; a transposed entry's blocks are read [in, out] and turned."""
         layout = self.layout(shape, entry, ranges)
         if entry is not None and entry.transposed:
             stored = read
             read = lambda dim, blocks: stored(None if dim is None else 1 - dim, blocks).t()
         weight = read(layout.read_dim, layout.read_ranges)
-        q = torch.empty(layout.q_shape, dtype=torch.int8)
-        scales = torch.empty(layout.scale_shape, dtype=torch.float32)
+        out = layout.empty("cpu")
         a, b = layout.keep or (0, weight.shape[1])
         step = max(1, (4 << 20) // max(weight.shape[1], 1))  # rows are independent: bound the fp32 temporaries
         for start in range(0, weight.shape[0], step):
-            rows_q, scales[start:start + step] = kernels.quantize_int8(weight[start:start + step], layout.group_size)
-            q[start:start + step] = rows_q[:, a:b]
-        return Int8Shard(q, scales, layout.group_size, layout.group_offset)
+            rows = slice(start, start + step)
+            if self.bits == 8:
+                q, out.scales[rows] = kernels.quantize_int8(weight[rows], layout.group_size)
+                out.q[rows] = q[:, a:b]
+                continue
+            u, out.scales[rows], zeros = kernels.quantize_int4(weight[rows], layout.group_size, 0, self.symmetric)
+            out.q[rows] = kernels.pack_int4(u[:, a:b])
+            if zeros is not None:
+                out.zeros[rows] = zeros
+        return out
 
-    def quantize_shard(self, weight: torch.Tensor, entry: Entry | None, ranges: Ranges) -> Int8Shard:
-        """This rank's INT8 shard of the full ``weight`` [N, K] as stored (see :meth:`layout`)."""
+    def quantize_shard(self, weight: torch.Tensor, entry: Entry | None, ranges: Ranges) -> QuantShard:
+        """This rank's quantized shard of the full ``weight`` [N, K] as stored (see :meth:`layout`)."""
         def read(dim: int | None, blocks: Ranges | None) -> torch.Tensor:
             if dim is None:
                 return weight
