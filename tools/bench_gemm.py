@@ -1,7 +1,8 @@
 """Every GEMM path this CPU can run, side by side in one run: autotp's bf16 GEMM as dispatched
 by default (``auto``) and forced onto each instruction set (generic, avx2, avx512, avx512_bf16,
 amx, as the CPU allows), torch's bf16 ``F.linear``, its prepacked oneDNN linear (where oneDNN
-has native bf16 here) and fp32 ``F.linear``; then autotp's weight-only INT8 GEMM on each path.
+has native bf16 here) and fp32 ``F.linear``; then autotp's weight-only INT8 and INT4 (symmetric)
+GEMMs on each path that serves them.
 Timings interleave (every path once per round), so machine noise falls on all alike.
 
     python tools/bench_gemm.py [--threads 1 2] [--m 1 4 16 64 256 1024] [--shapes 4096x4096 ...]
@@ -13,7 +14,8 @@ as fast as torch. Times shown are medians over rounds. For M <= 16 (decoding) th
 as a share of the read bandwidth, measured interleaved by autotp's read probe: with portable
 loads (``generic``) and with the best ISA's loads; the share is of the higher of the two.
 Paths slower than 0.5 s a call are timed once per round (the generic path at prefill sizes).
-The closing lines check the targets of issue 15 for the auto path.
+The closing lines check the targets of issue 15 for the auto path, and issue 18's for INT4
+(M=1 time <= 0.35x the auto bf16 time of the same shape).
 """
 from __future__ import annotations
 
@@ -77,8 +79,8 @@ def bf16_paths(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor, onednn: t
 
 
 def measure(args: argparse.Namespace, isas: list[str], threads: int) -> tuple[list, dict[str, float]]:
-    """Rows (n, k, m, int8 bytes, medians by path, times of each round by path) and the read
-    bandwidths."""
+    """Rows (n, k, m, bytes of each quantized kind, medians by path, times of each round by
+    path) and the read bandwidths."""
     torch.set_num_threads(threads)
     probe = torch.ones(1 << 30, dtype=torch.uint8)
     reads: dict[str, list[float]] = {"generic": [], isas[0]: []}
@@ -90,23 +92,26 @@ def measure(args: argparse.Namespace, isas: list[str], threads: int) -> tuple[li
         onednn = torch.ops.mkldnn._reorder_linear_weight(w, None) if onednn_bf16() else None
         group = args.quant_group_size or k
         q8, s8 = kernels.prepack_int8(*kernels.quantize_int8(w, group))
-        int8_isas = [i for i in isas if kernels.serving_isa(i, "int8") == i]
+        q4, s4, z4 = kernels.prepack_int4(*kernels.quantize_int4(w, group))
+        qbytes = {"int8": q8.numel() + s8.numel() * 4, "int4": q4.numel() + s4.numel() * 4}
+        serving = {kind: [i for i in isas if kernels.serving_isa(i, kind) == i] for kind in qbytes}
         for m in args.m:
             x = torch.randn(m, k).bfloat16()
             paths = bf16_paths(x, w, packed, onednn, isas, n)
-            int8 = {i: (lambda i=i: kernels.linear_int8(x, q8, s8, None, n, group, isa=i)) for i in int8_isas}
-            times: dict[str, list[float]] = {name: [] for name in [*paths, *(f"int8 {i}" for i in int8)]}
+            paths.update({f"int8 {i}": (lambda i=i: kernels.linear_int8(x, q8, s8, None, n, group, isa=i))
+                          for i in serving["int8"]})
+            paths.update({f"int4 {i}": (lambda i=i: kernels.linear_int4(x, q4, s4, z4, None, n, group, isa=i))
+                          for i in serving["int4"]})
+            times: dict[str, list[float]] = {name: [] for name in paths}
             for _ in range(args.rounds):
                 for name, fn in paths.items():
                     times[name].append(timed(fn))
-                for i, fn in int8.items():
-                    times[f"int8 {i}"].append(timed(fn))
                 if m <= 16:
                     for isa in reads:
                         reads[isa].append(probe.numel() / timed(lambda: kernels.read_probe(probe, Runtime(isa=isa)),
                                                                 0.0, 1))
             medians = {name: statistics.median(t) for name, t in times.items()}
-            rows.append((n, k, m, q8.numel() + s8.numel() * 4, medians, times))
+            rows.append((n, k, m, qbytes, medians, times))
             print(".", end="", flush=True, file=sys.stderr)
     print(file=sys.stderr)
     return rows, {isa: statistics.median(v) for isa, v in reads.items() if v}
@@ -128,7 +133,7 @@ def print_tables(rows: list, bw: dict[str, float], threads: int) -> None:
     band = max(bw.values()) if bw else float("nan")
     print(f"\n{threads} thread(s); read bandwidth " +
           ", ".join(f"{v / 1e9:.1f} GB/s with {isa} loads" for isa, v in bw.items()))
-    names = [nm for nm in rows[0][4] if not nm.startswith("int8")]
+    names = [nm for nm in rows[0][4] if not nm.startswith(("int8", "int4"))]
     print(f"{'N x K':>11} {'M':>5} " + "".join(f"{nm:>16}" for nm in names) + "   ms (best torch bf16 / path)")
     for n, k, m, _, t, rounds in rows:
         cells = "".join(f"{t[nm] * 1e3:9.2f} {ratio(rounds, nm):5.2f}x" for nm in names)
@@ -137,14 +142,14 @@ def print_tables(rows: list, bw: dict[str, float], threads: int) -> None:
             line += "   %bw " + " ".join(f"{nm} {n * k * 2 / t[nm] / band * 100:.0f}%"
                                           for nm in names if not nm.startswith(("F.", "oneDNN")))
         print(line)
-    int8 = [nm for nm in rows[0][4] if nm.startswith("int8")]
-    print(f"\nINT8 weights (bf16 activations): ms, and time / auto bf16 time")
-    print(f"{'N x K':>11} {'M':>5} " + "".join(f"{nm:>18}" for nm in int8))
-    for n, k, m, i8_bytes, t, rounds in rows:
+    quant = [nm for nm in rows[0][4] if nm.startswith(("int8", "int4"))]
+    print(f"\nINT8 and INT4 weights (bf16 activations): ms, and time / auto bf16 time")
+    print(f"{'N x K':>11} {'M':>5} " + "".join(f"{nm:>18}" for nm in quant))
+    for n, k, m, qbytes, t, rounds in rows:
         line = f"{n:>5}x{k:<5} {m:>5} " + "".join(f"{t[nm] * 1e3:10.2f} {1 / ratio(rounds, nm, 'auto'):5.2f}x"
-                                                  for nm in int8)
+                                                  for nm in quant)
         if m <= 16:
-            line += "   %bw " + " ".join(f"{nm[5:]} {i8_bytes / t[nm] / band * 100:.0f}%" for nm in int8)
+            line += "   %bw " + " ".join(f"{nm} {qbytes[nm[:4]] / t[nm] / band * 100:.0f}%" for nm in quant)
         print(line)
 
 
@@ -162,6 +167,14 @@ def print_targets(rows: list, bw: dict[str, float], threads: int, emulated: bool
         ws = min(share)
         print(f"  M=1: worst ratio {w1[0]:.2f} ({w1[1]}x{w1[2]}; target >= 1.00), lowest share of read bandwidth "
               f"{ws[0] * 100:.0f}% ({ws[1]}x{ws[2]}; target >= 85%)")
+    int4 = [(1 / ratio(rounds, "int4 " + kernels.serving_isa("", "int4"), "auto"), n, k, m)
+            for n, k, m, _, t, rounds in rows if m in (1, 4, 16)]
+    for rows_m in (1, 4, 16):
+        picked = [r for r in int4 if r[3] == rows_m]
+        if picked:
+            w = max(picked)
+            print(f"  INT4 (auto) M={rows_m}: worst int4 / auto bf16 time {w[0]:.2f} ({w[1]}x{w[2]})"
+                  + ("; target <= 0.35" if rows_m == 1 else ""))
     if emulated:
         at256 = [(ratio(rounds, "auto", "F.linear fp32"), n, k) for n, k, m, _, t, rounds in rows if m == 256]
         if at256:
@@ -179,7 +192,7 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=None,
                         help="forced ISAs to time beside auto (default: every one this CPU runs)")
     parser.add_argument("--quant-group-size", type=int, default=128,
-                        help="input columns per INT8 scale (0: one scale per output row)")
+                        help="input columns per INT8 / INT4 scale (0: one scale per output row)")
     args = parser.parse_args()
     isas = kernels.available_isas(Runtime())
     if not isas:
