@@ -82,15 +82,16 @@ def test_packed_layout_follows_its_definition():
     s, z = torch.rand(n, 3), torch.randint(0, 16, (n, 3), dtype=torch.uint8)
     qp, sp, zp = kernels.prepack_int4(u, s, z)
     assert qp.shape == (2, 5, 64) and sp.shape == (2, 3, 64) and zp.shape == (2, 3, 64)
-    words = qp.view(torch.int32)  # little-endian 32-bit words, 16 per pair of K rows
     for row in range(n):
         for col in range(k):
             g, c = divmod(row, 64)
+            h, i, high = c // 32, c % 16, c % 32 // 16
             p, r = divmod(col, 2)
-            word = int(words[g, p, 8 * r + c % 8]) & 0xFFFFFFFF
-            assert (word >> (4 * (c // 8))) & 15 == u[row, col], (row, col)
+            byte = int(qp[g, p, 32 * h + 2 * i + r])
+            assert (byte >> 4 if high else byte & 15) == u[row, col], (row, col)
         assert torch.equal(sp[row // 64, :, row % 64], s[row]) and torch.equal(zp[row // 64, :, row % 64], z[row])
-    assert (qp.view(torch.int32)[:, 4, 8:] == 0).all()  # past K (9 is odd): zero
+    assert (qp[:, 4, 1::2] == 0).all()  # past K (9 is odd): zero
+    assert (qp[1, :, 12:] == 0).all() and (qp[1, :, :12] >> 4 == 0).all()  # past N (70): zero
     back = kernels.unprepack_int4(qp, sp, zp, n, k)
     assert torch.equal(back[0], u) and torch.equal(back[1], s) and torch.equal(back[2], z)
 

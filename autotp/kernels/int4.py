@@ -17,9 +17,9 @@ Stored form (a layer's parameters, a checkpoint's tensors): ``weight`` uint8 [N,
 byte j holding column 2j in its low nibble and 2j + 1 in its high one (zero past K);
 ``weight_scale`` fp32 [N, KG]; ``weight_zero`` uint8 [N, KG] for the asymmetric scheme only.
 Packed form (what ``linear_int4`` reads; csrc/kernel_table.h): U as [ceil(N/64), ceil(K/2), 64]
-bytes, per group g and pair p of K rows 16 little-endian 32-bit words whose word l holds in
-nibble j the value U[64 g + 8 j + l % 8, 2 p + l // 8]; scales and zero points as
-[ceil(N/64), KG, 64], zero past N or K.
+bytes: per group g of 64 columns and pair p of K rows, two blocks h of 32 bytes, byte
+32 h + 2 i + r = U[64 g + 32 h + i, 2 p + r] | U[64 g + 32 h + 16 + i, 2 p + r] << 4 (i < 16,
+r < 2); scales and zero points as [ceil(N/64), KG, 64]; zero past N or K.
 """
 from __future__ import annotations
 
@@ -105,9 +105,9 @@ def prepack_int4(u: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | No
     n, k = u.shape
     ng, pairs = -(-n // GROUP_N), -(-k // 2)
     u = F.pad(u, (0, 2 * pairs - k, 0, ng * GROUP_N - n))
-    # [g, j, lane, p, row] -> [g, p, row, lane, j]: word (row, lane) of pair p, nibble j
-    nib = u.view(ng, 8, 8, pairs, 2).permute(0, 3, 4, 2, 1)
-    q = (nib[..., 0::2] | (nib[..., 1::2] << 4)).reshape(ng, pairs, GROUP_N)  # byte b: nibbles 2b, 2b + 1
+    # [g, h, nibble, i, p, r] -> [g, p, h, i, r, nibble]
+    parts = u.view(ng, 2, 2, 16, pairs, 2).permute(0, 4, 1, 3, 5, 2)
+    q = (parts[..., 0] | (parts[..., 1] << 4)).reshape(ng, pairs, GROUP_N)
     return q.contiguous(), _group_major(scales.float()), None if zeros is None else _group_major(zeros)
 
 
@@ -115,9 +115,9 @@ def unprepack_int4(qpacked: torch.Tensor, spacked: torch.Tensor, zpacked: torch.
                    in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(U [N, K], S [N, KG], Z or None) back from the layouts of :func:`prepack_int4`."""
     ng, pairs = qpacked.shape[:2]
-    b = qpacked.view(ng, pairs, 2, 8, 4)
-    nib = torch.stack((b & 15, b >> 4), dim=-1).view(ng, pairs, 2, 8, 8)  # [g, p, row, lane, j]
-    u = nib.permute(0, 4, 3, 1, 2).reshape(ng * GROUP_N, 2 * pairs)[:out_features, :in_features]
+    b = qpacked.view(ng, pairs, 2, 16, 2)  # [g, p, h, i, r]
+    parts = torch.stack((b & 15, b >> 4), dim=-1)  # [g, p, h, i, r, nibble]
+    u = parts.permute(0, 2, 5, 3, 1, 4).reshape(ng * GROUP_N, 2 * pairs)[:out_features, :in_features]
 
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t.transpose(1, 2).reshape(t.shape[0] * GROUP_N, t.shape[1])[:out_features].contiguous()

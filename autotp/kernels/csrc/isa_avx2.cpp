@@ -47,7 +47,7 @@ struct Avx2 {
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale);
   }
-  // INT4 (int4_tiles.h): 8 words = one K row
+  // INT4 (int4_tiles.h): 8 words = one block of a pair of K rows
   using I = __m256i;
   static I load_words(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static I srli(I v, int n) { return _mm256_srli_epi32(v, n); }
@@ -57,15 +57,6 @@ struct Avx2 {
   }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static F bcast8(const float* p) { return _mm256_loadu_ps(p); }
-  static F bcast8_u8(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-  static F xrows(float a, float) { return _mm256_set1_ps(a); }
-  static void add8(float* out, F v) { _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), v)); }
-  static void store8(float* row0, float*, F v, int col) {
-    if (row0) _mm256_storeu_ps(row0 + col, v);
-  }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 };
 

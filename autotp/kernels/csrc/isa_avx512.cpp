@@ -43,7 +43,7 @@ struct Avx512 {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), scale);
   }
-  // INT4 (int4_tiles.h): 16 words = both K rows of a pair, 8 lanes each
+  // INT4 (int4_tiles.h): 16 words = both blocks of a pair of K rows
   using I = __m512i;
   static I load_words(const uint8_t* p) { return _mm512_loadu_si512(p); }
   static I srli(I v, int n) { return _mm512_srli_epi32(v, n); }
@@ -53,20 +53,6 @@ struct Avx512 {
   }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static F bcast8(const float* p) { return _mm512_broadcast_f32x8(_mm256_loadu_ps(p)); }
-  static F bcast8_u8(const uint8_t* p) {
-    const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-    return _mm512_broadcast_f32x8(v);
-  }
-  static F xrows(float a, float b) { return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1); }
-  static void add8(float* out, F v) {
-    const __m256 sum = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), sum));
-  }
-  static void store8(float* row0, float* row1, F v, int col) {
-    if (row0) _mm256_storeu_ps(row0 + col, _mm512_castps512_ps256(v));
-    if (row1) _mm256_storeu_ps(row1 + col, _mm512_extractf32x8_ps(v, 1));
-  }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 };
 

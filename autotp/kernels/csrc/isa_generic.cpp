@@ -37,13 +37,13 @@ void int4_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* q = a.q4 + g * pairs * 64;
     for (int64_t col = 0; col < kInt8Group; ++col) {
-      const int64_t j = col / 8, lane = col % 8;
+      const int64_t h = col / 32, i = col % 16, high = col % 32 / 16;
       for (int64_t m = m0; m < m1; ++m) {
         float acc = 0.0f;
         for (int64_t k = 0; k < a.K; ++k) {
           const int64_t t = (k + a.O) / a.G, at = (g * a.KG + t) * kInt8Group + col;
-          const uint8_t byte = q[(k / 2) * 64 + ((k % 2) * 8 + lane) * 4 + j / 2];
-          const int u = j % 2 ? byte >> 4 : byte & 15, zero = a.z ? a.z[at] : 8;
+          const uint8_t byte = q[(k / 2) * 64 + 32 * h + 2 * i + k % 2];
+          const int u = high ? byte >> 4 : byte & 15, zero = a.z ? a.z[at] : 8;
           acc += a.x[m * a.K + k] * (static_cast<float>(u - zero) * a.s[at]);
         }
         c[(m - m0) * ldc + (g - g0) * kInt8Group + col] = acc;

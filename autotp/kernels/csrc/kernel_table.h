@@ -16,12 +16,15 @@
 //   y[m, n] = bias[n] + sum over k of x[m, k] * (float(Q[n, k]) * S[n, (k + O) / G]),
 //   each dequantised weight rounded to fp32 once, summed in K order.
 // INT4 packed weight: U [N, K] of 4-bit values 0..15 -> [NG, ceil(K/2), 64] uint8: per group g
-//   and pair p of K rows, 16 little-endian 32-bit words, word l's nibble j (bits 4j .. 4j+3)
-//   = U[64 g + 8 j + l % 8, 2 p + l / 8], zero past N or K; scales as INT8's; zero points
-//   Z [N, KG] uint8 -> [NG, KG, 64] (or none: 8 for every group, the symmetric scheme). The
-//   product (the spec): y[m, n] = bias[n] + sum over k of x[m, k] * (float(U[n, k] - Z[n, g]) *
-//   S[n, g]), g = (k + O) / G, each dequantised weight rounded to fp32 once, summed in K order;
-//   the vector paths apply S once per group to fp32 sums of x * (U - Z) (int4_tiles.h).
+//   of 64 columns and pair p of K rows, two blocks h of 32 bytes, byte 32 h + 2 i + r =
+//   U[64 g + 32 h + i, 2 p + r] | U[64 g + 32 h + 16 + i, 2 p + r] << 4 (i < 16, r < 2), zero past
+//   N or K: widened to 16-bit words, a block's low nibbles are the (k even, k odd) pairs of
+//   columns 32 h .. +15 and its high nibbles those of the next 16 (what a bf16 dot product of
+//   pairs wants). Scales as INT8's; zero points Z [N, KG] uint8 -> [NG, KG, 64] (or none: 8 for
+//   every group, the symmetric scheme). The product (the spec): y[m, n] = bias[n] + sum over k
+//   of x[m, k] * (float(U[n, k] - Z[n, g]) * S[n, g]), g = (k + O) / G, each dequantised weight
+//   rounded to fp32 once, summed in K order; the vector paths apply S once per group to fp32
+//   sums of x * (U - Z) (int4_tiles.h).
 #pragma once
 
 #include <cstdint>
