@@ -127,6 +127,9 @@ def test_int4_gemm_shape_sweep_against_float64(n, k, g, symmetric, isa):
         # one row alone (the few-rows path) against the same reference
         one = kernels.linear_int4(x[:1], qp, sp, zp, b, n, group, out_dtype=torch.float32, isa=isa)
         assert ((one.double() - expect[:1]).abs() <= bound[:1]).all()
+        # fp32 activations (a path of their own where bf16 ones take dot products of bf16 pairs)
+        yf = kernels.linear_int4(x.float(), qp, sp, zp, b, n, group, isa=isa)
+        assert yf.dtype == torch.float32 and ((yf.double() - expect).abs() <= bound).all(), f"{isa} fp32 x M={m}"
 
 
 @paths

@@ -301,6 +301,8 @@ def test_each_call_goes_to_the_first_table_down_the_list_that_serves_it():
                     want = isa
                 assert got == want, (isa, dtype, rows, got)
         assert kernels.serving_isa(isa, "int8") == ("avx512" if isa in ("amx", "avx512_bf16") else isa)
-        assert kernels.serving_isa(isa, "int4") == ("avx512" if isa in ("amx", "avx512_bf16") else isa)
+        # INT4: bf16 activations take AVX512-BF16's dot products, fp32 ones the AVX-512 tile
+        assert kernels.serving_isa(isa, "int4", torch.bfloat16) == ("avx512_bf16" if isa == "amx" else isa)
+        assert kernels.serving_isa(isa, "int4", torch.float32) == ("avx512" if isa in ("amx", "avx512_bf16") else isa)
     with pytest.raises(RuntimeError, match="weight must be bf16, int8 or int4"):
         kernels.serving_isa("", "int2")

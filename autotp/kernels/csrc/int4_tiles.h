@@ -89,19 +89,22 @@ void int4_direct(const float* x, int64_t ldx, const uint8_t* q, const float* s, 
 // Plain loops over the layout's definition (the compiler vectorises them for the file's ISA).
 inline void int4_panel(const uint8_t* q, const float* s, const uint8_t* z, int64_t G, int64_t O, int64_t k0,
                        int64_t k1, float* panel) {
-  for (int64_t k = k0; k < k1; ++k) {
-    const int64_t t = (k + O) / G;
-    const uint8_t* bytes = q + (k / 2) * kInt4PairBytes + k % 2;
+  alignas(64) float zf[64];
+  for (int64_t kg = k0; kg < k1;) {
+    const int64_t t = (kg + O) / G, kend = std::min(k1, (t + 1) * G - O);
     const float* st = s + t * 64;
-    const uint8_t* zt = z ? z + t * 64 : nullptr;
-    float* row = panel + (k - k0) * 64;
-    for (int64_t h = 0; h < 2; ++h)
-      for (int64_t i = 0; i < 16; ++i) {
-        const int b = bytes[32 * h + 2 * i];
-        const int64_t lo = 32 * h + i, hi = lo + 16;
-        row[lo] = static_cast<float>((b & 15) - (zt ? zt[lo] : 8)) * st[lo];
-        row[hi] = static_cast<float>((b >> 4) - (zt ? zt[hi] : 8)) * st[hi];
-      }
+    for (int64_t c = 0; c < 64; ++c) zf[c] = z ? static_cast<float>(z[t * 64 + c]) : 8.0f;
+    for (int64_t k = kg; k < kend; ++k) {
+      const uint8_t* bytes = q + (k / 2) * kInt4PairBytes + k % 2;
+      float* row = panel + (k - k0) * 64;
+      for (int64_t h = 0; h < 2; ++h)
+        for (int64_t i = 0; i < 16; ++i) {
+          const int b = bytes[32 * h + 2 * i];
+          row[32 * h + i] = (static_cast<float>(b & 15) - zf[32 * h + i]) * st[32 * h + i];
+          row[32 * h + 16 + i] = (static_cast<float>(b >> 4) - zf[32 * h + 16 + i]) * st[32 * h + 16 + i];
+        }
+    }
+    kg = kend;
   }
 }
 

@@ -139,7 +139,7 @@ void bf16x_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b
 
 const KernelTable& amx_table() {
   const KernelTable& below = avx512_bf16_table();
-  static const KernelTable table{"amx", supported, nullptr, bf16x_tile, kMinRows, kUnitRows, kUnitBlocks, nullptr, nullptr, below.sum_bf16,
+  static const KernelTable table{"amx", supported, nullptr, bf16x_tile, kMinRows, kUnitRows, kUnitBlocks, nullptr, nullptr, nullptr, below.sum_bf16,
                                  below.sum_f32, below.stream_read};
   return table;
 }

@@ -52,6 +52,7 @@ const KernelTable& serving_table(const KernelTable& start, CallKind kind, int64_
     const KernelTable& t = **it;
     const bool serves = kind == CallKind::kInt8   ? t.int8_tile != nullptr
                         : kind == CallKind::kInt4 ? t.int4_tile != nullptr
+                        : kind == CallKind::kInt4Bf16X ? t.int4_tile != nullptr || t.int4x_tile != nullptr
                         : t.bf16_tile != nullptr || (kind == CallKind::kBf16Bf16X && takes_bf16x(t, M));
     if (serves) return t;
   }

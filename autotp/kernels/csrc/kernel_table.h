@@ -67,6 +67,7 @@ struct Int8GemmArgs {  // INT8 and INT4 calls
   const int8_t* q;    // INT8: packed weight, [NG, K, 64]
   const uint8_t* q4;  // INT4: packed weight, [NG, K, 32]
   const uint8_t* z;   // INT4: packed zero points, [NG, KG, 64], or null (8)
+  const uint16_t* xb; // INT4, for int4x_tile: activations as bf16, [M, K] (x is then null)
   const float* s;     // packed scales, [NG, KG, 64]
   const float* bias;  // [N] or nullptr
   void* out;          // [M, N] with row stride ldo, bf16 or fp32
@@ -97,6 +98,8 @@ struct KernelTable {
   int64_t bf16x_unit_blocks;  // with bf16x_unit_rows: blocks of 16 columns per unit at most (a multiple of 4)
   void (*int8_tile)(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
   void (*int4_tile)(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1);  // as int8_tile
+  // INT4 weights, bf16 activations (a.xb); tables without one give such calls to int4_tile
+  void (*int4x_tile)(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
   // out[i] = sum over s of srcs[s][i] in fp32, in the order of srcs; bf16 rounded once
   void (*sum_bf16)(const uint16_t* const* srcs, int64_t count, uint16_t* out, int64_t n);
   void (*sum_f32)(const float* const* srcs, int64_t count, float* out, int64_t n);
@@ -127,7 +130,7 @@ const std::vector<const KernelTable*>& runnable_tables();
 // The table called `name` if this CPU runs it; "" is the best this CPU runs. Raises otherwise.
 const KernelTable& kernel_table(const std::string& name);
 // What kind of GEMM call a table is asked to serve.
-enum class CallKind { kBf16Fp32X, kBf16Bf16X, kInt8, kInt4 };
+enum class CallKind { kBf16Fp32X, kBf16Bf16X, kInt8, kInt4, kInt4Bf16X };
 // The first runnable table from `start` down the list that serves a call of this kind and M
 // (bf16 activations go to a bf16x tile where one serves M, else to an fp32-activation tile).
 const KernelTable& serving_table(const KernelTable& start, CallKind kind, int64_t M);

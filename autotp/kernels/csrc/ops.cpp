@@ -205,7 +205,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   at::Tensor out = call.out, b = call.bias;
   if (call.finished) return out;
   at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
-  Int8GemmArgs args{xf.data_ptr<float>(), qpacked.data_ptr<int8_t>(), nullptr, nullptr, spacked.data_ptr<float>(),
+  Int8GemmArgs args{xf.data_ptr<float>(), qpacked.data_ptr<int8_t>(), nullptr, nullptr, nullptr, spacked.data_ptr<float>(),
                             b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K, group_size,
                             group_offset, spacked.size(1), N, out.scalar_type() == at::kBFloat16};
   const int64_t rows = M <= kInt8DirectM
@@ -246,15 +246,19 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qpacked, const at:
                 zpacked->scalar_type(), " ", zpacked->sizes());
   at::Tensor out = call.out, b = call.bias;
   if (call.finished) return out;
-  at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
-  Int8GemmArgs args{xf.data_ptr<float>(), nullptr, qpacked.data_ptr<uint8_t>(),
-                    zeros ? zpacked->data_ptr<uint8_t>() : nullptr, spacked.data_ptr<float>(),
-                    b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K, G, O, KG, N,
-                    out.scalar_type() == at::kBFloat16};
+  const bool x_bf16 = x.scalar_type() == at::kBFloat16;
+  const KernelTable& table = serving_table(*call.table, x_bf16 ? CallKind::kInt4Bf16X : CallKind::kInt4, M);
+  const bool int4x = x_bf16 && table.int4x_tile != nullptr;  // bf16 activations as they are
+  const at::Tensor xs = int4x ? x.reshape({M, K}).contiguous() : x.reshape({M, K}).to(at::kFloat).contiguous();
+  Int8GemmArgs args{int4x ? nullptr : xs.data_ptr<float>(), nullptr, qpacked.data_ptr<uint8_t>(),
+                    zeros ? zpacked->data_ptr<uint8_t>() : nullptr,
+                    int4x ? reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>()) : nullptr,
+                    spacked.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K,
+                    G, O, KG, N, out.scalar_type() == at::kBFloat16};
   const int64_t rows = M <= kInt8DirectM
-      ? M
+      ? M  // few rows: one tile, so each weight row is widened once
       : std::min(kInt8BlockM, ceil_div(ceil_div(M, ceil_div(M, kInt8BlockM)), kRowTile) * kRowTile);
-  const auto tile = serving_table(*call.table, CallKind::kInt4, M).int4_tile;
+  const auto tile = int4x ? table.int4x_tile : table.int4_tile;
   for_each_unit(M, rows, NG, kInt8MaxItemGroups, 1,
                 [&](int64_t m0, int64_t m1, int64_t g0, int64_t g1) { tile(args, m0, m1, g0, g1); });
   return out;
@@ -278,7 +282,7 @@ std::string serving_isa(const std::string& isa, const std::string& weight, at::S
   TORCH_CHECK(weight == "bf16" || weight == "int8" || weight == "int4",
               "autotp::serving_isa: weight must be bf16, int8 or int4, got ", weight);
   const CallKind kind = weight == "int8"   ? CallKind::kInt8
-                        : weight == "int4" ? CallKind::kInt4
+                        : weight == "int4" ? (x_dtype == at::kBFloat16 ? CallKind::kInt4Bf16X : CallKind::kInt4)
                         : x_dtype == at::kBFloat16 ? CallKind::kBf16Bf16X : CallKind::kBf16Fp32X;
   return serving_table(kernel_table(isa), kind, M).name;
 }
