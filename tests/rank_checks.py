@@ -369,3 +369,26 @@ def compare_fast_decoding(rank: int, world_size: int, family: str) -> dict:
     return {"greedy_equal": torch.equal(greedy, ref_greedy), "beam_equal": torch.equal(beam, ref_beam),
             "graphs": counters["stats"]["unique_graphs"] - graphs, "decode_calls": calls["decode"],
             "attn": model.config._attn_implementation, "tokens": greedy.tolist()}
+
+
+def load_prequantized_and_compare(rank: int, world_size: int, cases: list[tuple[str, str]]) -> list[dict]:
+    """For each (GPTQ / AWQ directory, family): autotp.from_pretrained on these ranks against the
+    plain model with the format's reference dequantization (tests/gptq_awq.py), float32."""
+    import gptq_awq
+
+    inputs = zoo.batch()
+    out = []
+    for directory, family in cases:
+        model = autotp.from_pretrained(directory)
+        reference = gptq_awq.reference_model(directory, family)
+        with torch.no_grad():
+            ref = reference(**inputs).logits
+            got = model(**inputs).logits
+            step = {"input_ids": inputs["input_ids"][:, -1:]}  # M = 2: the few-rows kernels
+            step_diff = model(**step).logits - reference(**step).logits
+        formats = sorted({type(m.weight_format).__name__ for m in model.modules() if getattr(m, "quantized", False)})
+        out.append({"case": directory, "max_abs_diff": (got - ref).abs().max().item(),
+                    "step_diff": step_diff.abs().max().item(), "ref_absmax": ref.abs().max().item(),
+                    "formats": formats, "dtype": str(next(model.parameters()).dtype),
+                    "quantized_layers": sum(bool(getattr(m, "quantized", False)) for m in model.modules())})
+    return out

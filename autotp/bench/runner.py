@@ -44,7 +44,7 @@ class RunConfig:
     comm: str = "shm"  # AUTOTP_COMM
     fuse: bool = True  # fuse_allreduce
     quantize: str | None = None  # autotp.from_pretrained(quantize=...)
-    bf16_twin: str | None = None  # for an INT8 configuration: the same one without quantization
+    bf16_twin: str | None = None  # for a quantized configuration: the same one without quantization
     compile: bool = True  # AUTOTP_COMPILE: static KV cache and a compiled decoding step
     cores: int | None = None  # physical cores the configuration may use (None: all)
     huge_pages: bool = True  # AUTOTP_HUGE_PAGES: weights on transparent huge pages
@@ -77,7 +77,9 @@ def all_configs(ranks: int) -> list[RunConfig]:
             RunConfig("int8-shm", ranks, "autotp", quantize="int8", bf16_twin="native-shm"),
             RunConfig("int8-shm-eager", ranks, "autotp", quantize="int8", bf16_twin="native-shm-eager",
                       compile=False),
-            RunConfig("int8-shm-4k", ranks, "autotp", quantize="int8", bf16_twin="native-shm-4k", huge_pages=False)]
+            RunConfig("int8-shm-4k", ranks, "autotp", quantize="int8", bf16_twin="native-shm-4k", huge_pages=False),
+            RunConfig("int4-1", 1, "autotp", quantize="int4", bf16_twin="autotp-1"),
+            RunConfig("int4-shm", ranks, "autotp", quantize="int4", bf16_twin="native-shm")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,10 +96,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--beams", type=int, nargs="+", default=[1, 4], help="1 = greedy; 4 = beam search of 4")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="timed dtype")
     p.add_argument("--configs", nargs="+", default=keys, choices=keys, metavar="CONFIG",
-                   help=f"configurations to run (default all available): {', '.join(keys)}; the int8 ones "
-                        "load with autotp.from_pretrained(quantize='int8'): each rank quantizes its slices")
+                   help=f"configurations to run (default all available): {', '.join(keys)}; the int8 and "
+                        "int4 ones load with autotp.from_pretrained(quantize='int8' / 'int4'): each rank "
+                        "quantizes its slices")
     p.add_argument("--quant-group-size", type=int, default=128,
-                   help="input columns per INT8 scale in the int8 configurations (0: one per output row)")
+                   help="input columns per scale in the int8 and int4 configurations (0: one per output row)")
     p.add_argument("--warmup", type=int, default=1, help="untimed generations per decoding mode first")
     p.add_argument("--runs", type=int, default=2, help="timed generations per case per round")
     p.add_argument("--rounds", type=int, default=2, help="passes over all configurations, alternating")

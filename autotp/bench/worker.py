@@ -52,7 +52,7 @@ def load(spec: dict[str, Any], world: int, runtime: Runtime) -> nn.Module:
     cfg, dtype = spec["config"], getattr(torch, spec["dtype"])
     if cfg["impl"] == "transformers":
         model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
-    else:  # INT8 configurations quantize each rank's slices while loading (or read a quantized checkpoint)
+    else:  # INT8 / INT4 configurations quantize each rank's slices while loading (or read a quantized checkpoint)
         model = autotp.from_pretrained(spec["model_dir"], dtype=dtype, world_size=world,
                                        fuse_allreduce=cfg["fuse"], quantize=cfg.get("quantize"),
                                        quant_group_size=spec["quant_group_size"] if cfg.get("quantize") else None,
@@ -62,14 +62,14 @@ def load(spec: dict[str, Any], world: int, runtime: Runtime) -> nn.Module:
 
 def streamed_bytes(model: nn.Module) -> int:
     """Bytes of weight this rank reads per decoding step: every parameter and packed weight
-    (INT8 ones with their scales) but the embedding tables, of which a step reads only a few rows (a table that is also the
+    (INT8 and INT4 ones with their scales) but the embedding tables, of which a step reads only a few rows (a table that is also the
     output projection's weight is read whole, as that)."""
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     out = model.get_output_embeddings()
     out_weight = getattr(out, "weight", None)
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        weight_like = t.is_floating_point() or t.dtype == torch.int8  # not index buffers
+        weight_like = t.is_floating_point() or t.dtype in (torch.int8, torch.uint8)  # not index buffers
         if id(t) in seen or (id(t) in lookups and t is not out_weight) or not weight_like:
             continue
         seen.add(id(t))

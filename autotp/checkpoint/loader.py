@@ -18,7 +18,8 @@ from torch import nn
 from transformers import GenerationConfig
 
 from autotp.checkpoint.format import Manifest, is_presharded, param_slice, read_manifest
-from autotp.checkpoint.skeleton import MergedTensor, build_skeleton, parameters_to_meta
+from autotp.checkpoint.prequantized import PrequantizedFormat
+from autotp.checkpoint.skeleton import MergedTensor, build_skeleton, load_config, parameters_to_meta, stored_dtype
 from autotp.checkpoint.source import HFSource
 from autotp.checkpoint.stfile import MappedRegions, map_tensors, read_slice
 from autotp.comm import TPGroup
@@ -54,6 +55,12 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     gives. An unquantized pre-sharded checkpoint
     cannot be quantized at load time (its row-parallel files lack those columns): that raises.
 
+    A Hugging Face directory of a 4-bit GPTQ or AWQ checkpoint (``quantization_config`` in its
+    config.json; autotp.checkpoint.prequantized) loads as INT4 with zero points: each rank
+    reads its slice of the packed tensors and repacks it for the INT4 kernels. Its other
+    tensors load in ``dtype``, by default bfloat16 where the checkpoint stores float16 (the
+    kernels take bf16 or fp32 activations).
+
     ``experts`` ("tensor", the default, or "expert") splits mixture-of-experts blocks of a
     Hugging Face directory as in ``autotp.plan``; a pre-sharded directory was split when it
     was written, and asking for the other split raises."""
@@ -78,10 +85,17 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         group = TPGroup.from_torch(world_size, process_group, rt)  # the plan is known valid: meet the others
         model, plan, tensors = _presharded(directory, manifest, group, mapped, quant)
     else:
+        fmt = PrequantizedFormat.from_config(load_config(directory), str(directory / "config.json")) \
+            if (directory / "config.json").is_file() else None
+        if fmt is not None and asked is not None:
+            raise CheckpointError(f"{directory} is already quantized ({fmt.method}, 4 bits); load it without "
+                                  "quantize= / quant_group_size=")
+        if fmt is not None and want is None and stored_dtype(directory) == torch.float16:
+            want = torch.bfloat16
         source = HFSource.open(directory, world_size, want, overrides, fuse_allreduce, experts or "tensor")
         release_free_memory()  # what the trace freed, before the weights arrive
         group = TPGroup.from_torch(world_size, process_group, rt)
-        model, plan, tensors = _from_hf(source, group, want, mapped, asked)
+        model, plan, tensors = _from_hf(source, group, want, mapped, fmt.scheme() if fmt else asked, fmt)
     _assign(model, plan, tensors, directory)
     del tensors
     if pack_layers(model, rt, mapped.release):  # the mapped pages of each packed weight go back at once
@@ -137,7 +151,7 @@ def _presharded(directory: Path, manifest: Manifest, group: TPGroup, mapped: Map
 
 
 def _from_hf(source: HFSource, group: TPGroup, dtype: torch.dtype | None, mapped: MappedRegions,
-             quant: QuantScheme | None):
+             quant: QuantScheme | None, fmt: PrequantizedFormat | None = None):
     model, plan, sources = source.model, source.plan, source.tensors
     parameters_to_meta(model)
     apply_plan(model, plan, group, quant=quant)
@@ -148,6 +162,10 @@ def _from_hf(source: HFSource, group: TPGroup, dtype: torch.dtype | None, mapped
         for key in wanted:
             module, _, param = key.rpartition(".")
             if module in quantized and param in ("weight" + SCALE_SUFFIX, "weight" + ZERO_SUFFIX):  # made with it
+                continue
+            if fmt is not None and module in quantized and param == "weight":
+                tensors.update(_prequantized_shard(source, fmt, reader, quant, quantized[module], group.tp_rank))
+                reader.release()
                 continue
             found = source.find(key)
             if found is None:  # left on meta: _assign reports it
@@ -167,6 +185,42 @@ def _from_hf(source: HFSource, group: TPGroup, dtype: torch.dtype | None, mapped
             else:
                 tensors[key] = read(*param_slice(plan, key, group.tp_rank))
     return model, plan, tensors
+
+
+def _prequantized_shard(source: HFSource, fmt: PrequantizedFormat, reader: "_SourceReader", quant: QuantScheme,
+                        entry, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's INT4 tensors of plan entry ``entry``, read from a GPTQ / AWQ layer's stored
+    tensors ("<module>.weight" and its "_scale" / "_zero" companions)."""
+    module = entry.name
+
+    def read(suffix: str, dim: int | None, ranges: list | None) -> torch.Tensor:
+        found = source.tensors.get(f"{module}.{suffix}")
+        if found is None:
+            raise KeyError(suffix)
+        path, info = found
+        return reader.read(path, info, dim, ranges, False)
+
+    if f"{module}.qweight" not in source.tensors:
+        stored = "an unquantized weight" if source.find(f"{module}.weight") else "neither qweight nor weight"
+        raise CheckpointError(f"{source.directory} stores {stored} for '{module}', which autotp splits; autotp "
+                              f"reads {fmt.method} checkpoints whose every column- and row-parallel Linear is "
+                              "quantized")
+    try:
+        n = source.tensors[f"{module}.scales"][1].shape[1]
+        rows = source.tensors[f"{module}.qweight"][1].shape[0]
+        source.tensors[f"{module}.qzeros"]
+    except (KeyError, IndexError):
+        raise CheckpointError(f"{source.directory}: '{module}' lacks its {fmt.method} scales or qzeros (or they are "
+                              "not 2-D); the checkpoint is incomplete") from None
+    k = 8 * rows if fmt.method == "gptq" else rows
+    fmt.check_groups(module, read, k)
+    layout = quant.layout((k, n) if entry.transposed else (n, k), entry, entry.ranges[rank] if entry.ranges else [])
+    try:
+        shard = fmt.shard(read, layout, n, k)
+    except (RuntimeError, IndexError, ValueError) as exc:
+        raise CheckpointError(f"{source.directory}: the {fmt.method} tensors of '{module}' do not have the shapes "
+                              f"of an [{n}, {k}] weight in groups of {quant.group_size or k} ({exc})") from None
+    return {f"{module}.weight{suffix}": t for suffix, t in shard.tensors().items()}
 
 
 class _SourceReader:
