@@ -88,6 +88,7 @@ def _edit_config(directory, **fields):
     ("awq", {"zero_point": False}, "quantization_config.zero_point"),
     ("gptq", {"quant_method": "bitsandbytes"}, "quant_method is 'bitsandbytes'"),
     ("gptq", {"group_size": 0}, "quantization_config.group_size"),
+    ("gptq", {"lm_head": True}, "quantization_config.lm_head"),
 ])
 def test_unsupported_fields_are_refused_by_name(tmp_path, method, fields, match):
     directory = gptq_awq.write_checkpoint(tmp_path / method, method)
@@ -117,3 +118,6 @@ def test_act_order_and_partly_quantized_checkpoints_are_refused(tmp_path):
         autotp.from_pretrained(partly)
     with pytest.raises(CheckpointError, match="already quantized"):
         autotp.from_pretrained(act, quantize="int4")
+    with pytest.raises(CheckpointError, match="does not re-shard pre-quantized checkpoints"):
+        autotp.save_sharded(act, tmp_path / "out", 2, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -22,7 +22,8 @@ W [N, K] (out, in) with KG = K / G groups:
 Each rank reads only what its slice needs: the columns (column-parallel) or the rows of whole
 groups (row-parallel) of qweight and scales; qzeros (1/64 of the weight's bytes) whole.
 Anything else is refused naming the field: other bit widths, act-order (a g_idx that is not
-k // G), AWQ versions other than "gemm" or without zero points, modules left unquantized.
+k // G), a quantized lm_head, AWQ versions other than "gemm" or without zero points, split
+modules left unquantized.
 """
 from __future__ import annotations
 
@@ -77,6 +78,9 @@ class PrequantizedFormat:
         if not isinstance(group, int) or isinstance(group, bool) or group == 0 or group < -1:
             raise CheckpointError(f"{where}: quantization_config.group_size is {group!r}; expected a positive number "
                                   "of input columns or -1 (one group per row)")
+        if raw.get("lm_head"):
+            raise CheckpointError(f"{where}: quantization_config.lm_head is true; autotp reads {method} checkpoints "
+                                  "whose lm_head is unquantized (it splits the vocabulary in the model's dtype)")
         if method == "gptq" and raw.get("checkpoint_format", "gptq") != "gptq":
             raise CheckpointError(f"{where}: quantization_config.checkpoint_format is "
                                   f"{raw.get('checkpoint_format')!r}; autotp reads the \"gptq\" format (zero points "

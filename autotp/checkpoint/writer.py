@@ -18,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autotp.checkpoint.format import dtype_name, param_slice, rank_file, tied_keys, write_manifest
-from autotp.checkpoint.skeleton import check_keys, read_source
+from autotp.checkpoint.prequantized import PrequantizedFormat
+from autotp.checkpoint.skeleton import check_keys, load_config, read_source
 from autotp.checkpoint.source import HFSource
 from autotp.checkpoint.stfile import ShardFileWriter
 from autotp.plan import CheckpointError, Plan, Style
@@ -184,6 +185,12 @@ def _from_model(model: nn.Module, world_size: int, dtype: torch.dtype | None, ov
 
 def _from_directory(directory: Path, world_size: int, dtype: torch.dtype | None, overrides, fuse_allreduce,
                     experts: str = "tensor"):
+    if (directory / "config.json").is_file():
+        fmt = PrequantizedFormat.from_config(load_config(directory), str(directory / "config.json"))
+        if fmt is not None:
+            raise CheckpointError(f"{directory} is a {fmt.method} 4-bit checkpoint; create_shard_model does not "
+                                  "re-shard pre-quantized checkpoints yet: load it with autotp.from_pretrained "
+                                  "(each rank reads its slice), or shard the unquantized model with --quantize int4")
     source = HFSource.open(directory, world_size, dtype, overrides, fuse_allreduce, experts)
     skeleton, tensors, plan = source.model, source.tensors, source.plan
     keys = _stored_keys(skeleton, plan)

@@ -28,6 +28,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+# weight-only INT4: its definition and layouts (re-exported here beside INT8's)
+from autotp.kernels.int4 import (dequantize_int4, group_view, linear_int4, pack_int4, prepack_int4,  # noqa: F401
+                                 quantize_int4, unpack_int4, unprepack_int4)
 from autotp.kernels.selfcheck import check_paths
 from autotp.runtime import ENV_NAMES, ISAS, Runtime, put_on_path, resolve
 
@@ -235,12 +238,8 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None, group_off
     group (k + O) // G): quantizing a slice of the whole with O = its start % G gives the
     slice of the quantized whole whenever the slice's first and last groups are complete in it."""
     n, k = weight.shape
-    g = max(k, 1) if group_size is None else group_size
-    if g < 1 or not 0 <= group_offset < g:
-        raise ValueError(f"autotp: group_size must be >= 1 and 0 <= group_offset < group_size, got "
-                         f"{group_size} and {group_offset}")
-    groups = -(-(k + group_offset) // g)
-    w = F.pad(weight.float(), (group_offset, groups * g - k - group_offset)).view(n, groups, g)
+    w, g = group_view(weight, group_size, group_offset)
+    groups = w.shape[1]
     absmax = w.abs().amax(-1)
     scales = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
     q = torch.round(w / scales[..., None]).clamp_(-127, 127).to(torch.int8).view(n, groups * g)
@@ -316,8 +315,3 @@ def _register_fakes() -> None:
     @torch.library.register_fake("autotp::shm_all_gather_last_dim")
     def _(tensor, comm, sizes):
         return tensor.new_empty((*tensor.shape[:-1], sum(sizes)))
-
-
-# -- weight-only INT4 (its definition and layouts: autotp.kernels.int4) ------------------------
-from autotp.kernels.int4 import (dequantize_int4, linear_int4, pack_int4, prepack_int4,  # noqa: E402
-                                 quantize_int4, unpack_int4, unprepack_int4)

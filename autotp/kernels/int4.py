@@ -30,7 +30,10 @@ GROUP_N = 64  # output columns per packed group (csrc/kernel_table.h)
 SYMMETRIC_ZERO = 8
 
 
-def _grouped(weight: torch.Tensor, group_size: int | None, group_offset: int) -> tuple[torch.Tensor, int]:
+def group_view(weight: torch.Tensor, group_size: int | None, group_offset: int) -> tuple[torch.Tensor, int]:
+    """An [N, K] weight as float32 [N, groups, G] (column k in group (k + O) // G, zeros padding
+    the first and last groups) and G; ``group_size`` None is one group per row. INT8 and INT4
+    quantize over these groups."""
     n, k = weight.shape
     g = max(k, 1) if group_size is None else group_size
     if g < 1 or not 0 <= group_offset < g:
@@ -46,7 +49,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int | None = None, group_off
     ``symmetric``) of an [N, K] weight by the definition in this module's docstring; ``group_size``
     None is one group per row, ``group_offset`` as for INT8."""
     n, k = weight.shape
-    w, g = _grouped(weight, group_size, group_offset)
+    w, g = group_view(weight, group_size, group_offset)
     if symmetric:
         absmax = w.abs().amax(-1)
         scales = torch.where(absmax > 0, absmax / 7, torch.ones_like(absmax))
