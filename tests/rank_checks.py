@@ -302,17 +302,17 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
-def load_int8_and_compare(rank: int, world_size: int, cases: list[tuple[str, str, int]], scheme: str = "int8"
-                          ) -> list[dict]:
-    """For each (Hugging Face dir, quantized pre-sharded dir, group size): from_pretrained on the
-    pre-sharded dir and on the HF dir with quantize=``scheme``, against autotp.shard(quantize=
-    ``scheme``) of the HF model on the same ranks: quantized values, scales (zero points),
-    offsets and logits."""
+def load_int8_and_compare(rank: int, world_size: int, cases: list[tuple], scheme: str = "int8") -> list[dict]:
+    """For each (Hugging Face dir, quantized pre-sharded dir, group size[, scheme]): from_pretrained
+    on the pre-sharded dir and on the HF dir with quantize=scheme (default ``scheme``), against
+    autotp.shard(quantize=scheme) of the HF model on the same ranks: quantized values, scales
+    (zero points), offsets and logits."""
     from transformers import AutoModelForCausalLM
 
     inputs = zoo.batch()
     out = []
-    for hf_dir, presharded, group in cases:
+    for hf_dir, presharded, group, *named in cases:
+        scheme = named[0] if named else scheme
         online = autotp.shard(AutoModelForCausalLM.from_pretrained(hf_dir), world_size, quantize=scheme,
                               quant_group_size=group)
         loaded = {"presharded": autotp.from_pretrained(presharded),

@@ -170,13 +170,12 @@ def test_three_ranks_load_int4_exactly_as_shard_quantizes(sources, tmp_path):
     for family, scheme in (("llama", "int4"), ("gpt2", "int4-asym")):
         out = autotp.save_sharded(sources / family, tmp_path / f"{family}-q3", 3, progress=False,
                                   quantize=scheme, quant_group_size=16)
-        cases.append((scheme, (str(sources / family), str(out), 16)))
-    for scheme, case in cases:
-        for per_rank in run_ranks(rank_checks.load_int8_and_compare, 3, [case], scheme):
-            assert len(per_rank) == 2
-            for r in per_rank:
-                assert r["int8_layers"] >= 8 and r["parts_equal"], r
-                assert r["max_abs_diff"] == 0.0, r
+        cases.append((str(sources / family), str(out), 16, scheme))
+    for per_rank in run_ranks(rank_checks.load_int8_and_compare, 3, cases):
+        assert len(per_rank) == 4
+        for r in per_rank:
+            assert r["int8_layers"] >= 8 and r["parts_equal"], r
+            assert r["max_abs_diff"] == 0.0, r
 
 
 def test_wrong_int4_requests_are_refused(sources, tmp_path):
