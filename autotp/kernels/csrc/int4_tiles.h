@@ -21,8 +21,11 @@
 // rounded once (the spec), and multiplied by the INT8 path's panel micro-kernels.
 //
 // V provides, besides what gemm_tiles.h asks for: I (kWidth int32 lanes), load_words(p),
-// srli(I, n), magic(v, mask) = the float whose bits are (v & mask) | 0x4B000000, sub(a, b),
-// mul(a, b).
+// srli(I, n), and_i(I, n), to_float(I), magic(v, mask) = the float whose bits are
+// (v & mask) | 0x4B000000, sub(a, b), mul(a, b), widen_pairs(p) (the kWidth bytes at p as int32
+// lanes, even bytes first, then odd), bcast_half(p) (kWidth / 2 floats, twice) and
+// store_halves(row0, row1, v) (the first half of the lanes to row0, the second to row1, where
+// not null).
 
 constexpr int64_t kInt4PairBytes = 64;  // one pair of K rows of a 64-column group
 constexpr float kMagic = 8388608.0f;    // 2^23
@@ -86,22 +89,30 @@ void int4_direct(const float* x, int64_t ldx, const uint8_t* q, const float* s, 
 }
 
 // panel[k - k0][0..63] = the dequantised weight (u - z) * S of rows [k0, k1), each rounded once.
-// Plain loops over the layout's definition (the compiler vectorises them for the file's ISA).
-inline void int4_panel(const uint8_t* q, const float* s, const uint8_t* z, int64_t G, int64_t O, int64_t k0,
-                       int64_t k1, float* panel) {
+// kWidth bytes of a block (bytes 2i + r: column i of row r) widened to int32 lanes with the even
+// bytes first (widen_pairs) are kWidth / 2 columns of both rows of the pair: their low nibbles
+// one set of columns, their high nibbles the set 16 further on.
+template <class V>
+void int4_panel(const uint8_t* q, const float* s, const uint8_t* z, int64_t G, int64_t O, int64_t k0, int64_t k1,
+                float* panel) {
   alignas(64) float zf[64];
   for (int64_t kg = k0; kg < k1;) {
     const int64_t t = (kg + O) / G, kend = std::min(k1, (t + 1) * G - O);
     const float* st = s + t * 64;
     for (int64_t c = 0; c < 64; ++c) zf[c] = z ? static_cast<float>(z[t * 64 + c]) : 8.0f;
-    for (int64_t k = kg; k < kend; ++k) {
-      const uint8_t* bytes = q + (k / 2) * kInt4PairBytes + k % 2;
-      float* row = panel + (k - k0) * 64;
+    for (int64_t p = kg / 2; 2 * p < kend; ++p) {
+      const uint8_t* pair = q + p * kInt4PairBytes;
+      float* row0 = 2 * p >= kg ? panel + (2 * p - k0) * 64 : nullptr;
+      float* row1 = 2 * p + 1 < kend ? panel + (2 * p + 1 - k0) * 64 : nullptr;
       for (int64_t h = 0; h < 2; ++h)
-        for (int64_t i = 0; i < 16; ++i) {
-          const int b = bytes[32 * h + 2 * i];
-          row[32 * h + i] = (static_cast<float>(b & 15) - zf[32 * h + i]) * st[32 * h + i];
-          row[32 * h + 16 + i] = (static_cast<float>(b >> 4) - zf[32 * h + 16 + i]) * st[32 * h + 16 + i];
+        for (int64_t b = 0; b < 32; b += V::kWidth) {
+          const typename V::I v = V::widen_pairs(pair + 32 * h + b);
+          const int64_t lo = 32 * h + b / 2, hi = lo + 16;
+          const typename V::F ulo = V::to_float(V::and_i(v, 15)), uhi = V::to_float(V::srli(v, 4));
+          V::store_halves(row0 ? row0 + lo : nullptr, row1 ? row1 + lo : nullptr,
+                          V::mul(V::sub(ulo, V::bcast_half(zf + lo)), V::bcast_half(st + lo)));
+          V::store_halves(row0 ? row0 + hi : nullptr, row1 ? row1 + hi : nullptr,
+                          V::mul(V::sub(uhi, V::bcast_half(zf + hi)), V::bcast_half(st + hi)));
         }
     }
     kg = kend;
@@ -134,7 +145,7 @@ void int4_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_
     }
     for (int64_t k0 = 0; k0 < a.K; k0 += kPanelK) {
       const int64_t k1 = std::min(a.K, k0 + kPanelK);
-      int4_panel(q, s, z, a.G, a.O, k0, k1, panel);
+      int4_panel<V>(q, s, z, a.G, a.O, k0, k1, panel);
       for (int64_t m = m0; m < m1; m += V::kPanelRows)
         for (int64_t col = 0; col < kInt8Group; col += V::kPanelCols)
           int8_pick_panel<V>(std::min<int64_t>(V::kPanelRows, m1 - m))(

@@ -55,6 +55,18 @@ struct Avx2 {
     return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(mask))),
                                                _mm256_set1_epi32(0x4B000000)));
   }
+  static I and_i(I v, int n) { return _mm256_and_si256(v, _mm256_set1_epi32(n)); }
+  static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static I widen_pairs(const uint8_t* p) {
+    const __m256i even_first = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    return _mm256_permutevar8x32_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+                                       even_first);
+  }
+  static F bcast_half(const float* p) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)); }
+  static void store_halves(float* row0, float* row1, F v) {
+    if (row0) _mm_storeu_ps(row0, _mm256_castps256_ps128(v));
+    if (row1) _mm_storeu_ps(row1, _mm256_extractf128_ps(v, 1));
+  }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }

@@ -51,6 +51,18 @@ struct Avx512 {
     return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, _mm512_set1_epi32(static_cast<int>(mask)),
                                                          _mm512_set1_epi32(0x4B000000), 0xEA));
   }
+  static I and_i(I v, int n) { return _mm512_and_si512(v, _mm512_set1_epi32(n)); }
+  static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  static I widen_pairs(const uint8_t* p) {
+    const __m512i even_first = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    return _mm512_permutexvar_epi32(even_first,
+                                    _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static F bcast_half(const float* p) { return _mm512_broadcast_f32x8(_mm256_loadu_ps(p)); }
+  static void store_halves(float* row0, float* row1, F v) {
+    if (row0) _mm256_storeu_ps(row0, _mm512_castps512_ps256(v));
+    if (row1) _mm256_storeu_ps(row1, _mm512_extractf32x8_ps(v, 1));
+  }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
