@@ -26,16 +26,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 # weight-only INT4: its definition and layouts (re-exported here beside INT8's)
-from autotp.kernels.int4 import (dequantize_int4, group_view, linear_int4, pack_int4, prepack_int4,  # noqa: F401
-                                 quantize_int4, unpack_int4, unprepack_int4)
+from autotp.kernels.int4 import (GROUP_N, dequantize_int4, group_major, group_view, linear_int4,  # noqa: F401
+                                 pack_int4, prepack_int4, quantize_int4, unpack_int4, unprepack_int4)
 from autotp.kernels.selfcheck import check_paths
 from autotp.runtime import ENV_NAMES, ISAS, Runtime, put_on_path, resolve
 
 ENV = ENV_NAMES["kernels"]
-GROUP_N = 64  # output columns per packed group (csrc/kernel_table.h)
 FAST_ISAS = ("avx2", "avx512", "avx512_bf16", "amx")  # paths Runtime(kernels="auto") uses; "generic" is the spec, run when forced
 
 
@@ -258,12 +256,7 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, group_size: int | Non
 def prepack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q [N, K] int8, S [N, KG] fp32) -> the layouts linear_int8 reads: Q as [ceil(N/64), K, 64]
     with element (g, k, c) = Q[64 g + c, k], S as [ceil(N/64), KG, 64] likewise; zero past N."""
-    n = q.shape[0]
-    ng = -(-n // GROUP_N)
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        t = F.pad(t, (0, 0, 0, ng * GROUP_N - n))
-        return t.view(ng, GROUP_N, t.shape[1]).transpose(1, 2).contiguous()
-    return pack(q), pack(scales.float())
+    return group_major(q), group_major(scales.float())
 
 
 def unpack_int8(qpacked: torch.Tensor, spacked: torch.Tensor, out_features: int

@@ -93,7 +93,7 @@ def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return both[:, :in_features].contiguous()
 
 
-def _group_major(t: torch.Tensor) -> torch.Tensor:
+def group_major(t: torch.Tensor) -> torch.Tensor:
     """[N, C] -> [ceil(N/64), C, 64], element (g, c, j) = t[64 g + j, c], zero past N."""
     n = t.shape[0]
     ng = -(-n // GROUP_N)
@@ -111,7 +111,7 @@ def prepack_int4(u: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | No
     # [g, h, nibble, i, p, r] -> [g, p, h, i, r, nibble]
     parts = u.view(ng, 2, 2, 16, pairs, 2).permute(0, 4, 1, 3, 5, 2)
     q = (parts[..., 0] | (parts[..., 1] << 4)).reshape(ng, pairs, GROUP_N)
-    return q.contiguous(), _group_major(scales.float()), None if zeros is None else _group_major(zeros)
+    return q.contiguous(), group_major(scales.float()), None if zeros is None else group_major(zeros)
 
 
 def unprepack_int4(qpacked: torch.Tensor, spacked: torch.Tensor, zpacked: torch.Tensor | None, out_features: int,

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from autotp.kernels.int4 import group_major, prepack_int4  # torch only, as this module
+
 # (M, N, K): odd sizes (ragged groups and K pairs), the register path (M <= 4), the panel one,
 # enough rows for the prefill tiles (AMX serves from 16 rows), and K over one pass of a tile
 # that walks K in passes (AVX512-BF16: 2048 K pairs)
@@ -71,7 +73,7 @@ def _int8(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     s = torch.rand(n, groups, generator=gen) / 64
     per_column = s.repeat_interleave(INT8_GROUP, 1)[:, INT8_OFFSET:INT8_OFFSET + k]
-    return _group_major(q), _group_major(s), q.float() * per_column
+    return group_major(q), group_major(s), q.float() * per_column
 
 
 def _int4(n: int, k: int, symmetric: bool
@@ -87,16 +89,6 @@ def _int4(n: int, k: int, symmetric: bool
     def per_column(t: torch.Tensor) -> torch.Tensor:
         return t.float().repeat_interleave(INT8_GROUP, 1)[:, INT8_OFFSET:INT8_OFFSET + k]
 
-    from autotp.kernels.int4 import prepack_int4  # torch only, as this module
-
     q4, sp, zp = prepack_int4(u, s, z)
     w = (u.float() - (8.0 if z is None else per_column(z))) * per_column(s)
     return q4, sp, zp, w
-
-
-def _group_major(t: torch.Tensor) -> torch.Tensor:
-    """[N, C] -> [ceil(N/64), C, 64], element (g, c, j) = t[64 g + j, c], zero past N."""
-    n = t.shape[0]
-    ng = -(-n // 64)
-    t = torch.nn.functional.pad(t, (0, 0, 0, ng * 64 - n))
-    return t.view(ng, 64, t.shape[1]).transpose(1, 2).contiguous()

@@ -172,26 +172,7 @@ class QuantScheme:
         rows = sum(b - a for a, b in ranges)
         return QuantLayout(g, 0, 0, ranges, None, rows, k, -(-k // g), self.bits, self.symmetric)
 
-    # -- the maths -------------------------------------------------------------------------
-    def quantize(self, weight: torch.Tensor, group_offset: int = 0) -> QuantShard:
-        """The whole [N, K] ``weight`` quantized by this scheme's definition
-        (kernels.quantize_int8, kernels.quantize_int4; INT4 values packed two per byte)."""
-        g = self.group_size or max(weight.shape[1], 1)
-        if self.bits == 8:
-            q, scales = kernels.quantize_int8(weight, g, group_offset)
-            return QuantShard(q, scales, g, group_offset)
-        u, scales, zeros = kernels.quantize_int4(weight, g, group_offset, self.symmetric)
-        return QuantShard(kernels.pack_int4(u), scales, g, group_offset, zeros, 4)
-
-    @staticmethod
-    def dequantize(shard: QuantShard, in_features: int) -> torch.Tensor:
-        """float32 [N, in_features]: the weight the quantized GEMMs multiply by, each product
-        rounded once."""
-        if shard.bits == 8:
-            return kernels.dequantize_int8(shard.q, shard.scales, shard.group_size, shard.group_offset)
-        return kernels.dequantize_int4(kernels.unpack_int4(shard.q, in_features), shard.scales, shard.zeros,
-                                       shard.group_size, shard.group_offset)
-
+    # -- the maths (kernels.quantize_int8, kernels.quantize_int4 define them) ------------------
     def quantize_slice(self, read: SliceReader, shape: tuple[int, ...], entry: Entry | None,
                        ranges: Ranges) -> QuantShard:
         """This rank's quantized shard, reading from the full weight (stored ``shape``) only the
