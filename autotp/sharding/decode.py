@@ -4,7 +4,11 @@ With ``Runtime.compile`` (``AUTOTP_COMPILE=1``) ``generate`` keeps the KV cache 
 preallocated cache (transformers' ``StaticCache``: shapes stay fixed from step to step) and
 runs each decoding step through ``torch.compile`` (inductor): the norms, rotary embedding,
 residual adds, casts and cache writes of a step become a few fused C++ loops, and the Python
-of the modules runs once, at tracing, instead of every token. The model's ``forward`` routes
+of the modules runs once, at tracing, instead of every token. The graph is called through
+inductor's C++ wrapper (``cpp_wrapper``), not its Python one: the few hundred kernel and op
+calls of a step cost no Python each (measured on an AMD EPYC Zen 4, llama-1b shape, 2 ranks x
+1 thread, interleaved in one process: 2.5-6 ms less per step; its first compilation takes
+about twice as long, then it is cached like the rest). The model's ``forward`` routes
 each call: a decoding step (one new position per sequence over a static cache: greedy,
 sampling and beam search alike; transformers' own compilation covers only the first two) to
 the compiled function, anything else (the prompt) to the eager forward. autotp's own ops (the GEMMs, the shared-memory all-reduce and all-gather) are custom
@@ -88,7 +92,8 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
         return model
     gen.cache_implementation = "static"
     forward = model.forward  # the class's, bound
-    compiled = torch.compile(_own_step(forward), dynamic=None, options={"guard_filter_fn": _inputs_only})
+    compiled = torch.compile(_own_step(forward), dynamic=None,
+                             options={"guard_filter_fn": _inputs_only, "cpp_wrapper": True})
 
     def decode_or_prompt(*args, **kwargs):
         if _decoding_step(args, kwargs) and not torch.compiler.is_compiling():
