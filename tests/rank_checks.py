@@ -342,20 +342,24 @@ def compare_fast_decoding(rank: int, world_size: int, family: str) -> dict:
     tracing, where counting would be guarded and recompile)."""
     from torch._dynamo.utils import counters
 
-    from autotp.sharding import attention
+    from autotp.sharding import attention, decode
 
     inputs = zoo.batch()
     model = zoo.build(family)
     ref_greedy, ref_beam = _generate(model, inputs), _generate(model, inputs, num_beams=3)
-    calls = {"decode": 0}
-    own = attention.decode_attention
+    calls = {"decode": 0, "reorder": 0}
+    own, own_reorder = attention.decode_attention, decode.reorder_cache
 
     def counted(module, query, *args, **kwargs):
         if not torch.compiler.is_compiling():  # (a count inside the graph would be guarded: recompiles)
             calls["decode"] += query.shape[2] == 1
         return own(module, query, *args, **kwargs)
 
-    attention.decode_attention = counted
+    def counted_reorder(cache, beam_idx):
+        calls["reorder"] += 1
+        return own_reorder(cache, beam_idx)
+
+    attention.decode_attention, decode.reorder_cache = counted, counted_reorder
     graphs = counters["stats"]["unique_graphs"]
     try:
         autotp.shard(model, world_size, runtime=autotp.Runtime.from_env().replace(compile=True, attention="auto"))
@@ -365,9 +369,10 @@ def compare_fast_decoding(rank: int, world_size: int, family: str) -> dict:
             mask = torch.cat([inputs["attention_mask"], torch.ones_like(inputs["attention_mask"][:, :1])], 1)
             model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=out.past_key_values)
     finally:
-        attention.decode_attention = own
+        attention.decode_attention, decode.reorder_cache = own, own_reorder
     return {"greedy_equal": torch.equal(greedy, ref_greedy), "beam_equal": torch.equal(beam, ref_beam),
             "graphs": counters["stats"]["unique_graphs"] - graphs, "decode_calls": calls["decode"],
+            "reorders": calls["reorder"],
             "attn": model.config._attn_implementation, "tokens": greedy.tolist()}
 
 

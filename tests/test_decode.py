@@ -4,6 +4,7 @@ the attention function on real ranks against plain transformers."""
 from __future__ import annotations
 
 import copy
+import itertools
 import inspect
 import sys
 
@@ -12,6 +13,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import autotp
+from autotp import kernels
 from autotp.sharding import attention
 from autotp.sharding.decode import _NAMES_SDPA, _takes_attention_functions, compiled_decoding, prepare_decoding
 from dist_helper import RankChecks
@@ -145,7 +147,120 @@ CHECKS = RankChecks({2: {f: ("compare_fast_decoding", (f,)) for f in FAST}})
 def test_compiled_step_and_attention_function_give_the_plain_tokens(family):
     """2 ranks, float32: greedy and 3-beam tokens of the sharded model, decoding through a
     compiled step and autotp's attention function, equal the unsharded model's on plain
-    transformers; the compiled graphs and the attention function's decode path did run."""
+    transformers; the compiled graphs, the attention function's decode path and autotp's
+    in-place cache reorder did run."""
     for rank, r in enumerate(CHECKS(2, family)):
         assert r["greedy_equal"] and r["beam_equal"], (rank, r["tokens"])
+        assert r["reorders"] > 0, r  # beam search reordered the static cache through autotp's hook
         assert r["graphs"] >= 1 and r["decode_calls"] > 0 and r["attn"] == attention.NAME, r
+
+
+needs_extension = pytest.mark.skipif(not kernels.available_isas(autotp.Runtime.from_env()),
+                                     reason=f"extension unavailable: {kernels.status()[1]}")
+
+
+def gathered(tensor: torch.Tensor, sources: torch.Tensor, length: int) -> torch.Tensor:
+    """The reference reorder: every row gathered into a new tensor over the first ``length`` positions."""
+    out = tensor.clone()
+    out[:, :, :length] = tensor[sources][:, :, :length]
+    return out
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reorder_rows_equals_a_gather_for_every_mapping_of_up_to_four_rows(dtype):
+    """Every map of B rows onto B rows (B = 1..4: 288 maps, cycles and swaps among them), on two
+    tensors of different shapes at once: each equals the gather; positions past ``length`` and
+    the storage stay; the negative control, another map's gather, differs."""
+    for rows in range(1, 5):
+        gen = torch.Generator().manual_seed(rows)
+        k = torch.randn(rows, 3, 7, 5, generator=gen).to(dtype)
+        v = torch.randn(rows, 2, 9, 4, generator=gen).to(dtype)
+        for sources in itertools.product(range(rows), repeat=rows):
+            src = torch.tensor(sources)
+            kk, vv = k.clone(), v.clone()
+            addresses = kk.data_ptr(), vv.data_ptr()
+            kernels.reorder_rows_([kk, vv], src, 6)
+            assert torch.equal(kk, gathered(k, src, 6)) and torch.equal(vv, gathered(v, src, 6)), sources
+            assert (kk.data_ptr(), vv.data_ptr()) == addresses
+            assert torch.equal(kk[:, :, 6:], k[:, :, 6:]) and torch.equal(vv[:, :, 6:], v[:, :, 6:])
+            other = (src + 1) % rows
+            if rows > 1:
+                assert not torch.equal(kk, gathered(k, other, 6)), sources
+
+
+@needs_extension
+@pytest.mark.parametrize("case", ["out_of_range", "negative", "float_sources", "not_contiguous", "too_long",
+                                  "other_batch"])
+def test_reorder_rows_refuses_bad_input_and_leaves_the_tensors(case):
+    t = torch.randn(3, 2, 5, 4)
+    tensors, sources, length = [t.clone()], torch.tensor([2, 0, 1]), 5
+    if case == "out_of_range":
+        sources = torch.tensor([0, 3, 1])
+    elif case == "negative":
+        sources = torch.tensor([0, -1, 1])
+    elif case == "float_sources":
+        sources = sources.float()
+    elif case == "not_contiguous":
+        tensors = [torch.randn(3, 5, 2, 4).transpose(1, 2)]
+    elif case == "too_long":
+        length = 6
+    elif case == "other_batch":
+        tensors.append(torch.randn(2, 2, 5, 4))
+    before = [x.clone() for x in tensors]
+    with pytest.raises(RuntimeError, match="autotp::reorder_rows_"):
+        kernels.reorder_rows_(tensors, sources, length)
+    assert all(torch.equal(x, y) for x, y in zip(tensors, before))
+
+
+@needs_extension
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_reorder_cache_equals_transformers_reorder_of_a_static_cache(family):
+    """autotp's reorder hook against the cache's own reorder_cache on a StaticCache filled to 6 of
+    10 positions (gemma2: sliding-window layers too, a window of 5 filled and rolled): the same
+    states, each layer kept in its own storage; a different beam_idx differs."""
+    from transformers import AutoConfig, StaticCache
+
+    from autotp.sharding.decode import reorder_cache
+
+    config = AutoConfig.for_model(**zoo.CONFIGS[family], **zoo.COMMON)
+    if family == "gemma2":
+        config.sliding_window = 5
+    cache = StaticCache(config=config, max_cache_len=10)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(config.num_hidden_layers):
+        for length in (4, 2):  # the prompt, then two steps
+            k, v = (torch.randn(4, config.num_key_value_heads, length, 8, generator=gen) for _ in range(2))
+            cache.update(k, v, i)
+    beam_idx = torch.tensor([1, 1, 3, 0])
+    want, other = copy.deepcopy(cache), copy.deepcopy(cache)
+    want.reorder_cache(beam_idx)
+    other.reorder_cache(torch.tensor([1, 1, 3, 2]))
+    addresses = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers]
+    assert reorder_cache(cache, beam_idx) is cache
+    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == addresses
+    for got, ref, wrong in zip(cache.layers, want.layers, other.layers):
+        assert torch.equal(got.keys, ref.keys) and torch.equal(got.values, ref.values)
+        assert not torch.equal(got.keys, wrong.keys)
+    if family == "gemma2":
+        assert {type(layer).__name__ for layer in cache.layers} == {"StaticLayer", "StaticSlidingWindowLayer"}
+
+
+@needs_extension
+def test_the_compiled_step_brings_the_reorder_hook_and_keeps_a_models_own():
+    from autotp.sharding.decode import reorder_cache
+
+    model = zoo.build("llama")
+    prepare_decoding(model, autotp.Runtime(compile=True))
+    assert model._reorder_cache is reorder_cache
+    plain = zoo.build("llama")
+    prepare_decoding(plain, autotp.Runtime(compile=False))
+    assert not hasattr(plain, "_reorder_cache")
+    own = zoo.build("llama")
+
+    def own_reorder(cache, beam_idx):
+        return cache
+
+    own.__class__ = type("OwnReorder", (type(own),), {"_reorder_cache": staticmethod(own_reorder)})
+    prepare_decoding(own, autotp.Runtime(compile=True))
+    assert own._reorder_cache is own_reorder

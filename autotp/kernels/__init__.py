@@ -194,6 +194,14 @@ def read_probe(buffer: torch.Tensor, runtime: Runtime | None = None) -> int:
     return torch.ops.autotp.read_probe(buffer, isa(runtime))
 
 
+def reorder_rows_(tensors: list[torch.Tensor], sources: torch.Tensor, length: int) -> None:
+    """Beam search's cache reorder, in place: row ``b`` (dim 0) of every contiguous
+    ``[batch, heads, positions, dim]`` tensor becomes what row ``sources[b]`` held, over the first
+    ``length`` positions; rows that keep their content are not touched, the tensors keep their
+    storage. Needs the extension built (:func:`extension_loaded`)."""
+    torch.ops.autotp.reorder_rows_(tensors, sources, length)
+
+
 def serving_isa(isa: str, weight: str = "bf16", x_dtype: torch.dtype = torch.bfloat16, rows: int = 1) -> str:
     """The kernel table that serves a GEMM started at ``isa`` ("" the best this CPU runs) with
     ``weight`` ("bf16", "int8" or "int4") weights, activations of ``x_dtype`` and ``rows`` rows: a table

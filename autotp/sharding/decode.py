@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from autotp import kernels
 from autotp.kernels import pages
 from autotp.runtime import Runtime
 from autotp.sharding import attention
@@ -102,7 +103,39 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
 
     model.forward = decode_or_prompt  # an instance attribute: nn.Module.__call__ finds it first
     model._autotp_compiled_step = compiled
+    if not hasattr(type(model), "_reorder_cache") and kernels.extension_loaded(runtime):
+        model._reorder_cache = reorder_cache  # generate's beam search calls it when the model has one
     return model
+
+
+def reorder_cache(cache, beam_idx: torch.Tensor):
+    """Beam search's reorder of ``cache`` (row ``b`` takes row ``beam_idx[b]``'s states),
+    returning it, as transformers' ``_reorder_cache`` hook does. A static cache's layers (full
+    and sliding-window) are reordered in place over their filled positions only, and only the
+    rows that change (autotp.kernels.reorder_rows_): transformers' own reorder gathers every row
+    over the whole preallocated length into new tensors each step (measured on an AMD EPYC Zen 4,
+    one thread, 4 beams, 16 layers, 256 of 288 positions filled: 6.4 ms for GPT-J-1B's 75 MB of
+    cache per rank). Other caches and layers of other kinds reorder as transformers does."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, StaticCache) or layers is None:
+        cache.reorder_cache(beam_idx)
+        return cache
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for layer in layers:
+        if (type(layer) in (StaticLayer, StaticSlidingWindowLayer) and layer.is_initialized
+                and layer.keys.is_contiguous() and layer.values.is_contiguous()
+                and layer.keys.shape[0] == beam_idx.numel()):
+            filled = min(int(layer.get_seq_length()), layer.keys.shape[2])  # a full window: all of it
+            by_length.setdefault(filled, []).extend((layer.keys, layer.values))
+        else:
+            layer.reorder_cache(beam_idx)
+    sources = beam_idx.cpu()
+    for length, tensors in by_length.items():
+        kernels.reorder_rows_(tensors, sources, length)
+    return cache
 
 
 def _static_cache_fails(model: nn.Module) -> str | None:
