@@ -32,6 +32,9 @@ def test_streamed_bytes_leave_out_the_lookup_table_unless_it_is_the_output_proje
 
 
 def test_step_clock_times_every_step_and_leaves_the_tokens_alone():
+    """generate_once's tokens are plain greedy / beam search's, all 7 of them even where the
+    model's end-of-sequence token comes first (here made the first token greedy picks: plain
+    generate stops there, the negative control)."""
     model = tiny()
     ids = worker.case_ids(512, 1, 9)
     for beams in (1, 3):
@@ -41,6 +44,12 @@ def test_step_clock_times_every_step_and_leaves_the_tokens_alone():
         assert tokens == plain[:, 9:].tolist()
         assert len(tokens[0]) == 7 and len(steps) == 6  # first token, then 6 later steps
         assert first > 0 and all(s > 0 for s in steps)
+    model.generation_config.eos_token_id = tokens[0][0]
+    stops = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=7,
+                           pad_token_id=0)
+    assert stops.shape[1] == 10
+    first, steps, tokens = worker.generate_once(model, ids, 1, 7, world=1)
+    assert len(tokens[0]) == 7 and len(steps) == 6
 
 
 def test_fusion_matters_only_where_attention_and_mlp_run_in_parallel():
