@@ -120,16 +120,18 @@ def test_a_run_on_a_tiny_model_reports_every_number(tmp_path, isa):
     assert accuracy[bf16]["logits_err"] <= 2 * own  # bf16 sharded: at most twice the unsharded error
 
 
-def test_the_decode_profile_accounts_for_the_whole_step():
+@pytest.mark.parametrize("beams", [1, 3])
+def test_the_decode_profile_accounts_for_the_whole_step(beams):
     """tools/profile_decode.py on a tiny model, autotp on one rank: every category printed, the
     shares add up to the whole step (the rest is what no op claims), and the GEMMs are seen
-    (the native or torch linear ops)."""
+    (the native or torch linear ops); with beams, beam search's work and the cache's reorder too."""
     import subprocess
     import sys
     from pathlib import Path
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "profile_decode.py"
-    done = subprocess.run([sys.executable, str(tool), "--model", "llama-test", "--steps", "2", "--timed", "2"],
+    done = subprocess.run([sys.executable, str(tool), "--model", "llama-test", "--steps", "2", "--timed", "2",
+                           "--beams", str(beams)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {}
@@ -138,5 +140,7 @@ def test_the_decode_profile_accounts_for_the_whole_step():
         if len(parts) >= 3 and parts[-2].endswith("%"):
             rows[" ".join(parts[:-2])] = float(parts[-2].rstrip("%"))
     assert set(rows) == {"GEMMs", "attention", "norms / rotary / elementwise", "all-reduce", "KV cache", "lm_head",
-                         "rest"}, done.stdout
+                         "beam search", "rest"}, done.stdout
     assert sum(rows.values()) == pytest.approx(100.0, abs=0.5) and rows["GEMMs"] > 0 and rows["attention"] > 0
+    assert (rows["beam search"] > 0) == (beams > 1), done.stdout
+    assert f"beam {beams}" in done.stdout if beams > 1 else "greedy" in done.stdout

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: GEMMs, attention, norms / rotary / elementwise ops, the
-all-reduce, KV-cache handling, the lm_head, and the rest (Python, module calls, ``generate``'s
-own work: the step's wall time minus everything the profiler attributes to an op).
+all-reduce, KV-cache handling, the lm_head, beam search's own work (``--beams``), and the rest
+(Python, module calls: the step's wall time minus everything the profiler attributes to an op).
 
 A bench-shaped random model (``autotp.bench.shapes``: llama-1b, gptj-1b, ...) is sharded over the
 ranks torchrun starts (one rank: run it with plain python), bf16 or INT8 (or, with ``--plain``,
@@ -10,8 +10,14 @@ then ``--steps`` steps under torch.profiler, whose op times are sorted into the 
 times under the profiler carry its overhead; the table gives each category's share of the
 profiled step and scales it to the unprofiled median. Rank 0 prints.
 
+With ``--beams N`` the prompt is N rows and each step is beam search's: the forward over N rows,
+log-softmax and top-N over every beam's continuations ("beam search"), and the cache reordered
+to the chosen beams as ``generate`` does it ("KV cache": the model's ``_reorder_cache``, which the
+compiled step brings, or the cache's own reorder).
+
     python tools/profile_decode.py --model llama-1b [--int8]
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 tools/profile_decode.py --model gptj-1b
+    autotp-run --nproc 2 --bind-cores tools/profile_decode.py --model gptj-1b --compile --beams 4 --prompt 256
 """
 from __future__ import annotations
 
@@ -30,10 +36,11 @@ import autotp
 from autotp.bench import shapes
 from autotp.comm.group import TPGroup
 
-CATEGORIES = ["GEMMs", "attention", "norms / rotary / elementwise", "all-reduce", "KV cache", "lm_head", "rest"]
+CATEGORIES = ["GEMMs", "attention", "norms / rotary / elementwise", "all-reduce", "KV cache", "lm_head",
+              "beam search", "rest"]
 # ranges this tool opens around calls the profiler would otherwise split into small ops
 _RANGES = {"autotp::all_reduce": "all-reduce", "autotp::kv_cache": "KV cache", "autotp::lm_head": "lm_head",
-           "autotp::attention": "attention",
+           "autotp::attention": "attention", "autotp::beam_search": "beam search",
            # a compiled step calls the collectives as ops (the lm_head's gather is its all-gather)
            "autotp::shm_all_reduce": "all-reduce", "autotp::all_reduce": "all-reduce",
            "autotp::shm_all_gather_last_dim": "lm_head", "autotp::all_gather_last_dim": "lm_head"}
@@ -126,6 +133,29 @@ def step(forward, token, cache, position):
     return out.logits[:, -1:].argmax(-1), out.past_key_values, position[-1:] + 1
 
 
+class BeamStep:
+    """One step of beam search over ``beams`` rows, as generate's: the forward, the scores of every
+    beam's continuations and the best ``beams`` of them, the cache reordered to the chosen beams."""
+
+    def __init__(self, model: torch.nn.Module, beams: int) -> None:
+        self.model, self.scores = model, torch.zeros(beams)
+        self.scores[1:] = -1e9  # the rows start equal: only the first one's continuations count
+
+    def __call__(self, forward, token, cache, position):
+        out = forward(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position)
+        with record_function("autotp::beam_search"):
+            logits = out.logits[:, -1].float()
+            scores = torch.log_softmax(logits, dim=-1) + self.scores[:, None]
+            best = scores.flatten().topk(len(self.scores))
+            self.scores, beam_idx, token = best.values, best.indices // logits.shape[-1], best.indices % logits.shape[-1]
+        with record_function("autotp::kv_cache"):
+            reorder = getattr(self.model, "_reorder_cache", None)
+            cache = reorder(out.past_key_values, beam_idx) if reorder else out.past_key_values
+            if not reorder:
+                cache.reorder_cache(beam_idx)
+        return token[:, None], cache, position[-1:] + 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-1b", help=f"a bench shape: {', '.join(shapes.SHAPES)}")
@@ -138,6 +168,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--steps", type=int, default=16, help="decode steps under the profiler")
     parser.add_argument("--timed", type=int, default=16, help="decode steps timed without the profiler")
+    parser.add_argument("--beams", type=int, default=1, help="beam search over this many beams (1: greedy)")
     args = parser.parse_args()
 
     if "WORLD_SIZE" in os.environ:
@@ -157,7 +188,11 @@ def main() -> None:
         runtime = autotp.Runtime.from_env().replace(compile=args.compile, attention=args.attention)
         model = autotp.shard(model, world, quantize="int8" if args.int8 else None, runtime=runtime)
     instrument(model)
+    if args.beams < 1:
+        parser.error("--beams must be at least 1")
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    ids = ids.expand(args.beams, -1)
+    decode = step if args.beams == 1 else BeamStep(model, args.beams)
     forward = model  # with --compile its forward sends one-position steps over a static cache to the compiled step
     if args.compile:  # what generate does with AUTOTP_COMPILE=1
         from torch._inductor import config as inductor_config
@@ -171,17 +206,17 @@ def main() -> None:
         token, cache, position = out.logits[:, -1:].argmax(-1), out.past_key_values, torch.tensor([args.prompt])
         start = time.perf_counter()
         for _ in range(4):  # warm-up (compiling, with --compile)
-            token, cache, position = step(forward, token, cache, position)
+            token, cache, position = decode(forward, token, cache, position)
         warmup = time.perf_counter() - start
         times = []
         for _ in range(args.timed):
             start = time.perf_counter()
-            token, cache, position = step(forward, token, cache, position)
+            token, cache, position = decode(forward, token, cache, position)
             times.append(time.perf_counter() - start)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=args.compile) as prof:
             start = time.perf_counter()
             for _ in range(args.steps):
-                token, cache, position = step(forward, token, cache, position)
+                token, cache, position = decode(forward, token, cache, position)
             profiled = (time.perf_counter() - start) / args.steps
     head = model.get_output_embeddings().weight
     totals = category_times(prof.profiler.function_events, tuple(head.shape), args.compile)
@@ -192,7 +227,8 @@ def main() -> None:
         kind = "plain transformers, bf16" if args.plain else "autotp, INT8 (group 128)" if args.int8 else "autotp, bf16"
         if not args.plain:
             kind += (", compiled step" if args.compile else ", eager") + f", attention {args.attention}"
-        print(f"{args.model}, {kind}, {world} rank(s) x {torch.get_num_threads()} thread(s), prompt {args.prompt}: "
+        mode = "greedy" if args.beams == 1 else f"beam {args.beams}"
+        print(f"{args.model}, {kind}, {world} rank(s) x {torch.get_num_threads()} thread(s), prompt {args.prompt}, {mode}: "
               f"decode step {plain * 1e3:.1f} ms median unprofiled, {profiled * 1e3:.1f} ms profiled; "
               f"warm-up {warmup:.1f} s")
         print(f"{'category':<30} {'share':>6} {'ms / step':>10}")

@@ -9,14 +9,15 @@
 //   even(p), odd(p): the 2 * kWidth bf16 at p are kWidth (even K, odd K) pairs of kWidth
 //     columns; even gives the even-K values as fp32, odd the odd-K ones (bf16 is the top
 //     half of an fp32: a shift or a mask)
-//   dequant(q, scale): the kWidth int8 at q, as fp32, times scale (rounded once)
+//   widen8(q): the kWidth int8 at q, as fp32 (exact)
 //   prefetch(p)
 //   kTileM (rows per bf16 micro-kernel call, <= 6) and kTileBlocks(mt) (16-column blocks per
 //   call, 1..4), kDirectRows / kDirectCols (INT8, few rows: weights used in registers) and
 //   kPanelRows / kPanelCols (INT8, many rows: from a dequantised fp32 panel); column counts are
 //   multiples of kWidth that divide 64.
 // Accumulation is fp32 in K order everywhere, so every ISA computes the same sums up to the
-// association of the K loop's FMAs with the products (each product is rounded once).
+// association of the K loop's FMAs with the products (each product is rounded once); INT8
+// scales each segment's sum once (int8_segments).
 
 #include "epilogue.h"
 
@@ -124,50 +125,80 @@ void bf16_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1
   bf16_drive<WidenMicro<V>>(a, a.x, m0, m1, b0, b1);
 }
 
-// acc[i][.] (+)= sum over k in [k0, k1) of x[i, k] * W[k, columns], W dequantised in registers:
-// MT rows of x (row stride ldx), CR registers of columns from q / s (row stride 64).
-template <class V, int MT, int CR>
-void int8_direct(const float* x, int64_t ldx, const int8_t* q, const float* s, int64_t G, int64_t O, int64_t k0,
-                 int64_t k1, float* c, int64_t ldc) {
+// The INT8 sums (the vector spec, kernel_table.h): K is cut into segments, each within one
+// scale group and one kPanelK chunk; a segment's fp32 sum of x[i, k] * float(Q[n, k]) (products
+// in K order, from zero) is scaled once, c = sum * S (the first segment) or c = sum * S + c (the
+// rest, in K order). Both INT8 paths walk the same segments in the same order, so a row's
+// result does not depend on how many rows the call has.
+template <class F>
+void int8_segments(int64_t k0, int64_t k1, int64_t G, int64_t O, F&& segment) {
+  for (int64_t ks = k0; ks < k1;) {
+    const int64_t t = (ks + O) / G, ke = std::min({k1, (t + 1) * G - O, (ks / kPanelK + 1) * kPanelK});
+    segment(ks, ke, t);
+    ks = ke;
+  }
+}
+
+// One segment [ks, ke) for MT rows of x (row stride ldx, indexed by absolute k) and CR registers
+// of columns, weights widened in registers from q (row stride 64, kPanel false) or read from
+// an fp32 panel of float(Q) whose row 0 is K k0 (kPanel true); scaled by s (this group's
+// scales of the columns) into c (row stride ldc).
+template <class V, int MT, int CR, bool kPanel>
+void int8_segment(const float* x, int64_t ldx, const int8_t* q, const float* panel, int64_t k0, int64_t ks,
+                  int64_t ke, const float* s, float* c, int64_t ldc, bool first) {
   typename V::F acc[MT][CR];
   for (int i = 0; i < MT; ++i)
     for (int r = 0; r < CR; ++r) acc[i][r] = V::zero();
-  for (int64_t kg = k0; kg < k1;) {
-    const int64_t t = (kg + O) / G, kend = std::min(k1, (t + 1) * G - O);
-    typename V::F sv[CR];
-    for (int r = 0; r < CR; ++r) sv[r] = V::load(s + t * kInt8Group + r * V::kWidth);
-    for (int64_t k = kg; k < kend; ++k) {
+  for (int64_t k = ks; k < ke; ++k) {
+    typename V::F wv[CR];
+    if constexpr (kPanel) {
+      for (int r = 0; r < CR; ++r) wv[r] = V::load(panel + (k - k0) * kInt8Group + r * V::kWidth);
+    } else {
       const int8_t* row = q + k * kInt8Group;
       V::prefetch(row + kPrefetchK * kInt8Group);
-      typename V::F wv[CR];
-      for (int r = 0; r < CR; ++r) wv[r] = V::dequant(row + r * V::kWidth, sv[r]);
-      for (int i = 0; i < MT; ++i) {
-        const typename V::F xv = V::set1(x[i * ldx + k]);
-        for (int r = 0; r < CR; ++r) acc[i][r] = V::fma(xv, wv[r], acc[i][r]);
-      }
+      for (int r = 0; r < CR; ++r) wv[r] = V::widen8(row + r * V::kWidth);
     }
-    kg = kend;
+    for (int i = 0; i < MT; ++i) {
+      const typename V::F xv = V::set1(x[i * ldx + k]);
+      for (int r = 0; r < CR; ++r) acc[i][r] = V::fma(xv, wv[r], acc[i][r]);
+    }
   }
-  for (int i = 0; i < MT; ++i)
-    for (int r = 0; r < CR; ++r) V::store(c + i * ldc + r * V::kWidth, acc[i][r]);
+  for (int r = 0; r < CR; ++r) {
+    const typename V::F sv = V::load(s + r * V::kWidth);
+    for (int i = 0; i < MT; ++i) {
+      float* out = c + i * ldc + r * V::kWidth;
+      V::store(out, V::fma(acc[i][r], sv, first ? V::zero() : V::load(out)));
+    }
+  }
 }
 
-// The dequantised weight of K [k0, k1) for one group, as fp32 rows of 64: panel[k - k0][col].
+// float(Q) of K [k0, k1) for one group, as fp32 rows of 64: panel[k - k0][col].
 template <class V>
-void int8_panel(const int8_t* q, const float* s, int64_t G, int64_t O, int64_t k0, int64_t k1, float* panel) {
+void int8_panel(const int8_t* q, int64_t k0, int64_t k1, float* panel) {
   constexpr int CR = kInt8Group / V::kWidth;
-  for (int64_t kg = k0; kg < k1;) {
-    const int64_t t = (kg + O) / G, kend = std::min(k1, (t + 1) * G - O);
-    for (int r = 0; r < CR; ++r) {
-      const typename V::F sv = V::load(s + t * kInt8Group + r * V::kWidth);
-      for (int64_t k = kg; k < kend; ++k)
-        V::store(panel + (k - k0) * kInt8Group + r * V::kWidth, V::dequant(q + k * kInt8Group + r * V::kWidth, sv));
-    }
-    kg = kend;
+  for (int64_t k = k0; k < k1; ++k)
+    for (int r = 0; r < CR; ++r)
+      V::store(panel + (k - k0) * kInt8Group + r * V::kWidth, V::widen8(q + k * kInt8Group + r * V::kWidth));
+}
+
+using Int8SegmentFn = void (*)(const float*, int64_t, const int8_t*, const float*, int64_t, int64_t, int64_t,
+                               const float*, float*, int64_t, bool);
+
+template <class V, bool kPanel>
+Int8SegmentFn int8_pick(int64_t mt) {
+  constexpr int CR = (kPanel ? V::kPanelCols : V::kDirectCols) / V::kWidth;
+  switch (mt) {
+    case 1: return int8_segment<V, 1, CR, kPanel>;
+    case 2: return int8_segment<V, 2, CR, kPanel>;
+    case 3: return int8_segment<V, 3, CR, kPanel>;
+    case 4: return int8_segment<V, 4, CR, kPanel>;
+    case 5: return int8_segment<V, 5, CR, kPanel>;
+    default: return int8_segment<V, 6, CR, kPanel>;
   }
 }
 
-// acc[i][.] (+)= sum over the panel's rows of x[i, k] * panel[k, columns]: MT rows of x.
+// INT4's many-row path (int4_tiles.h), over a panel of dequantised weights: acc[i][.] (+)= sum over
+// the panel's rows of x[i, k] * panel[k, columns], MT rows of x.
 template <class V, int MT, int CR>
 void int8_from_panel(const float* x, int64_t ldx, const float* panel, int64_t rows, float* c, int64_t ldc,
                      bool accumulate) {
@@ -186,20 +217,7 @@ void int8_from_panel(const float* x, int64_t ldx, const float* panel, int64_t ro
     for (int r = 0; r < CR; ++r) V::store(c + i * ldc + r * V::kWidth, acc[i][r]);
 }
 
-using Int8DirectFn = void (*)(const float*, int64_t, const int8_t*, const float*, int64_t, int64_t, int64_t,
-                              int64_t, float*, int64_t);
 using Int8PanelFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
-
-template <class V>
-Int8DirectFn int8_pick_direct(int64_t mt) {
-  constexpr int CR = V::kDirectCols / V::kWidth;
-  switch (mt) {
-    case 1: return int8_direct<V, 1, CR>;
-    case 2: return int8_direct<V, 2, CR>;
-    case 3: return int8_direct<V, 3, CR>;
-    default: return int8_direct<V, 4, CR>;
-  }
-}
 
 template <class V>
 Int8PanelFn int8_pick_panel(int64_t mt) {
@@ -214,13 +232,13 @@ Int8PanelFn int8_pick_panel(int64_t mt) {
   }
 }
 
-// Up to kInt8DirectM rows each weight row is widened, scaled and used in registers (one pass
-// over the group's stream); with more, a chunk of K is dequantised once into an fp32 panel in
-// cache that every row tile then reads (the same products, in the same order).
+// Up to kInt8DirectM rows each weight row is widened and used in registers (one pass over the
+// group's stream); with more, a chunk of K is widened once into an fp32 panel in cache that
+// every row tile then reads (the same segments, the same sums).
 template <class V>
 void int8_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
-  static_assert(V::kDirectRows >= 1 && V::kDirectRows <= 4 && V::kPanelRows >= 1 && V::kPanelRows <= 6,
-                "int8_pick_direct covers 1..4 rows, int8_pick_panel 1..6");
+  static_assert(V::kDirectRows >= 1 && V::kDirectRows <= 6 && V::kPanelRows >= 1 && V::kPanelRows <= 6,
+                "int8_pick covers 1..6 rows");
   alignas(64) float c[kInt8BlockM * kInt8MaxItemGroups * kInt8Group];
   alignas(64) float panel[kPanelK * kInt8Group];
   const int64_t ldc = (g1 - g0) * kInt8Group, rows = m1 - m0;
@@ -229,19 +247,27 @@ void int8_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_
     const float* s = a.s + g * a.KG * kInt8Group;
     float* cg = c + (g - g0) * kInt8Group;
     if (rows <= kInt8DirectM) {
-      for (int64_t m = m0; m < m1; m += V::kDirectRows)
+      for (int64_t m = m0; m < m1; m += V::kDirectRows) {
+        const Int8SegmentFn fn = int8_pick<V, false>(std::min<int64_t>(V::kDirectRows, m1 - m));
         for (int64_t col = 0; col < kInt8Group; col += V::kDirectCols)
-          int8_pick_direct<V>(std::min<int64_t>(V::kDirectRows, m1 - m))(
-              a.x + m * a.K, a.K, q + col, s + col, a.G, a.O, 0, a.K, cg + (m - m0) * ldc + col, ldc);
+          int8_segments(0, a.K, a.G, a.O, [&](int64_t ks, int64_t ke, int64_t t) {
+            fn(a.x + m * a.K, a.K, q + col, nullptr, 0, ks, ke, s + t * kInt8Group + col, cg + (m - m0) * ldc + col,
+               ldc, ks == 0);
+          });
+      }
       continue;
     }
     for (int64_t k0 = 0; k0 < a.K; k0 += kPanelK) {
       const int64_t k1 = std::min(a.K, k0 + kPanelK);
-      int8_panel<V>(q, s, a.G, a.O, k0, k1, panel);
-      for (int64_t m = m0; m < m1; m += V::kPanelRows)
+      int8_panel<V>(q, k0, k1, panel);
+      for (int64_t m = m0; m < m1; m += V::kPanelRows) {
+        const Int8SegmentFn fn = int8_pick<V, true>(std::min<int64_t>(V::kPanelRows, m1 - m));
         for (int64_t col = 0; col < kInt8Group; col += V::kPanelCols)
-          int8_pick_panel<V>(std::min<int64_t>(V::kPanelRows, m1 - m))(
-              a.x + m * a.K + k0, a.K, panel + col, k1 - k0, cg + (m - m0) * ldc + col, ldc, k0 > 0);
+          int8_segments(k0, k1, a.G, a.O, [&](int64_t ks, int64_t ke, int64_t t) {
+            fn(a.x + m * a.K, a.K, nullptr, panel + col, k0, ks, ke, s + t * kInt8Group + col,
+               cg + (m - m0) * ldc + col, ldc, ks == 0);
+          });
+      }
     }
   }
   store_rows(c, ldc, m0, m1, g0 * kInt8Group, std::min(a.N, g1 * kInt8Group), a.bias, a.out, a.ldo, a.out_bf16);

@@ -43,9 +43,8 @@ struct Avx2 {
     return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
                                                 _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
-  static F dequant(const int8_t* q, F scale) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale);
+  static F widen8(const int8_t* q) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
   }
   // INT4 (int4_tiles.h): 8 words = one block of a pair of K rows
   using I = __m256i;

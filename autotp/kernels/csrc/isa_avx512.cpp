@@ -1,6 +1,7 @@
 // The AVX-512 path (F, BW, DQ, VL; the tiles' FMAs on 16 fp32 lanes). bf16 widens to fp32 with
 // two integer ops per 32 values: shifting each 32-bit lane left by 16 gives the even-K values,
-// masking off the low half the odd-K ones. int8 widens with vpmovsxbd and converts exactly.
+// masking off the low half the odd-K ones. int8 widens with vpmovsxbd and converts exactly (scaled
+// per segment, gemm_tiles.h).
 // Compiled only for x86-64; everything in it runs only where supported() says so.
 #include "kernel_table.h"
 
@@ -39,9 +40,8 @@ struct Avx512 {
   static F odd(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
-  static F dequant(const int8_t* q, F scale) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), scale);
+  static F widen8(const int8_t* q) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
   }
   // INT4 (int4_tiles.h): 16 words = both blocks of a pair of K rows
   using I = __m512i;

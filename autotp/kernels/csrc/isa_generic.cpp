@@ -23,7 +23,7 @@ struct Scalar {
   static F fma(F a, F b, F c) { return a * b + c; }
   static F even(const uint16_t* p) { return bf16_to_float(p[0]); }
   static F odd(const uint16_t* p) { return bf16_to_float(p[1]); }
-  static F dequant(const int8_t* q, F scale) { return static_cast<float>(*q) * scale; }
+  static F widen8(const int8_t* q) { return static_cast<float>(*q); }
   static void prefetch(const void*) {}
 };
 

@@ -13,8 +13,11 @@
 //   group's four blocks of 16 columns, each block's 64 bytes in the "VNNI pair" order.
 // INT8 packed weight: Q [N, K] int8 -> [NG, K, 64], element (g, k, c) = Q[64 g + c, k]; scales
 //   S [N, KG] fp32 -> [NG, KG, 64]; KG = ceil((K + O) / G). The product (the spec):
-//   y[m, n] = bias[n] + sum over k of x[m, k] * (float(Q[n, k]) * S[n, (k + O) / G]),
-//   each dequantised weight rounded to fp32 once, summed in K order.
+//   y[m, n] = bias[n] + sum over k of x[m, k] * (float(Q[n, k]) * S[n, (k + O) / G]); computed
+//   (every path, gemm_tiles.h) with K cut into segments at scale-group and 256-K boundaries:
+//   the fp32 sum over a segment of x[m, k] * float(Q[n, k]), in K order, times the group's scale
+//   once, those summed in K order (the scale multiplies a sum, not each weight: one FMA per
+//   weight and row, no multiply per weight).
 // INT4 packed weight: U [N, K] of 4-bit values 0..15 -> [NG, ceil(K/2), 64] uint8: per group g
 //   of 64 columns and pair p of K rows, two blocks h of 32 bytes, byte 32 h + 2 i + r =
 //   U[64 g + 32 h + i, 2 p + r] | U[64 g + 32 h + 16 + i, 2 p + r] << 4 (i < 16, r < 2), zero past
