@@ -56,7 +56,11 @@ def test_decode_attention_equals_sdpa_and_a_wrong_scale_is_seen(kv_heads, kind):
     assert (wrong - ref).abs().max().item() > 1e-2
 
 
-def test_decode_attention_accumulates_bf16_in_float32():
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not kernels.native_enabled(torch.bfloat16), reason=f"native kernels off: {kernels.status()[1]}"))])
+def test_decode_attention_accumulates_bf16_in_float32(native, monkeypatch):
+    """Over a bf16 cache, through the torch ops and through the native op."""
+    monkeypatch.setattr(attention, "_native_isa", kernels.isa() if native else None)
     q, k, v, mask = tensors(8, 2, dtype=torch.bfloat16)
     module = Stub(4)
     exact, _ = sdpa_attention_forward(module, q.double(), k.double(), v.double(), mask, scaling=0.25)
@@ -264,3 +268,75 @@ def test_the_compiled_step_brings_the_reorder_hook_and_keeps_a_models_own():
     own.__class__ = type("OwnReorder", (type(own),), {"_reorder_cache": staticmethod(own_reorder)})
     prepare_decoding(own, autotp.Runtime(compile=True))
     assert own._reorder_cache is own_reorder
+
+
+def attention_reference(q, k, v, bias, scale):
+    """The native op's definition in float64: softmax(q k^T * scale + bias) v per KV head's group."""
+    s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + (bias[:, :, None, :] if bias.shape[1] == 1 else bias.reshape(*q.shape[:3], -1)).double()
+    return torch.matmul(torch.softmax(s, -1), v.double())
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", kernels.available_isas(autotp.Runtime.from_env()) or ["generic"])
+@pytest.mark.parametrize("shape", [(2, 3, 1, 17, 8), (1, 2, 8, 40, 64), (3, 1, 4, 9, 50), (2, 2, 1, 33, 128),
+                                   (1, 1, 1, 1, 2), (2, 2, 2, 5, 3)])
+@pytest.mark.parametrize("bias_kind", ["none", "shared", "per_head"])
+def test_native_decode_attention_against_float64(isa, shape, bias_kind):
+    """Each ISA path of autotp.kernels.decode_attention (head dims that fill the vector lanes and
+    ones that leave a tail) against float64, with no mask, a mask shared by the heads (left
+    padding, an unfilled end) and one per head; the negative control, another scale, differs."""
+    batch, kv_heads, group, length, dim = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    q = torch.randn(batch, kv_heads, group, dim, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, length, dim, generator=gen).bfloat16() for _ in range(2))
+    bias = None
+    if bias_kind != "none":
+        bias = torch.zeros(batch, 1 if bias_kind == "shared" else kv_heads * group, length)
+        bias[..., length - length // 3:] = float("-inf")
+        if length > 2:
+            bias[0, ..., :1] = float("-inf")
+        if bias_kind == "per_head":
+            bias[:, :1, length // 2] = -1.5
+    want = attention_reference(q, k, v, bias, 0.3)
+    got = kernels.decode_attention(q, k, v, bias, 0.3, isa)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got.double() - want).abs().max().item() < 1e-5
+    wrong = kernels.decode_attention(q, k, v, bias, 0.6, isa)
+    assert length == 1 or (wrong.double() - want).abs().max().item() > 1e-3
+
+
+@needs_extension
+@pytest.mark.parametrize("case", ["float_key", "shape", "bias_shape", "float_query"])
+def test_native_decode_attention_refuses_bad_input(case):
+    q = torch.randn(1, 2, 2, 8)
+    k, v, bias = torch.randn(1, 2, 5, 8).bfloat16(), torch.randn(1, 2, 5, 8).bfloat16(), torch.zeros(1, 1, 5)
+    if case == "float_key":
+        k = k.float()
+    elif case == "shape":
+        v = torch.randn(1, 2, 6, 8).bfloat16()
+    elif case == "bias_shape":
+        bias = torch.zeros(1, 3, 5)
+    elif case == "float_query":
+        q = q.bfloat16()
+    with pytest.raises(RuntimeError, match="autotp::decode_attention"):
+        kernels.decode_attention(q, k, v, bias, 0.5)
+
+
+@needs_extension
+def test_register_sends_bf16_decoding_to_the_native_op_unless_the_kernels_are_torch(monkeypatch):
+    calls = []
+    op = torch.ops.autotp.decode_attention
+    monkeypatch.setattr(torch.ops.autotp, "decode_attention", lambda *a: calls.append(a) or op(*a), raising=False)
+    q, k, v, mask = tensors(8, 2, dtype=torch.bfloat16)
+    try:
+        attention.register(autotp.Runtime(kernels="torch"))
+        torch_ops, _ = attention.decode_attention(Stub(4), q, k, v, mask, scaling=0.25)
+        assert not calls
+        attention.register(autotp.Runtime(kernels="native"))
+        native, _ = attention.decode_attention(Stub(4), q, k, v, mask, scaling=0.25)
+        assert len(calls) == 1
+    finally:
+        attention.register()
+    assert (native.float() - torch_ops.float()).abs().max().item() <= 2 ** -7 * torch_ops.float().abs().max().item()

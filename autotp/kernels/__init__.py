@@ -202,6 +202,17 @@ def reorder_rows_(tensors: list[torch.Tensor], sources: torch.Tensor, length: in
     torch.ops.autotp.reorder_rows_(tensors, sources, length)
 
 
+def decode_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
+                     scale: float, isa: str = "") -> torch.Tensor:
+    """Attention of one query position over a bfloat16 KV cache in float32 math, without a
+    float32 copy of the cache: ``q`` float32 [batch, kv_heads, group, dim] (the group of query
+    heads sharing a KV head), ``key`` / ``value`` bfloat16 [batch, kv_heads, length, dim],
+    ``bias`` float32 [batch, 1 or kv_heads * group, length] added to the scores (0 / -inf for a
+    boolean mask; positions at -inf for every head are not read) or None; returns float32
+    [batch, kv_heads, group, dim]. Needs the extension built (:func:`extension_loaded`)."""
+    return torch.ops.autotp.decode_attention(q, key, value, bias, scale, isa)
+
+
 def serving_isa(isa: str, weight: str = "bf16", x_dtype: torch.dtype = torch.bfloat16, rows: int = 1) -> str:
     """The kernel table that serves a GEMM started at ``isa`` ("" the best this CPU runs) with
     ``weight`` ("bf16", "int8" or "int4") weights, activations of ``x_dtype`` and ``rows`` rows: a table
@@ -308,6 +319,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("autotp::linear_int4")
     def _(x, qpacked, spacked, zpacked, bias, out_features, group_size, group_offset=0, out_dtype=None, isa=""):
         return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)
+
+    @torch.library.register_fake("autotp::decode_attention")
+    def _(q, key, value, bias, scale, isa=""):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("autotp::shm_all_reduce")
     def _(tensor, comm):

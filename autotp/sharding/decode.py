@@ -74,7 +74,7 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     config = getattr(model, "config", None)
     if (runtime.attention == "auto" and getattr(config, "_attn_implementation", None) == "sdpa"
             and _takes_attention_functions(model)):
-        attention.register()
+        attention.register(runtime)
         model.set_attn_implementation(attention.NAME)
     if getattr(config, "_attn_implementation", None) == attention.NAME:
         for module in model.modules():  # private config copies the plan gave some modules (AttrEdit)

@@ -68,11 +68,17 @@ struct Avx2 {
   }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static float hsum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 };
 
 #include "gemm_tiles.h"
 #include "int4_tiles.h"
+#include "attention_tiles.h"
 
 #pragma GCC pop_options
 
@@ -80,7 +86,7 @@ struct Avx2 {
 
 const KernelTable& avx2_table() {
   static const KernelTable table{"avx2", supported, bf16_tile<Avx2>, nullptr, 0, 0, 0, int8_tile<Avx2>, int4_tile<Avx2>, nullptr, generic_table().sum_bf16,
-                                 generic_table().sum_f32, generic_table().stream_read};
+                                 generic_table().sum_f32, generic_table().stream_read, attend_bf16_rows<Avx2>};
   return table;
 }
 

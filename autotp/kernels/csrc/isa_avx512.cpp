@@ -65,11 +65,13 @@ struct Avx512 {
   }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static float hsum(F v) { return _mm512_reduce_add_ps(v); }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 };
 
 #include "gemm_tiles.h"
 #include "int4_tiles.h"
+#include "attention_tiles.h"
 
 // fp32 -> bf16, round to nearest even, NaN kept as a quiet NaN (as float_to_bf16 does).
 inline __m256i to_bf16(__m512 v) {
@@ -125,7 +127,7 @@ uint64_t stream_read(const uint8_t* data, int64_t bytes) {
 
 const KernelTable& avx512_table() {
   static const KernelTable table{"avx512", supported, bf16_tile<Avx512>, nullptr, 0, 0, 0, int8_tile<Avx512>, int4_tile<Avx512>, nullptr, sum_bf16, sum_f32,
-                                 stream_read};
+                                 stream_read, attend_bf16_rows<Avx512>};
   return table;
 }
 

@@ -25,9 +25,11 @@ struct Scalar {
   static F odd(const uint16_t* p) { return bf16_to_float(p[1]); }
   static F widen8(const int8_t* q) { return static_cast<float>(*q); }
   static void prefetch(const void*) {}
+  static float hsum(F v) { return v; }
 };
 
 #include "gemm_tiles.h"
+#include "attention_tiles.h"
 
 // INT4, the spec (kernel_table.h): each weight (float(U - Z)) * S rounded once, x times it
 // summed in K order, one output at a time; U read from the packed layout by its definition.
@@ -89,7 +91,7 @@ bool always() { return true; }
 
 const KernelTable& generic_table() {
   static const KernelTable table{"generic", always, bf16_tile<Scalar>, nullptr, 0, 0, 0, int8_tile<Scalar>, int4_tile, nullptr, sum_bf16, sum_f32,
-                                 stream_read};
+                                 stream_read, attend_bf16_rows<Scalar>};
   return table;
 }
 

@@ -30,6 +30,7 @@
 //   sums of x * (U - Z) (int4_tiles.h).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -108,6 +109,10 @@ struct KernelTable {
   void (*sum_f32)(const float* const* srcs, int64_t count, float* out, int64_t n);
   // the XOR of every 8-byte word of [data, data + bytes), the bytes past the last 32 one by one
   uint64_t (*stream_read)(const uint8_t* data, int64_t bytes);
+  // decode attention over a bf16 KV cache for one (batch row, KV head), attention_tiles.h; null:
+  // the next table down serves it
+  void (*attend_bf16)(const float* q, const uint16_t* k, const uint16_t* v, const float* const* bias, float scale,
+                      float* out, float* scratch, int64_t G, int64_t L, int64_t D);
 };
 
 // The x86 tables are compiled on x86-64 unless the build asks for portable code only

@@ -6,6 +6,7 @@
 //   linear_int8(x[..., K], qpacked, spacked, bias?, N, G, O, out_dtype?, isa) -> y[..., N] = x (Q S)^T + bias
 //   read_probe(buffer, isa) -> checksum                   (read bandwidth, for benchmarks)
 //   reorder_rows_(tensors, sources, length)               (beam search's cache reorder, in place)
+//   decode_attention(q, key, value, bias?, scale, isa)     (one query position over a bf16 cache, fp32 math)
 //   class ShmComm(name, rank, size, slot_bytes, create, timeout_s, isa): all_reduce(t), unlink(), name()
 //   cpu_isas() -> the instruction sets this build holds that this CPU runs, best first
 //   serving_isa(isa, weight, x_dtype, M) -> the table that serves such a call started at `isa`
@@ -17,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <optional>
@@ -347,6 +349,53 @@ void reorder_rows_(at::TensorList tensors, const at::Tensor& sources, int64_t le
   }
 }
 
+// Decode attention (one query position) over a bf16 KV cache, fp32 math (attention_tiles.h):
+// q [B, KVH, G, D] fp32, key / value [B, KVH, L, D] bf16 contiguous, bias [B, 1 or KVH * G, L]
+// fp32 (additive) or empty; -> [B, KVH, G, D] fp32. Threads over (batch row, KV head).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key, const at::Tensor& value,
+                            const std::optional<at::Tensor>& bias, double scale, const std::string& isa) {
+  const char* op = "autotp::decode_attention";
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 4, op,
+              ": q must be a float32 CPU tensor [batch, kv_heads, group, dim], got ", q.scalar_type(), " ", q.sizes());
+  const int64_t B = q.size(0), KVH = q.size(1), G = q.size(2), D = q.size(3);
+  for (const at::Tensor* t : {&key, &value})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4 && t->size(0) == B &&
+                    t->size(1) == KVH && t->size(3) == D && t->size(2) == key.size(2),
+                op, ": key and value must be bfloat16 CPU tensors [", B, ", ", KVH, ", length, ", D, "], got ",
+                t->scalar_type(), " ", t->sizes());
+  const int64_t L = key.size(2);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.dim() == 3 && b.size(0) == B && (b.size(1) == 1 || b.size(1) == KVH * G) && b.size(2) == L, op,
+                ": bias must be [", B, ", 1 or ", KVH * G, ", ", L, "], got ", b.sizes());
+  }
+  const at::Tensor qc = q.contiguous(), kc = key.contiguous(), vc = value.contiguous();
+  at::Tensor out = at::empty({B, KVH, G, D}, q.options());
+  if (out.numel() == 0) return out;
+  const auto& tables = runnable_tables();
+  auto it = std::find(tables.begin(), tables.end(), &kernel_table(isa));
+  while ((*it)->attend_bf16 == nullptr) ++it;  // the generic table has one
+  const auto attend = (*it)->attend_bf16;
+  const float* qp = qc.data_ptr<float>();
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(kc.data_ptr<at::BFloat16>());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(vc.data_ptr<at::BFloat16>());
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* op_out = out.data_ptr<float>();
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(G * L + G * D);
+    std::vector<const float*> rows(G);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bi = i / KVH, h = i % KVH;
+      for (int64_t g = 0; g < G; ++g)
+        rows[g] = bp ? bp + (bi * b.size(1) + (b.size(1) == 1 ? 0 : h * G + g)) * L : nullptr;
+      attend(qp + i * G * D, kp + i * L * D, vp + i * L * D, rows.data(), static_cast<float>(scale),
+             op_out + i * G * D, scratch.data(), G, L, D);
+    }
+  });
+  return out;
+}
+
 // The table that serves a GEMM call started at `isa` (see serving_table), for tests and benchmarks.
 std::string serving_isa(const std::string& isa, const std::string& weight, at::ScalarType x_dtype, int64_t M) {
   TORCH_CHECK(weight == "bf16" || weight == "int8" || weight == "int4",
@@ -385,6 +434,7 @@ TORCH_LIBRARY(autotp, m) {
         "int group_size, int group_offset=0, ScalarType? out_dtype=None, str isa=\"\") -> Tensor");
   m.def("read_probe(Tensor buffer, str isa=\"\") -> int");
   m.def("reorder_rows_(Tensor(a!)[] tensors, Tensor sources, int length) -> ()");
+  m.def("decode_attention(Tensor q, Tensor key, Tensor value, Tensor? bias, float scale, str isa=\"\") -> Tensor");
   m.def("cpu_isas() -> str[]", &autotp::cpu_isas);
   m.def("serving_isa(str isa, str weight, ScalarType x_dtype, int rows) -> str", &autotp::serving_isa);
 }
@@ -397,6 +447,7 @@ TORCH_LIBRARY_IMPL(autotp, CPU, m) {
   m.impl("linear_int4", &autotp::linear_int4);
   m.impl("read_probe", &autotp::read_probe);
   m.impl("reorder_rows_", &autotp::reorder_rows_);
+  m.impl("decode_attention", &autotp::decode_attention);
   m.impl("shm_all_reduce", &autotp::shm_all_reduce);
   m.impl("shm_all_gather_last_dim", &autotp::shm_all_gather_last_dim);
 }
