@@ -236,6 +236,18 @@ def test_negative_control_self_check_switches_off_a_wrong_kernel(monkeypatch):
     failed = kernels.selfcheck.check_paths(["avx2"], linear_bf16=right, linear_int8=right_int8,
                                            linear_int4=wrong_int4)
     assert "INT4 GEMM differs" in failed["avx2"] and "M=1 N=70 K=33" in failed["avx2"]
+
+    def right_int4(x, q, s, z, bias, n, g, o, out_dtype, isa):
+        return torch.ops.autotp.linear_int4(x, q, s, z, bias, n, g, o, out_dtype, "generic")
+
+    def wrong_attention(q, k, v, bias, scale, isa):  # one output off by 1e-3 of the values' scale
+        y = torch.ops.autotp.decode_attention(q, k, v, bias, scale, "generic")
+        y[1, 0, 2, 7] += 1e-3 * v.float().abs().max()
+        return y
+
+    failed = kernels.selfcheck.check_paths(["avx2"], linear_bf16=right, linear_int8=right_int8,
+                                           linear_int4=right_int4, decode_attention=wrong_attention)
+    assert set(failed) == {"avx2"} and "decode attention differs" in failed["avx2"]
     handle = kernels.Extension(build=lambda verbose, portable: ["avx2", "generic"],
                                check=lambda isas: kernels.selfcheck.check_paths(isas, linear_bf16=wrong))
     monkeypatch.setattr(kernels, "_EXTENSION", handle)

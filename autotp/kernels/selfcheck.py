@@ -36,10 +36,12 @@ def _differs(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, w: torch.Te
 
 
 def check_paths(isas: list[str], linear_bf16: Bf16Op | None = None, linear_int8: Bf16Op | None = None,
-                linear_int4: Bf16Op | None = None) -> dict[str, str]:
-    """ISA -> why it is switched off, for each of ``isas`` whose bf16, INT8 or INT4 GEMM differs
-    from the generic path's beyond summation order. ``linear_bf16`` / ``linear_int8`` /
-    ``linear_int4`` default to the extension's ops (a test passes wrong ones to see the check fail)."""
+                linear_int4: Bf16Op | None = None, decode_attention: Bf16Op | None = None) -> dict[str, str]:
+    """ISA -> why it is switched off, for each of ``isas`` whose bf16, INT8 or INT4 GEMM or decode
+    attention differs from the generic path's beyond summation order. ``linear_bf16`` /
+    ``linear_int8`` / ``linear_int4`` / ``decode_attention`` default to the extension's ops (a
+    test passes wrong ones to see the check fail)."""
+    attend = decode_attention or torch.ops.autotp.decode_attention
     bf16 = linear_bf16 or torch.ops.autotp.linear_bf16
     int8 = linear_int8 or torch.ops.autotp.linear_int8
     int4 = linear_int4 or torch.ops.autotp.linear_int4
@@ -61,7 +63,25 @@ def check_paths(isas: list[str], linear_bf16: Bf16Op | None = None, linear_int8:
                           torch.ops.autotp.linear_int4(x, q4, s4, z4, b, n, INT8_GROUP, INT8_OFFSET, torch.float32,
                                                        "generic"), x, w4):
                 failed[isa] = f"its INT4 GEMM differs from the generic one at M={m} N={n} K={k}"
+    q, k, v, bias = _attention_inputs()
+    want = torch.ops.autotp.decode_attention(q, k, v, bias, 0.3, "generic")
+    for isa in [i for i in isas if i != "generic" and i not in failed]:
+        got = attend(q, k, v, bias, 0.3, isa)
+        if got.shape != want.shape or bool(((got - want).abs() > RELATIVE * v.float().abs().max() + 1e-6).any()):
+            failed[isa] = "its decode attention differs from the generic one (3 heads per KV head, dim 40, 21 positions)"
     return failed
+
+
+def _attention_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode attention case: 2 rows, 2 KV heads of 3 query heads, head dim 40 (vector lanes
+    and a tail), 21 positions, a mask per head with left padding and an unfilled end."""
+    gen = torch.Generator().manual_seed(40)
+    q = torch.randn(2, 2, 3, 40, generator=gen)
+    k, v = (torch.randn(2, 2, 21, 40, generator=gen).bfloat16() for _ in range(2))
+    bias = torch.randn(2, 6, 21, generator=gen)
+    bias[..., 17:] = float("-inf")
+    bias[1, :, :2] = float("-inf")
+    return q, k, v, bias
 
 
 def _int8(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
