@@ -305,6 +305,10 @@ def test_native_decode_attention_against_float64(isa, shape, bias_kind):
     assert (got.double() - want).abs().max().item() < 1e-5
     wrong = kernels.decode_attention(q, k, v, bias, 0.6, isa)
     assert length == 1 or (wrong.double() - want).abs().max().item() > 1e-3
+    if bias is not None:  # a head masked everywhere: NaN, as softmax over nothing is in torch
+        bias[:, :1] = float("-inf")
+        nan = kernels.decode_attention(q, k, v, bias, 0.3, isa)
+        assert nan[:, 0, 0].isnan().all() and torch.isnan(attention_reference(q, k, v, bias, 0.3)[:, 0, 0]).all()
 
 
 @needs_extension

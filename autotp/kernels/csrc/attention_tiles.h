@@ -9,12 +9,13 @@
 // output the fp32 sum over positions of probability times value. A position whose bias is
 // -inf for every head is not read at all (the unfilled end of a static cache, left padding).
 
-// e^x for x <= 0 (softmax's shifted scores), 0 for -inf: 2^n * 2^f with n = round(x log2 e) and
+// e^x for x <= 0 (softmax's shifted scores), 0 for -inf, NaN for NaN: 2^n * 2^f with n = round(x log2 e) and
 // a degree-6 polynomial for 2^f, f in [-1/2, 1/2] (relative error about 2e-7, a couple of fp32
 // ulps); plain arithmetic, so the compiler vectorizes the loop for the file's instruction set.
 inline void exp_nonpositive(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    const float y = std::max(x[i] * 1.44269504088896341f, -126.0f);
+    const float t = x[i] * 1.44269504088896341f;
+    const float y = t > -126.0f ? t : -126.0f;  // (NaN too: the conversion to int below stays defined)
     const float r = (y + 12582912.0f) - 12582912.0f;  // round to nearest
     const float f = y - r;
     float p = 1.5403530393381606e-4f;
@@ -27,7 +28,7 @@ inline void exp_nonpositive(float* x, int64_t n) {
     const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;
     float scale;
     __builtin_memcpy(&scale, &bits, sizeof(scale));
-    x[i] = x[i] == -INFINITY ? 0.0f : p * scale;
+    x[i] = x[i] == -INFINITY ? 0.0f : x[i] != x[i] ? x[i] : p * scale;
   }
 }
 
