@@ -50,7 +50,8 @@ const KernelTable& serving_table(const KernelTable& start, CallKind kind, int64_
   TORCH_CHECK(it != tables.end(), "autotp: the ", start.name, " kernels do not run on this CPU");
   for (; it != tables.end(); ++it) {
     const KernelTable& t = **it;
-    const bool serves = kind == CallKind::kInt8   ? t.int8_tile != nullptr
+    const bool serves = kind == CallKind::kAttention ? t.attend_bf16 != nullptr
+                        : kind == CallKind::kInt8   ? t.int8_tile != nullptr
                         : kind == CallKind::kInt4 ? t.int4_tile != nullptr
                         : kind == CallKind::kInt4Bf16X ? t.int4_tile != nullptr || t.int4x_tile != nullptr
                         : t.bf16_tile != nullptr || (kind == CallKind::kBf16Bf16X && takes_bf16x(t, M));

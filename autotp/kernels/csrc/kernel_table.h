@@ -138,7 +138,7 @@ const std::vector<const KernelTable*>& runnable_tables();
 // The table called `name` if this CPU runs it; "" is the best this CPU runs. Raises otherwise.
 const KernelTable& kernel_table(const std::string& name);
 // What kind of GEMM call a table is asked to serve.
-enum class CallKind { kBf16Fp32X, kBf16Bf16X, kInt8, kInt4, kInt4Bf16X };
+enum class CallKind { kBf16Fp32X, kBf16Bf16X, kInt8, kInt4, kInt4Bf16X, kAttention /* decode_attention, M unused */ };
 // The first runnable table from `start` down the list that serves a call of this kind and M
 // (bf16 activations go to a bf16x tile where one serves M, else to an fp32-activation tile).
 const KernelTable& serving_table(const KernelTable& start, CallKind kind, int64_t M);

@@ -5,8 +5,7 @@
 //   linear_bf16(x[..., K], packed, bias?, N, out_dtype?, isa) -> y[..., N] = x W^T + bias
 //   linear_int8(x[..., K], qpacked, spacked, bias?, N, G, O, out_dtype?, isa) -> y[..., N] = x (Q S)^T + bias
 //   read_probe(buffer, isa) -> checksum                   (read bandwidth, for benchmarks)
-//   reorder_rows_(tensors, sources, length)               (beam search's cache reorder, in place)
-//   decode_attention(q, key, value, bias?, scale, isa)     (one query position over a bf16 cache, fp32 math)
+//   (the KV-cache ops of a decoding step, reorder_rows_ and decode_attention: decode_ops.cpp)
 //   class ShmComm(name, rank, size, slot_bytes, create, timeout_s, isa): all_reduce(t), unlink(), name()
 //   cpu_isas() -> the instruction sets this build holds that this CPU runs, best first
 //   serving_isa(isa, weight, x_dtype, M) -> the table that serves such a call started at `isa`
@@ -18,7 +17,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <optional>
@@ -280,122 +278,6 @@ int64_t read_probe(const at::Tensor& buffer, const std::string& isa) {
   return static_cast<int64_t>(sum.load());
 }
 
-// Beam search's cache reorder, in place: row b (dim 0) of every tensor [B, H, L, D] becomes
-// what row sources[b] held, over the first `length` positions of dim 2; the rest and the rows
-// that keep their own content are not touched. Beam search mostly keeps rows or copies one
-// row into a few others, so this moves a fraction of what gathering every row into new tensors
-// does (transformers' reorder), and the tensors keep their addresses (a static cache's). A row
-// is overwritten only after every copy that reads it; rows that take each other's content
-// (a cycle) go through a saved copy.
-void reorder_rows_(at::TensorList tensors, const at::Tensor& sources, int64_t length) {
-  const char* op = "autotp::reorder_rows_";
-  TORCH_CHECK(sources.dim() == 1 && !sources.is_floating_point() && sources.device().is_cpu(),
-              op, ": sources must be a 1-D integer CPU tensor, got ", sources.scalar_type(), " ", sources.sizes());
-  const at::Tensor src_t = sources.to(at::kLong).contiguous();
-  const int64_t B = src_t.numel();
-  const int64_t* src = src_t.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(src[b] >= 0 && src[b] < B, op, ": source ", src[b], " of row ", b, " is not a row of ", B);
-  for (const at::Tensor& t : tensors)
-    TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.size(0) == B && t.is_contiguous() && length >= 0 &&
-                    length <= t.size(2),
-                op, ": each tensor must be a contiguous CPU [", B, ", heads, >= ", length, ", dim] tensor, got ",
-                t.sizes(), t.is_contiguous() ? "" : " (not contiguous)");
-  // The plan: steps (save row r into saved copy s) and (row d <- row r or saved copy s).
-  struct Step { bool save; int64_t row, from; };  // from: a row (>= 0) or saved copy -1 - s
-  std::vector<Step> steps;
-  std::vector<int64_t> from(src, src + B);
-  std::vector<bool> pending(B);
-  int64_t left = 0, saved = 0;
-  for (int64_t b = 0; b < B; ++b) left += pending[b] = from[b] != b;
-  while (left > 0) {
-    int64_t free_row = -1;
-    for (int64_t d = 0; d < B && free_row < 0; ++d) {
-      if (!pending[d]) continue;
-      bool read = false;
-      for (int64_t j = 0; j < B && !read; ++j) read = pending[j] && j != d && from[j] == d;
-      if (!read) free_row = d;
-    }
-    if (free_row < 0) {  // every pending row is read by another: a cycle; save one of them
-      int64_t d = 0;
-      while (!pending[d]) ++d;
-      steps.push_back({true, d, -1 - saved});
-      for (int64_t j = 0; j < B; ++j)
-        if (pending[j] && j != d && from[j] == d) from[j] = -1 - saved;
-      ++saved;
-      continue;
-    }
-    steps.push_back({false, free_row, from[free_row]});
-    pending[free_row] = false;
-    --left;
-  }
-  for (const at::Tensor& t : tensors) {
-    const int64_t H = t.size(1), row = t.size(1) * t.size(2) * t.size(3) * t.element_size();
-    const int64_t head = t.size(2) * t.size(3) * t.element_size(), piece = length * t.size(3) * t.element_size();
-    char* base = static_cast<char*>(t.data_ptr());
-    std::vector<char> copies(saved * H * piece);
-    for (const Step& s : steps) {
-      for (int64_t h = 0; h < H; ++h) {
-        char* at_row = base + s.row * row + h * head;
-        if (s.save) {
-          std::memcpy(copies.data() + ((-1 - s.from) * H + h) * piece, at_row, piece);
-        } else {
-          const char* in = s.from >= 0 ? base + s.from * row + h * head
-                                       : copies.data() + ((-1 - s.from) * H + h) * piece;
-          std::memcpy(at_row, in, piece);
-        }
-      }
-    }
-  }
-}
-
-// Decode attention (one query position) over a bf16 KV cache, fp32 math (attention_tiles.h):
-// q [B, KVH, G, D] fp32, key / value [B, KVH, L, D] bf16 contiguous, bias [B, 1 or KVH * G, L]
-// fp32 (additive) or empty; -> [B, KVH, G, D] fp32. Threads over (batch row, KV head).
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key, const at::Tensor& value,
-                            const std::optional<at::Tensor>& bias, double scale, const std::string& isa) {
-  const char* op = "autotp::decode_attention";
-  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 4, op,
-              ": q must be a float32 CPU tensor [batch, kv_heads, group, dim], got ", q.scalar_type(), " ", q.sizes());
-  const int64_t B = q.size(0), KVH = q.size(1), G = q.size(2), D = q.size(3);
-  for (const at::Tensor* t : {&key, &value})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4 && t->size(0) == B &&
-                    t->size(1) == KVH && t->size(3) == D && t->size(2) == key.size(2),
-                op, ": key and value must be bfloat16 CPU tensors [", B, ", ", KVH, ", length, ", D, "], got ",
-                t->scalar_type(), " ", t->sizes());
-  const int64_t L = key.size(2);
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    b = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(b.dim() == 3 && b.size(0) == B && (b.size(1) == 1 || b.size(1) == KVH * G) && b.size(2) == L, op,
-                ": bias must be [", B, ", 1 or ", KVH * G, ", ", L, "], got ", b.sizes());
-  }
-  const at::Tensor qc = q.contiguous(), kc = key.contiguous(), vc = value.contiguous();
-  at::Tensor out = at::empty({B, KVH, G, D}, q.options());
-  if (out.numel() == 0) return out;
-  const auto& tables = runnable_tables();
-  auto it = std::find(tables.begin(), tables.end(), &kernel_table(isa));
-  while ((*it)->attend_bf16 == nullptr) ++it;  // the generic table has one
-  const auto attend = (*it)->attend_bf16;
-  const float* qp = qc.data_ptr<float>();
-  const uint16_t* kp = reinterpret_cast<const uint16_t*>(kc.data_ptr<at::BFloat16>());
-  const uint16_t* vp = reinterpret_cast<const uint16_t*>(vc.data_ptr<at::BFloat16>());
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  float* op_out = out.data_ptr<float>();
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(G * L + G * D);
-    std::vector<const float*> rows(G);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t bi = i / KVH, h = i % KVH;
-      for (int64_t g = 0; g < G; ++g)
-        rows[g] = bp ? bp + (bi * b.size(1) + (b.size(1) == 1 ? 0 : h * G + g)) * L : nullptr;
-      attend(qp + i * G * D, kp + i * L * D, vp + i * L * D, rows.data(), static_cast<float>(scale),
-             op_out + i * G * D, scratch.data(), G, L, D);
-    }
-  });
-  return out;
-}
-
 // The table that serves a GEMM call started at `isa` (see serving_table), for tests and benchmarks.
 std::string serving_isa(const std::string& isa, const std::string& weight, at::ScalarType x_dtype, int64_t M) {
   TORCH_CHECK(weight == "bf16" || weight == "int8" || weight == "int4",
@@ -433,8 +315,6 @@ TORCH_LIBRARY(autotp, m) {
   m.def("linear_int4(Tensor x, Tensor qpacked, Tensor spacked, Tensor? zpacked, Tensor? bias, int out_features, "
         "int group_size, int group_offset=0, ScalarType? out_dtype=None, str isa=\"\") -> Tensor");
   m.def("read_probe(Tensor buffer, str isa=\"\") -> int");
-  m.def("reorder_rows_(Tensor(a!)[] tensors, Tensor sources, int length) -> ()");
-  m.def("decode_attention(Tensor q, Tensor key, Tensor value, Tensor? bias, float scale, str isa=\"\") -> Tensor");
   m.def("cpu_isas() -> str[]", &autotp::cpu_isas);
   m.def("serving_isa(str isa, str weight, ScalarType x_dtype, int rows) -> str", &autotp::serving_isa);
 }
@@ -446,8 +326,6 @@ TORCH_LIBRARY_IMPL(autotp, CPU, m) {
   m.impl("linear_int8", &autotp::linear_int8);
   m.impl("linear_int4", &autotp::linear_int4);
   m.impl("read_probe", &autotp::read_probe);
-  m.impl("reorder_rows_", &autotp::reorder_rows_);
-  m.impl("decode_attention", &autotp::decode_attention);
   m.impl("shm_all_reduce", &autotp::shm_all_reduce);
   m.impl("shm_all_gather_last_dim", &autotp::shm_all_gather_last_dim);
 }
