@@ -65,6 +65,25 @@ def test_token_verdict_finds_the_first_disagreement():
     assert report.token_verdict(ref, same) == "differ: beam 4, in 8, sequence 0, step 2"
 
 
+def test_x_floor_sets_each_run_against_the_floor_sampled_before_it():
+    """Two runs, the second slower because memory was slower then (its floor too): the paired
+    ratio is the median of 30/25 and 45/40; the old reading (median latency over median floor)
+    would give 37.5/32.5 (negative control)."""
+    def result(floor_s):
+        case = {"beams": 1, "input": 32, "first": [0.1, 0.1], "next": [0.030, 0.045], "floors": [0.025, 0.040]}
+        return {"cases": [case], "floor_s": floor_s, "collectives_per_token": 2, "backend": "shm",
+                "packed_layers": 1, "bytes_per_rank": 1, "compiled": True}
+
+    row, = report.latency_rows("m", {"cfg": [result(0.0325)]}, {"cfg": "cfg"})
+    assert row["next_over_floor"] == pytest.approx((30 / 25 + 45 / 40) / 2)
+    assert row["floor_ms"] == pytest.approx(32.5)
+    assert row["next_over_floor"] != pytest.approx(37.5 / 32.5)
+    legacy = result(0.0325)  # results written before runs carried their floors
+    del legacy["cases"][0]["floors"]
+    row, = report.latency_rows("m", {"cfg": [legacy]}, {"cfg": "cfg"})
+    assert row["next_over_floor"] == pytest.approx(37.5 / 32.5)
+
+
 def test_bad_arguments_are_refused_with_the_fix(tmp_path, capsys):
     cores = len(physical_cores(os.sched_getaffinity(0)))
     with pytest.raises(SystemExit, match="--ranks 9 needs 2 to"):
@@ -93,11 +112,15 @@ def test_a_run_on_a_tiny_model_reports_every_number(tmp_path, isa):
     rows = {(r["config"], r["beams"]): r for r in doc["latency"]}
     assert set(rows) == {(c, b) for c in ("transformers", bf16, int8) for b in (1, 2)}
     layers = shapes.shape_config("llama-test").num_hidden_layers
+    results = [json.loads(p.read_text()) for p in (tmp_path / "work" / "raw").glob("*.json")
+               if not p.name.endswith(".spec.json")]
+    assert results and all(len(c["floors"]) == 1 for r in results for c in r["cases"])  # each run's own floor
     for (config, beams), row in rows.items():
         base = rows[("transformers", beams)]
         assert row["speedup_next"] == pytest.approx(base["next"]["median_ms"] / row["next"]["median_ms"])
         assert row["floor_ms"] > 0 and row["next_over_floor"] == pytest.approx(
-            row["next"]["median_ms"] / row["floor_ms"])
+            row["next"]["median_ms"] / row["floor_ms"])  # one run: its own floor
+
         if config == "transformers":
             assert row["collectives_per_token"] == 0 and row["packed_layers"] == 0
         else:  # attention and MLP reduce once each per layer; the vocabulary-parallel embedding

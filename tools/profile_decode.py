@@ -41,6 +41,7 @@ CATEGORIES = ["GEMMs", "attention", "norms / rotary / elementwise", "all-reduce"
 # ranges this tool opens around calls the profiler would otherwise split into small ops
 _RANGES = {"autotp::all_reduce": "all-reduce", "autotp::kv_cache": "KV cache", "autotp::lm_head": "lm_head",
            "autotp::attention": "attention", "autotp::beam_search": "beam search",
+           "autotp::decode_attention": "attention", "autotp::reorder_rows_": "KV cache",
            # a compiled step calls the collectives as ops (the lm_head's gather is its all-gather)
            "autotp::shm_all_reduce": "all-reduce", "autotp::all_reduce": "all-reduce",
            "autotp::shm_all_gather_last_dim": "lm_head", "autotp::all_gather_last_dim": "lm_head"}
@@ -169,6 +170,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps under the profiler")
     parser.add_argument("--timed", type=int, default=16, help="decode steps timed without the profiler")
     parser.add_argument("--beams", type=int, default=1, help="beam search over this many beams (1: greedy)")
+    parser.add_argument("--ops", type=int, default=0, help="also list the N ops of most self time (profiled)")
     args = parser.parse_args()
 
     if "WORLD_SIZE" in os.environ:
@@ -235,6 +237,8 @@ def main() -> None:
         for name in CATEGORIES:
             share = per_step.get(name, 0.0) / profiled
             print(f"{name:<30} {share:>6.1%} {share * plain * 1e3:>10.2f}")
+        if args.ops:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
     if dist.is_initialized():
         dist.destroy_process_group()
 

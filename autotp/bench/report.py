@@ -45,6 +45,10 @@ def latency_rows(model: str, timed: dict[str, list[dict]], labels: dict[str, str
                    "compiled": results[0].get("compiled", False),
                    "floor_ms": statistics.median(floors) * 1e3 if floors else None}
             row["next_over_floor"] = row["next"]["median_ms"] / row["floor_ms"] if floors else None
+            paired = [(n, f) for r in results for n, f in zip(r["cases"][i]["next"], r["cases"][i].get("floors") or [])]
+            if paired and len(paired) == row["runs"]:  # each run over the floor sampled right before it
+                row["floor_ms"] = statistics.median(f for _, f in paired) * 1e3
+                row["next_over_floor"] = statistics.median(n / f for n, f in paired)
             if base:
                 ref = _merged(base, i)
                 row["speedup_next"] = statistics.median(ref["next"]) * 1e3 / row["next"]["median_ms"]

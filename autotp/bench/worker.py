@@ -92,9 +92,10 @@ class BandwidthProbe:
             self.buf = torch.ones(PROBE_BYTES, dtype=torch.uint8) if buf is None else buf.fill_(1)
             kernels.read_probe(self.buf, runtime)  # touch every page first
 
-    def sample(self, repeats: int = 3) -> None:
+    def sample(self, repeats: int = 3) -> float | None:
+        """Adds one sample (the median of ``repeats`` timed reads) and returns it."""
         if self.buf is None:
-            return
+            return None
         times = []
         for _ in range(repeats):
             if self.world > 1:
@@ -103,6 +104,7 @@ class BandwidthProbe:
             kernels.read_probe(self.buf, self.runtime)
             times.append(time.perf_counter() - start)
         self.samples.append(PROBE_BYTES / statistics.median(times))
+        return self.samples[-1]
 
     def bandwidth(self) -> float | None:
         """The median sample (None where the extension is not built)."""
@@ -166,8 +168,10 @@ def pad_id(model: nn.Module) -> int:
 def run_cases(model: nn.Module, spec: dict[str, Any], vocab: int, world: int, probe: BandwidthProbe
               ) -> tuple[list[dict[str, Any]], float]:
     """The timed cases, and the seconds the warm-up took (with a compiled decoding step: its
-    compilation, for every case's shape); ``probe`` samples the bandwidth before each run."""
-    cases = [dict(c, first=[], next=[], steps=[], tokens=None) for c in spec["cases"]]
+    compilation, for every case's shape); ``probe`` samples the bandwidth right before each
+    timed generate (a case's ``bandwidth``, one per run), so that each run is set against the
+    memory of its own moment: this machine's bandwidth moves while it runs."""
+    cases = [dict(c, first=[], next=[], steps=[], tokens=None, bandwidth=[]) for c in spec["cases"]]
     start = time.perf_counter()
     # warm-up: every prompt length, as many new tokens as timed (a compiled step's static cache
     # is as long as prompt and new tokens: another length would compile again while timed)
@@ -177,9 +181,9 @@ def run_cases(model: nn.Module, spec: dict[str, Any], vocab: int, world: int, pr
                 generate_once(model, case_ids(vocab, spec["batch"], length), beams, spec["new_tokens"], world)
     warmup = time.perf_counter() - start
     for _ in range(spec["runs"]):
-        probe.sample()
         for case in cases:
             ids = case_ids(vocab, spec["batch"], case["input"])
+            case["bandwidth"].append(probe.sample(2))
             first, steps, tokens = generate_once(model, ids, case["beams"], spec["new_tokens"], world)
             case["first"].append(first)
             case["next"].append(statistics.fmean(steps) if steps else float("nan"))
@@ -210,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         logits = model(input_ids=probe).logits[0].float()
     collectives = collectives_per_forward(model, probe)
     cases, warmup = run_cases(model, spec, vocab, world, reader)
-    facts = {"bytes": streamed_bytes(model), "bandwidth": reader.bandwidth(), "samples": reader.samples}
+    facts = {"bytes": streamed_bytes(model), "bandwidth": reader.bandwidth(), "samples": reader.samples,
+             "case_bandwidth": [c.pop("bandwidth") for c in cases]}
     per_rank = [facts] * world
     if world > 1:
         dist.all_gather_object(per_rank, facts)
@@ -219,6 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         torch.save(logits, spec["logits_path"])
         floors = [f["bytes"] / f["bandwidth"] for f in per_rank if f["bandwidth"]]
+        if len(floors) == world:
+            for i, case in enumerate(cases):  # each run against the floor sampled right before it
+                case["floors"] = [max(f["bytes"] / f["case_bandwidth"][i][run] for f in per_rank)
+                                  for run in range(len(case["next"]))]
         result = {
             "threads": torch.get_num_threads(), "cores": sorted(os.sched_getaffinity(0)),
             "backend": groups[0].backend if groups and world > 1 else None,
