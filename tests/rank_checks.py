@@ -361,9 +361,17 @@ def compare_fast_decoding(rank: int, world_size: int, family: str) -> dict:
 
     attention.decode_attention, decode.reorder_cache = counted, counted_reorder
     graphs = counters["stats"]["unique_graphs"]
+    rows = []  # the rows of each prompt forward (more than one position), outside the compiled step
+
+    def prompt_rows(module, args):
+        if not torch.compiler.is_compiling() and args[0].shape[1] > 1:
+            rows.append(args[0].shape[0])
+
     try:
         autotp.shard(model, world_size, runtime=autotp.Runtime.from_env().replace(compile=True, attention="auto"))
+        hook = model.get_input_embeddings().register_forward_pre_hook(prompt_rows)
         greedy, beam = _generate(model, inputs), _generate(model, inputs, num_beams=3)
+        hook.remove()
         with torch.no_grad():  # one eager step over a dynamic cache: the decode path itself
             out = model(**inputs, use_cache=True)
             mask = torch.cat([inputs["attention_mask"], torch.ones_like(inputs["attention_mask"][:, :1])], 1)
@@ -372,7 +380,7 @@ def compare_fast_decoding(rank: int, world_size: int, family: str) -> dict:
         attention.decode_attention, decode.reorder_cache = own, own_reorder
     return {"greedy_equal": torch.equal(greedy, ref_greedy), "beam_equal": torch.equal(beam, ref_beam),
             "graphs": counters["stats"]["unique_graphs"] - graphs, "decode_calls": calls["decode"],
-            "reorders": calls["reorder"],
+            "reorders": calls["reorder"], "prompt_rows": rows,
             "attn": model.config._attn_implementation, "tokens": greedy.tolist()}
 
 

@@ -152,9 +152,10 @@ def test_compiled_step_and_attention_function_give_the_plain_tokens(family):
     """2 ranks, float32: greedy and 3-beam tokens of the sharded model, decoding through a
     compiled step and autotp's attention function, equal the unsharded model's on plain
     transformers; the compiled graphs, the attention function's decode path and autotp's
-    in-place cache reorder did run."""
+    in-place cache reorder did run, and beam search's prompt ran over the distinct rows only."""
     for rank, r in enumerate(CHECKS(2, family)):
         assert r["greedy_equal"] and r["beam_equal"], (rank, r["tokens"])
+        assert r["prompt_rows"] == [2, 2], r  # greedy's 2 rows; beam search's 6 ran as their 2 distinct ones
         assert r["reorders"] > 0, r  # beam search reordered the static cache through autotp's hook
         assert r["graphs"] >= 1 and r["decode_calls"] > 0 and r["attn"] == attention.NAME, r
 
@@ -248,6 +249,45 @@ def test_reorder_cache_equals_transformers_reorder_of_a_static_cache(family):
         assert not torch.equal(got.keys, wrong.keys)
     if family == "gemma2":
         assert {type(layer).__name__ for layer in cache.layers} == {"StaticLayer", "StaticSlidingWindowLayer"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_prompt_of_repeated_rows_runs_once_per_distinct_row(family):
+    """Two prompts (one left-padded) repeated 3 times each, as beam search repeats them: the
+    forward sees 2 rows; the logits and every cache layer (gemma2: sliding-window layers over a
+    prompt longer than the window) equal the whole batch's prompt forward, cumulative lengths
+    included. Rows all distinct, a dynamic cache, or an input it does not know: the caller runs
+    the batch as it is (None)."""
+    from transformers import DynamicCache, StaticCache
+
+    from autotp.sharding.decode import prompt_once
+
+    model = zoo.build(family)
+    if family == "gemma2":
+        model.config.sliding_window = 5
+    inputs = {k: v.repeat_interleave(3, dim=0) for k, v in zoo.batch().items()}
+    seen = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    with torch.no_grad():
+        want = model(**inputs, cache=StaticCache(config=model.config, max_cache_len=10))
+        got = prompt_once(model.forward, dict(inputs, cache=StaticCache(config=model.config, max_cache_len=10)))
+    assert seen == [6, 2]
+    assert torch.allclose(got.logits, want.logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(got.logits, want.logits.roll(1, 0), atol=1e-5, rtol=0)  # the rows differ
+    for a, b in zip(got.past_key_values.layers, want.past_key_values.layers):
+        assert type(a) is type(b) and a.keys.shape == b.keys.shape
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+        assert int(a.cumulative_length) == int(b.cumulative_length) and int(a.get_seq_length()) == 7
+        assert getattr(a, "cumulative_length_int", None) == getattr(b, "cumulative_length_int", None)
+    if family == "gemma2":
+        assert {type(layer).__name__ for layer in got.past_key_values.layers} == {"StaticLayer",
+                                                                                   "StaticSlidingWindowLayer"}
+    distinct = zoo.batch()
+    assert prompt_once(model.forward, dict(distinct, cache=StaticCache(config=model.config, max_cache_len=10))) is None
+    assert prompt_once(model.forward, dict(inputs, cache=DynamicCache(config=model.config))) is None
+    assert prompt_once(model.forward, dict(inputs, output_hidden_states=True,
+                                           cache=StaticCache(config=model.config, max_cache_len=10))) is None
+    assert seen == [6, 2]  # none of these ran a forward
 
 
 @needs_extension
