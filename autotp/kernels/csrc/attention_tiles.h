@@ -1,10 +1,13 @@
 // Decode attention over a bf16 KV cache, written once over the vector type V (gemm_tiles.h
-// lists what V provides; this adds hsum(F), the sum of a register's lanes). Include it after
+// lists what V provides; this adds hsum(F), the sum of a register's lanes, and hsums(const F*
+// v), the register whose lane i is hsum(v[i]) for kWidth registers, and kAttnAccumulators, the
+// registers the value sums may hold). Include it after
 // gemm_tiles.h, in the same region.
 //
 // One query position, per (batch row, KV head): the G query heads that share the KV head read
 // each cached key and value row once. Scores are fp32 dot products of the fp32 query with the
-// bf16 keys widened exactly (each product rounded once, summed in lanes then across them),
+// bf16 keys widened exactly (each product rounded once, summed in lanes then across them;
+// kWidth positions at a time, whose lane sums one hsums reduces),
 // times scale plus the additive bias (0 or -inf for a boolean mask); softmax in fp32; the
 // output the fp32 sum over positions of probability times value. A position whose bias is
 // -inf for every head is not read at all (the unfilled end of a static cache, left padding).
@@ -32,8 +35,90 @@ inline void exp_nonpositive(float* x, int64_t n) {
   }
 }
 
+// The G heads' scores of kWidth positions from l0 on (all held), written to scores[g * L + l]:
+// kWidth sums kept in registers over the whole head dim, then reduced at once (V::hsums).
+template <class V>
+void score_block(const float* qs, const uint16_t* k, int64_t l0, int64_t G, int64_t L, int64_t D, int64_t Dv,
+                 float scale, const float* const* bias, float* scores) {
+  constexpr int W = V::kWidth, P = 2 * V::kWidth;
+  const int64_t half = Dv / 2;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = qs + g * D;
+    typename V::F sum[W];
+    for (int t = 0; t < W; ++t) sum[t] = V::zero();
+    for (int64_t j = 0; j < Dv; j += P) {
+      const typename V::F qe = V::load(qg + j / 2), qo = V::load(qg + half + j / 2);
+      for (int t = 0; t < W; ++t) {
+        const uint16_t* row = k + (l0 + t) * D + j;
+        sum[t] = V::fma(qo, V::odd(row), V::fma(qe, V::even(row), sum[t]));
+      }
+    }
+    alignas(64) float s[W];
+    V::store(s, V::hsums(sum));
+    for (int t = 0; t < W; ++t) {
+      const uint16_t* row = k + (l0 + t) * D;
+      for (int64_t d = Dv; d < D; ++d) s[t] += qg[d] * bf16_to_float(row[d]);
+      scores[g * L + l0 + t] = s[t] * scale + (bias[g] ? bias[g][l0 + t] : 0.0f);
+    }
+  }
+}
+
+// acc[g0 + h, chunks c] = sum over the positions read of scores[g0 + h, l] * v[l, chunk c], for
+// HB heads and C chunks of 2 * kWidth dims from j: 2 * HB * C accumulators in registers, each
+// value row's C chunks (contiguous) widened once for all HB heads.
+template <class V, int HB, int C>
+void value_chunks(const float* scores, const uint16_t* v, const uint8_t* skip, int64_t g0, int64_t L, int64_t D,
+                  int64_t j, int64_t half, float* acc) {
+  constexpr int64_t P = 2 * V::kWidth;
+  typename V::F ae[HB][C], ao[HB][C];
+  for (int h = 0; h < HB; ++h)
+    for (int c = 0; c < C; ++c) ae[h][c] = ao[h][c] = V::zero();
+  for (int64_t l = 0; l < L; ++l) {
+    if (skip[l]) continue;
+    const uint16_t* row = v + l * D + j;
+    typename V::F e[C], o[C];
+    for (int c = 0; c < C; ++c) {
+      e[c] = V::even(row + c * P);
+      o[c] = V::odd(row + c * P);
+    }
+    for (int h = 0; h < HB; ++h) {
+      const typename V::F p = V::set1(scores[(g0 + h) * L + l]);
+      for (int c = 0; c < C; ++c) {
+        ae[h][c] = V::fma(p, e[c], ae[h][c]);
+        ao[h][c] = V::fma(p, o[c], ao[h][c]);
+      }
+    }
+  }
+  for (int h = 0; h < HB; ++h)
+    for (int c = 0; c < C; ++c) {
+      V::store(acc + (g0 + h) * D + (j + c * P) / 2, ae[h][c]);
+      V::store(acc + (g0 + h) * D + half + (j + c * P) / 2, ao[h][c]);
+    }
+}
+
+constexpr int pow2_floor(int n) { return n >= 2 ? 2 * pow2_floor(n / 2) : 1; }
+
+// value_chunks over `chunks` chunks (a power of two, at most C) from j
+template <class V, int HB, int C = pow2_floor(V::kAttnAccumulators / 2 / HB)>
+void value_pass(int64_t chunks, const float* scores, const uint16_t* v, const uint8_t* skip, int64_t g0, int64_t L,
+                int64_t D, int64_t j, int64_t half, float* acc) {
+  if constexpr (C > 1) {
+    if (chunks < C) return value_pass<V, HB, C / 2>(chunks, scores, v, skip, g0, L, D, j, half, acc);
+  }
+  value_chunks<V, HB, C>(scores, v, skip, g0, L, D, j, half, acc);
+}
+
+// chunks per pass for `heads` heads with `left` chunks to go: the largest power of two that
+// fits both
+template <class V>
+int64_t chunks_per_pass(int64_t heads, int64_t left) {
+  int64_t c = 1;
+  while (c * 2 <= left && 2 * heads * c * 2 <= V::kAttnAccumulators) c *= 2;
+  return c;
+}
+
 // q [G, D] fp32, k / v [L, D] bf16 (row stride D), bias[g] a row of L fp32 or null,
-// out [G, D] fp32; scratch: G * L + G * D floats.
+// out [G, D] fp32; scratch: G * L + G * D + L floats.
 template <class V>
 void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, const float* const* bias, float scale,
                       float* out, float* scratch, int64_t G, int64_t L, int64_t D) {
@@ -41,6 +126,7 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
   const int64_t Dv = D / P * P, half = Dv / 2;
   float* scores = scratch;      // [G, L]
   float* acc = scratch + G * L; // [G, D]: even K values of the vector part in [0, half), odd in [half, Dv), tail after
+  uint8_t* skip = reinterpret_cast<uint8_t*>(scratch + G * L + G * D);  // [L]: a position no head reads
   float* qs = out;              // the query deinterleaved the same way (out is written last)
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t i = 0; i < half; ++i) {
@@ -52,10 +138,23 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
   for (int64_t l = 0; l < L; ++l) {
     bool masked = true;
     for (int64_t g = 0; g < G && masked; ++g) masked = bias[g] && bias[g][l] == -INFINITY;
-    const uint16_t* row = k + l * D;
+    skip[l] = masked;
+  }
+  for (int64_t l0 = 0; l0 < L;) {
+    bool any = false;  // a block of kWidth positions at once where one of them is read, else one
+    for (int64_t l = l0; l < std::min(L, l0 + W) && !any; ++l) any = !skip[l];
+    if (any && l0 + W <= L) {
+      score_block<V>(qs, k, l0, G, L, D, Dv, scale, bias, scores);
+      for (int64_t l = l0; l < l0 + W; ++l)
+        if (skip[l])
+          for (int64_t g = 0; g < G; ++g) scores[g * L + l] = -INFINITY;  // not read: whatever its row holds
+      l0 += W;
+      continue;
+    }
+    const uint16_t* row = k + l0 * D;
     for (int64_t g = 0; g < G; ++g) {
-      if (masked) {
-        scores[g * L + l] = -INFINITY;
+      if (skip[l0]) {
+        scores[g * L + l0] = -INFINITY;
         continue;
       }
       const float* qg = qs + g * D;
@@ -66,8 +165,9 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
       }
       float s = V::hsum(sum);
       for (int64_t d = Dv; d < D; ++d) s += qg[d] * bf16_to_float(row[d]);
-      scores[g * L + l] = s * scale + (bias[g] ? bias[g][l] : 0.0f);
+      scores[g * L + l0] = s * scale + (bias[g] ? bias[g][l0] : 0.0f);
     }
+    ++l0;
   }
   for (int64_t g = 0; g < G; ++g) {
     float* sg = scores + g * L;
@@ -78,24 +178,32 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
     for (int64_t l = 0; l < L; ++l) total += sg[l];
     const float inv = 1.0f / total;
     for (int64_t l = 0; l < L; ++l) sg[l] *= inv;
-    for (int64_t d = 0; d < D; ++d) acc[g * D + d] = 0.0f;
   }
   for (int64_t l = 0; l < L; ++l) {
     bool zero = true;
     for (int64_t g = 0; g < G && zero; ++g) zero = scores[g * L + l] == 0.0f;
-    if (zero) continue;  // masked (or too small to matter at all): the row is not read
-    const uint16_t* row = v + l * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float p = scores[g * L + l];
-      const typename V::F pv = V::set1(p);
-      float* ag = acc + g * D;
-      for (int64_t j = 0; j < Dv; j += P) {
-        V::store(ag + j / 2, V::fma(pv, V::even(row + j), V::load(ag + j / 2)));
-        V::store(ag + half + j / 2, V::fma(pv, V::odd(row + j), V::load(ag + half + j / 2)));
+    skip[l] = zero;  // masked (or too small to matter at all): the row is not read
+  }
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {  // blocks of up to 4 heads, passes over up to 8 chunks of dims
+    const int64_t heads = std::min<int64_t>(4, G - g0);
+    for (int64_t j = 0; j < Dv;) {
+      const int64_t chunks = chunks_per_pass<V>(heads, (Dv - j) / P);
+      switch (heads) {
+        case 1: value_pass<V, 1>(chunks, scores, v, skip, g0, L, D, j, half, acc); break;
+        case 2: value_pass<V, 2>(chunks, scores, v, skip, g0, L, D, j, half, acc); break;
+        case 3: value_pass<V, 3>(chunks, scores, v, skip, g0, L, D, j, half, acc); break;
+        default: value_pass<V, 4>(chunks, scores, v, skip, g0, L, D, j, half, acc); break;
       }
-      for (int64_t d = Dv; d < D; ++d) ag[d] += p * bf16_to_float(row[d]);
+      j += chunks * P;
     }
   }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = Dv; d < D; ++d) {
+      float a = 0.0f;
+      for (int64_t l = 0; l < L; ++l)
+        if (!skip[l]) a += scores[g * L + l] * bf16_to_float(v[l * D + d]);
+      acc[g * D + d] = a;
+    }
   for (int64_t g = 0; g < G; ++g) {
     const float* ag = acc + g * D;
     for (int64_t i = 0; i < half; ++i) {
@@ -104,5 +212,4 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
     }
     for (int64_t d = Dv; d < D; ++d) out[g * D + d] = ag[d];
   }
-  (void)W;
 }

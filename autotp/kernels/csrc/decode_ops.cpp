@@ -115,7 +115,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key, const at
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* op_out = out.data_ptr<float>();
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(G * L + G * D);
+    std::vector<float> scratch(G * L + G * D + L);  // attend_bf16_rows: scores, sums, a byte per position
     std::vector<const float*> rows(G);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bi = i / KVH, h = i % KVH;

@@ -25,6 +25,7 @@ bool supported() {
 struct Avx2 {
   using F = __m256;
   static constexpr int kWidth = 8;
+  static constexpr int kAttnAccumulators = 8;  // decode attention's value sums in registers
   // 4 rows x 1 block (2 registers): 8 accumulators + 2 weights + 1 broadcast; one row takes a
   // whole group (8 accumulators, 8 weights), so decoding reads each 256-byte row once.
   static constexpr int kTileM = 4;
@@ -72,6 +73,16 @@ struct Avx2 {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  // lane i = the sum of v[i]'s lanes, for 8 registers at once
+  static F hsums(const F* v) {
+    F a[4];
+    for (int i = 0; i < 4; ++i)  // lanes 0-3: v[2i]'s two 128-bit halves added; 4-7: v[2i+1]'s
+      a[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                           _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+    const F g = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    // g's lanes: v0, v2, v4, v6 | v1, v3, v5, v7
+    return _mm256_permutevar8x32_ps(g, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 };

@@ -12,6 +12,9 @@ namespace {
 struct Scalar {
   using F = float;
   static constexpr int kWidth = 1;
+  // decode attention's value sums: 128 dims of 4 heads per pass over the values (a register
+  // here is a float; the compiler keeps what it can)
+  static constexpr int kAttnAccumulators = 512;
   static constexpr int kTileM = 6;
   static constexpr int64_t kTileBlocks(int64_t) { return 4; }
   static constexpr int kDirectRows = 4, kDirectCols = 64, kPanelRows = 6, kPanelCols = 64;
@@ -26,6 +29,7 @@ struct Scalar {
   static F widen8(const int8_t* q) { return static_cast<float>(*q); }
   static void prefetch(const void*) {}
   static float hsum(F v) { return v; }
+  static F hsums(const F* v) { return v[0]; }
 };
 
 #include "gemm_tiles.h"

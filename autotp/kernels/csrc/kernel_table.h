@@ -109,7 +109,8 @@ struct KernelTable {
   void (*sum_f32)(const float* const* srcs, int64_t count, float* out, int64_t n);
   // the XOR of every 8-byte word of [data, data + bytes), the bytes past the last 32 one by one
   uint64_t (*stream_read)(const uint8_t* data, int64_t bytes);
-  // decode attention over a bf16 KV cache for one (batch row, KV head), attention_tiles.h; null:
+  // decode attention over a bf16 KV cache for one (batch row, KV head), attention_tiles.h (scratch:
+  // G * L + G * D + L floats); null:
   // the next table down serves it
   void (*attend_bf16)(const float* q, const uint16_t* k, const uint16_t* v, const float* const* bias, float scale,
                       float* out, float* scratch, int64_t G, int64_t L, int64_t D);
