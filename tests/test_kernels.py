@@ -97,6 +97,16 @@ def test_gemm_leading_dims_fp32_input_and_empty(isa):
     y32 = kernels.linear(x.float(), packed, b, 40, isa=isa)
     assert y32.dtype == torch.float32 and torch.allclose(y32, y.float(), atol=0.05)
     assert kernels.linear(bf16(0, 24, seed=4), packed, None, 40, isa=isa).shape == (0, 40)
+    strided = bf16(24, 3, seed=5).t()  # rows 1 apart, columns 3: not contiguous
+    assert not strided.is_contiguous()
+    assert torch.equal(kernels.linear(strided, packed, b, 40, isa=isa),
+                       kernels.linear(strided.contiguous(), packed, b, 40, isa=isa))
+    q, s = kernels.quantize_int8(w.float(), 8)
+    qp, sp = kernels.prepack_int8(q, s)
+    assert torch.equal(kernels.linear_int8(strided, qp, sp, b, 40, 8, isa=isa),
+                       kernels.linear_int8(strided.contiguous(), qp, sp, b, 40, 8, isa=isa))
+    assert not torch.equal(kernels.linear(strided, packed, b, 40, isa=isa),  # negative control: the rows matter
+                           kernels.linear(strided.flip(0), packed, b, 40, isa=isa))
 
 
 @paths

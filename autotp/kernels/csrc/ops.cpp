@@ -95,6 +95,20 @@ at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t N, const ch
   return bias->to(at::kFloat).contiguous();
 }
 
+// x as contiguous fp32 [M, K]; bf16 widened in a plain loop (at decode sizes the aten
+// conversion's dispatch costs more than the work).
+at::Tensor float_rows(const at::Tensor& x, int64_t M, int64_t K) {
+  if (x.scalar_type() != at::kBFloat16) return x.reshape({M, K}).to(at::kFloat).contiguous();
+  const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  at::Tensor xf = at::empty({M, K}, x.options().dtype(at::kFloat));
+  const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  float* dst = xf.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t i = m0 * K; i < m1 * K; ++i) dst[i] = bf16_to_float(src[i]);
+  });
+  return xf;
+}
+
 at::Tensor unpack_bf16(const at::Tensor& packed, int64_t N, int64_t K) {
   check_packed(packed, N, K, "autotp::unpack_bf16");
   const int64_t NG = packed.size(0), K2 = packed.size(1), group = kGroupBlocks * kBlockN;
@@ -149,15 +163,19 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   if (bf16x) {
     ldx = ceil_div(2 * K2, kXbPadCols) * kXbPadCols;
     if (ldx % 2048 == 0) ldx += kXbPadCols;  // rows 4 KB apart would share L1 sets
-    const at::Tensor xc = x.reshape({M, K}).contiguous();
+    const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();  // read as [M, K]
     if (blocks) {
       xs = at::empty({ceil_div(M, 32) * 32, ldx}, x.options());
       pack_row_blocks(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, ldx,
                       reinterpret_cast<uint16_t*>(xs.data_ptr<at::BFloat16>()));
-    } else {
+    } else {  // rows copied and padded in plain loops: at decode sizes the aten calls cost more
       xs = at::empty({M, ldx}, x.options());
-      xs.narrow(1, 0, K).copy_(xc);
-      xs.narrow(1, K, ldx - K).zero_();
+      const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+      auto* dst = reinterpret_cast<uint16_t*>(xs.data_ptr<at::BFloat16>());
+      for (int64_t m = 0; m < M; ++m) {
+        std::memcpy(dst + m * ldx, src + m * K, K * sizeof(uint16_t));
+        std::memset(dst + m * ldx + K, 0, (ldx - K) * sizeof(uint16_t));
+      }
     }
   } else if (2 * K2 == K) {
     xs = x.reshape({M, K}).to(at::kFloat).contiguous();
@@ -205,7 +223,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   check_int8_packed(qpacked, spacked, N, K, group_size, group_offset, "autotp::linear_int8");
   at::Tensor out = call.out, b = call.bias;
   if (call.finished) return out;
-  at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
+  const at::Tensor xf = float_rows(x, M, K);
   Int8GemmArgs args{xf.data_ptr<float>(), qpacked.data_ptr<int8_t>(), nullptr, nullptr, nullptr, spacked.data_ptr<float>(),
                             b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K, group_size,
                             group_offset, spacked.size(1), N, out.scalar_type() == at::kBFloat16};
