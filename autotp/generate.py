@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoTokenizer, LogitsProcessor, LogitsProcessorList, TextStreamer
 
-from autotp.bench.worker import StepClock
+from autotp.bench.worker import StepClock, pad_id
 from autotp.checkpoint.format import MANIFEST
 from autotp.checkpoint.loader import from_pretrained
 from autotp.comm.group import init_distributed
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator, the same on every rank")
     p.add_argument("--streaming", action="store_true", help="rank 0 prints tokens as they are generated "
                                                             "(one prompt, greedy or sampling)")
-    p.add_argument("--token-latency", action="store_true", help="time first and next tokens over --num-iter runs")
+    p.add_argument("--token-latency", action="store_true", help="time first and next tokens over --num-iter runs, each exactly --max-new-tokens long "
+                        "(the end-of-sequence token ignored)")
     p.add_argument("--num-iter", type=int, default=3, metavar="N", help="timed runs with --token-latency (default 3)")
     p.add_argument("--num-warmup", type=int, default=1, metavar="N", help="untimed runs first (default 1)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object (the last line)")
@@ -171,8 +172,11 @@ def generate_once(model, inputs, args, tokenizer, world: int, rank: int, stream:
     kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                                   do_sample=args.sampling, logits_processor=processors,
                                   pad_token_id=tokenizer.pad_token_id if tokenizer else None)
-    if args.token_latency:
-        kwargs["min_new_tokens"] = args.max_new_tokens  # every run the same length
+    if args.token_latency:  # every run the same length: the end-of-sequence token ignored (as autotp-bench
+        # does; min_new_tokens would scan the vocabulary every step)
+        kwargs["eos_token_id"] = None
+        if kwargs["pad_token_id"] is None:
+            kwargs["pad_token_id"] = pad_id(model)
     if args.sampling:
         kwargs.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None})
     else:

@@ -106,6 +106,26 @@ def test_token_latency_reports_first_and_next_tokens(dirs):
     assert lat["next_token_ms"]["median"] > 0 and lat["tokens_per_s"] > 0
 
 
+def test_token_latency_runs_ignore_the_end_of_sequence_token(dirs, tmp_path):
+    """A model whose end-of-sequence token is the first one it generates for the timing prompt:
+    plain generation stops after it (negative control), --token-latency runs go the full length."""
+    import shutil
+
+    model_dir = tmp_path / "eos_first"
+    shutil.copytree(dirs["hf"], model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    vocab = model.config.vocab_size
+    ids = torch.randint(min(100, vocab - 1), vocab, (1, 16), generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        first = int(model(input_ids=ids).logits[0, -1].argmax())
+    model.generation_config.eos_token_id = first
+    model.generation_config.save_pretrained(model_dir)
+    args = ("-m", str(model_dir), "--input-tokens", "16", "--max-new-tokens", "6", "--dtype", "float32", "--json")
+    assert result(generate(1, *args))["new_tokens"] == [1]
+    timed = result(generate(1, *args, "--token-latency", "--num-iter", "1", "--num-warmup", "0"))
+    assert timed["new_tokens"] == [6] and timed["latency"]["next_token_ms"]["median"] > 0
+
+
 def test_chat_applies_the_template(dirs):
     plain = result(generate(1, "-m", str(dirs["hf"]), "--prompt", "count", "--max-new-tokens", "4",
                             "--dtype", "float32", "--json"))
