@@ -168,9 +168,10 @@ def pad_id(model: nn.Module) -> int:
 def run_cases(model: nn.Module, spec: dict[str, Any], vocab: int, world: int, probe: BandwidthProbe
               ) -> tuple[list[dict[str, Any]], float]:
     """The timed cases, and the seconds the warm-up took (with a compiled decoding step: its
-    compilation, for every case's shape); ``probe`` samples the bandwidth right before each
-    timed generate (a case's ``bandwidth``, one per run), so that each run is set against the
-    memory of its own moment: this machine's bandwidth moves while it runs."""
+    compilation, for every case's shape); ``probe`` samples the bandwidth right before and right
+    after each timed generate and keeps the higher (a case's ``bandwidth``, one per run), so that
+    each run is set against the memory of its own moment (this machine's bandwidth moves while it
+    runs, within seconds) and a floor is never raised by one slow sample."""
     cases = [dict(c, first=[], next=[], steps=[], tokens=None, bandwidth=[]) for c in spec["cases"]]
     start = time.perf_counter()
     # warm-up: every prompt length, as many new tokens as timed (a compiled step's static cache
@@ -183,8 +184,10 @@ def run_cases(model: nn.Module, spec: dict[str, Any], vocab: int, world: int, pr
     for _ in range(spec["runs"]):
         for case in cases:
             ids = case_ids(vocab, spec["batch"], case["input"])
-            case["bandwidth"].append(probe.sample(2))
+            before = probe.sample(2)
             first, steps, tokens = generate_once(model, ids, case["beams"], spec["new_tokens"], world)
+            after = probe.sample(2)
+            case["bandwidth"].append(max(before, after) if before and after else None)
             case["first"].append(first)
             case["next"].append(statistics.fmean(steps) if steps else float("nan"))
             case["steps"].extend(steps)
@@ -226,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
         floors = [f["bytes"] / f["bandwidth"] for f in per_rank if f["bandwidth"]]
         if len(floors) == world:
             for i, case in enumerate(cases):  # each run against the floor sampled right before it
-                case["floors"] = [max(f["bytes"] / f["case_bandwidth"][i][run] for f in per_rank)
-                                  for run in range(len(case["next"]))]
+                if all(f["case_bandwidth"][i][run] for f in per_rank for run in range(len(case["next"]))):
+                    case["floors"] = [max(f["bytes"] / f["case_bandwidth"][i][run] for f in per_rank)
+                                      for run in range(len(case["next"]))]
         result = {
             "threads": torch.get_num_threads(), "cores": sorted(os.sched_getaffinity(0)),
             "backend": groups[0].backend if groups and world > 1 else None,
