@@ -43,6 +43,8 @@ void score_block(const float* qs, const uint16_t* k, int64_t l0, int64_t G, int6
   constexpr int W = V::kWidth, P = 2 * V::kWidth;
   const int64_t half = Dv / 2;
   for (int64_t g = 0; g < G; ++g) {
+    if (g == 0)  // the next block's key rows, from memory while this block computes (a cache too big to stay cached)
+      for (int64_t off = 0; off < W * D && (l0 + W) * D + off < L * D; off += 32) V::prefetch(k + (l0 + W) * D + off);
     const float* qg = qs + g * D;
     typename V::F sum[W];
     for (int t = 0; t < W; ++t) sum[t] = V::zero();
@@ -76,6 +78,8 @@ void value_chunks(const float* scores, const uint16_t* v, const uint8_t* skip, i
   for (int64_t l = 0; l < L; ++l) {
     if (skip[l]) continue;
     const uint16_t* row = v + l * D + j;
+    if (l + 8 < L)
+      for (int c = 0; c < C; ++c) V::prefetch(row + 8 * D + c * P);  // 8 rows ahead
     typename V::F e[C], o[C];
     for (int c = 0; c < C; ++c) {
       e[c] = V::even(row + c * P);
