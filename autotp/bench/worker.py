@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(logits, spec["logits_path"])
         floors = [f["bytes"] / f["bandwidth"] for f in per_rank if f["bandwidth"]]
         if len(floors) == world:
-            for i, case in enumerate(cases):  # each run against the floor sampled right before it
+            for i, case in enumerate(cases):  # each run against the floor of its own samples (run_cases)
                 if all(f["case_bandwidth"][i][run] for f in per_rank for run in range(len(case["next"]))):
                     case["floors"] = [max(f["bytes"] / f["case_bandwidth"][i][run] for f in per_rank)
                                       for run in range(len(case["next"]))]
