@@ -143,6 +143,34 @@ def test_each_model_compiles_its_own_step():
     assert counters["stats"]["unique_graphs"] - before == 3
 
 
+def test_the_routing_forward_keeps_the_signature_generate_reads():
+    """generate reads the model's forward signature: with the compiled step's routing forward in
+    place it still passes ``logits_to_keep=1`` to the prompt forward (the lm_head sees one
+    position per row, not the whole prompt), and the logits of a left-padded batch equal plain
+    transformers'. Negative control: a routing forward that hides the signature makes the
+    lm_head run over all 7 prompt positions."""
+    inputs = zoo.batch()
+    model = zoo.build("llama")
+    ref = copy.deepcopy(model)
+    prepare_decoding(model, autotp.Runtime(compile=True))
+    assert "logits_to_keep" in inspect.signature(model.forward).parameters
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        want = ref.generate(**inputs, **kwargs)
+        got = model.generate(**inputs, **kwargs)
+    assert rows[0] == 1, rows
+    for a, b in zip(want.logits, got.logits):
+        assert (a - b).abs().max() <= 1e-4
+    routed = model.forward
+    model.forward = lambda *args, **kw: routed(*args, **kw)  # the signature hidden
+    rows.clear()
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert rows[0] == inputs["input_ids"].shape[1], rows
+
+
 FAST = ["llama", "gptj", "phi3"]
 CHECKS = RankChecks({2: {f: ("compare_fast_decoding", (f,)) for f in FAST}})
 

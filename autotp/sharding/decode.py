@@ -21,6 +21,7 @@ on two cores; a second shape makes the graph dynamic) and is cached on disk by i
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import re
 import sys
@@ -97,6 +98,10 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     compiled = torch.compile(_own_step(forward), dynamic=None,
                              options={"guard_filter_fn": _inputs_only, "cpp_wrapper": True})
 
+    # the forward's signature kept (functools.wraps): generate reads it, e.g. to pass
+    # logits_to_keep=1 to the prompt forward (without it, the lm_head runs over every prompt
+    # position and the ranks gather all of their logits)
+    @functools.wraps(forward)
     def decode_or_prompt(*args, **kwargs):
         if _decoding_step(args, kwargs) and not torch.compiler.is_compiling():
             return compiled(*args, **kwargs)
