@@ -167,8 +167,9 @@ def print_targets(rows: list, bw: dict[str, float], threads: int, emulated: bool
         ws = min(share)
         print(f"  M=1: worst ratio {w1[0]:.2f} ({w1[1]}x{w1[2]}; target >= 1.00), lowest share of read bandwidth "
               f"{ws[0] * 100:.0f}% ({ws[1]}x{ws[2]}; target >= 85%)")
-    int4 = [(1 / ratio(rounds, "int4 " + kernels.serving_isa("", "int4"), "auto"), n, k, m)
-            for n, k, m, _, t, rounds in rows if m in (1, 4, 16)]
+    served = "int4 " + kernels.serving_isa("", "int4")  # timed only when --paths names it
+    int4 = [(1 / ratio(rounds, served, "auto"), n, k, m)
+            for n, k, m, _, t, rounds in rows if m in (1, 4, 16) and served in rounds]
     for rows_m in (1, 4, 16):
         picked = [r for r in int4 if r[3] == rows_m]
         if picked:
