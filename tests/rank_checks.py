@@ -215,6 +215,45 @@ def shm_against_gloo(rank: int, world_size: int, sizes: list[int], repeats: int,
             "left_in_dev_shm": left_in_dev_shm}
 
 
+def shm_all_gather(rank: int, world_size: int) -> dict:
+    """The shared-memory all-gather along the last dim against the concatenation of every rank's
+    part (each rank rebuilds all parts from their seeds), bit for bit (negative zeros included),
+    for uneven and empty parts, leading dims, rows spread over several 4 MiB slot chunks, a row
+    wider than a slot (the summed fallback), interleaved with all-reduces; and the parts
+    concatenated in another order, which must differ (negative control)."""
+    from autotp.comm import TPGroup
+
+    group = TPGroup.from_torch(world_size, runtime=autotp.Runtime.from_env().replace(comm="shm"))
+
+    def part(r: int, lead: tuple, width: int, dtype: torch.dtype) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(1000 * r + width)
+        x = torch.randn(*lead, width, generator=gen).to(dtype)
+        x[..., ::7] = -0.0  # a sum would make these +0.0
+        return x
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+    cases = []
+    shapes = [((3,), [5, 3, 0, 7]), ((2, 1), [16000, 16000, 15999, 16001]), ((1100,), [1000, 999, 1000, 3]),
+              ((2,), [(4 << 20) // 4 + 5] * 4)]
+    for lead, widths in shapes:
+        sizes = widths[:world_size]
+        for dtype in (torch.float32, torch.bfloat16):
+            parts = [part(r, lead, sizes[r], dtype) for r in range(world_size)]
+            got = group.all_gather_last_dim(parts[rank], sizes)
+            group.all_reduce(torch.ones(9))  # the slots' sequence stays shared with the all-reduce
+            want = torch.cat(parts, dim=-1)
+            other = torch.cat(parts[::-1], dim=-1)
+            fallback = max(sizes) * parts[0].element_size() > (4 << 20)
+            cases.append({"lead": lead, "sizes": sizes, "dtype": str(dtype), "fallback": fallback,
+                          "shape_ok": got.shape == want.shape,
+                          "equal": torch.equal(got, want),
+                          "bits_equal": got.shape == want.shape and torch.equal(bits(got), bits(want)),
+                          "other_differs": not torch.equal(got, other) if got.shape == other.shape else True})
+    return {"backend": group.backend, "cases": cases}
+
+
 def shm_peer_fails(rank: int, world_size: int, victim: int, how: str) -> dict | None:
     """One rank exits (or stalls) after 20 all-reduces; the others must raise, not hang."""
     import time

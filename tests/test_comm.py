@@ -32,6 +32,17 @@ def test_shm_all_reduce_equals_gloo_and_the_exact_sum(world_size):
                 assert case["gloo_max_rel"] <= 2**-7, (rank, case)
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_shm_all_gather_equals_the_concatenation_bit_for_bit(world_size):
+    for rank, r in enumerate(run_ranks(rank_checks.shm_all_gather, world_size)):
+        assert r["backend"] == "shm"
+        for case in r["cases"]:
+            assert case["shape_ok"] and case["equal"] and case["other_differs"], (rank, case)
+            # copied, not summed: negative zeros stay (the fallback for rows wider than a slot sums)
+            assert case["bits_equal"] or case["fallback"], (rank, case)
+        assert any(c["fallback"] for c in r["cases"]) and not all(c["fallback"] for c in r["cases"])
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_portable_reduction_equals_the_exact_sum(world_size):
     """The plain C++ reduction CPUs without AVX-512 run, forced here."""

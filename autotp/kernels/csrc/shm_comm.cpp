@@ -15,6 +15,7 @@
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 namespace autotp {
 namespace {
@@ -61,22 +62,7 @@ at::Tensor shm_all_reduce(const at::Tensor& tensor, int64_t comm) {
 }
 
 at::Tensor shm_all_gather_last_dim(const at::Tensor& tensor, int64_t comm, at::IntArrayRef sizes) {
-  ShmComm& handle = ShmComm::lookup(comm);
-  const int64_t rank = handle.rank();
-  TORCH_CHECK(static_cast<int64_t>(sizes.size()) == handle.size() && tensor.dim() >= 1 &&
-                  tensor.size(-1) == sizes[rank],
-              "autotp shared-memory all-gather: rank ", rank, " holds ", tensor.size(-1), " columns, sizes say ",
-              sizes);
-  int64_t offset = 0, total = 0;
-  for (int64_t r = 0; r < static_cast<int64_t>(sizes.size()); ++r) {
-    offset += r < rank ? sizes[r] : 0;
-    total += sizes[r];
-  }
-  auto shape = tensor.sizes().vec();
-  shape.back() = total;
-  at::Tensor whole = at::zeros(shape, tensor.options().memory_format(at::MemoryFormat::Contiguous));
-  whole.narrow(-1, offset, sizes[rank]).copy_(tensor);
-  return handle.all_reduce(whole);
+  return ShmComm::lookup(comm).all_gather_last_dim(tensor, sizes);
 }
 
 struct ShmComm::Header {
@@ -209,6 +195,54 @@ at::Tensor ShmComm::all_reduce(at::Tensor tensor) {
     header_->counters[kDepart][rank_].value.store(seq, std::memory_order_release);
   }
   return tensor;
+}
+
+at::Tensor ShmComm::all_gather_last_dim(const at::Tensor& tensor, at::IntArrayRef sizes) {
+  TORCH_CHECK(!broken_, "autotp shared-memory all-gather: an earlier collective of this group failed; "
+              "the group cannot be used again");
+  TORCH_CHECK(static_cast<int64_t>(sizes.size()) == size_ && tensor.device().is_cpu() && tensor.dim() >= 1 &&
+                  tensor.size(-1) == sizes[rank_],
+              "autotp shared-memory all-gather: rank ", rank_, " holds ", tensor.dim() ? tensor.size(-1) : 0,
+              " columns of a CPU tensor, sizes say ", sizes);
+  std::vector<int64_t> offsets(size_ + 1, 0);
+  int64_t widest = 0;
+  for (int64_t r = 0; r < size_; ++r) {
+    TORCH_CHECK(sizes[r] >= 0, "autotp shared-memory all-gather: negative size in ", sizes);
+    offsets[r + 1] = offsets[r] + sizes[r];
+    widest = std::max(widest, sizes[r]);
+  }
+  const int64_t total = offsets[size_], elem = tensor.element_size();
+  auto shape = tensor.sizes().vec();
+  shape.back() = total;
+  at::Tensor out = at::empty(shape, tensor.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor part = tensor.contiguous();
+  const int64_t rows = out.numel() / std::max<int64_t>(total, 1);
+  if (size_ == 1 || widest * elem > slot_bytes_) {  // one rank, or a row wider than a slot: a zeroed whole, summed
+    out.zero_();
+    out.narrow(-1, offsets[rank_], sizes[rank_]).copy_(part);
+    return size_ == 1 ? out : all_reduce(out);
+  }
+  // rows in chunks that fit a slot: each rank copies its block of the chunk into its slot, then
+  // every rank copies every slot into its columns of the chunk's rows (nothing summed: exact)
+  const int64_t per_chunk = slot_bytes_ / std::max<int64_t>(widest * elem, 1);
+  const char* src = static_cast<const char*>(part.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  for (int64_t r0 = 0; r0 < rows; r0 += per_chunk) {
+    const int64_t n = std::min(per_chunk, rows - r0);
+    const int64_t seq = ++seq_, buffer = seq & 1;
+    if (seq > 2) wait_all(kDepart, seq - 2);  // everyone has read this buffer's last use
+    std::memcpy(slot(buffer, rank_), src + r0 * sizes[rank_] * elem, n * sizes[rank_] * elem);
+    header_->counters[kArrive][rank_].value.store(seq, std::memory_order_release);
+    wait_all(kArrive, seq);
+    for (int64_t r = 0; r < size_; ++r) {
+      const char* from = slot(buffer, r);
+      const int64_t bytes = sizes[r] * elem;
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(dst + ((r0 + i) * total + offsets[r]) * elem, from + i * bytes, bytes);
+    }
+    header_->counters[kDepart][rank_].value.store(seq, std::memory_order_release);
+  }
+  return out;
 }
 
 }  // namespace autotp

@@ -4,7 +4,8 @@
 // arrival and departure counters, each on its own cache line) and two sets of per-rank slots
 // used by alternate calls. A call copies its chunk into its slot, announces it, waits for every
 // rank, sums all slots in rank order in fp32 (so every rank gets bit-identical results), and
-// announces it is done reading; a slot is only overwritten once every rank has read it.
+// announces it is done reading; a slot is only overwritten once every rank has read it. An
+// all-gather goes the same way, copying every slot into its columns instead of summing.
 // Waiting ranks spin, then yield; a rank that does not arrive within the timeout, or whose
 // process has exited, makes the others raise instead of hanging.
 #pragma once
@@ -30,6 +31,9 @@ class ShmComm : public torch::CustomClassHolder {
 
   // Sums a contiguous float32 or bfloat16 CPU tensor over the ranks, in place; returns it.
   at::Tensor all_reduce(at::Tensor tensor);
+  // The concatenation along the last dim of every rank's `tensor` (rank r holds `sizes[r]`
+  // columns, the leading dims alike on every rank): copied through the slots, not summed.
+  at::Tensor all_gather_last_dim(const at::Tensor& tensor, at::IntArrayRef sizes);
   // Removes the segment's name (the mappings stay valid); called once every rank has it open.
   void unlink();
   std::string name() const { return name_; }
@@ -62,7 +66,7 @@ class ShmComm : public torch::CustomClassHolder {
 
 // Ops for compiled graphs and the lm_head: the sum (a new tensor) of `tensor` over the ranks of
 // handle `comm`; and the concatenation along the last dim of every rank's `tensor`, rank r
-// holding `sizes[r]` columns (written into a zeroed whole and summed, which is exact).
+// holding `sizes[r]` columns (ShmComm::all_gather_last_dim).
 at::Tensor shm_all_reduce(const at::Tensor& tensor, int64_t comm);
 at::Tensor shm_all_gather_last_dim(const at::Tensor& tensor, int64_t comm, at::IntArrayRef sizes);
 
