@@ -223,6 +223,28 @@ def test_reorder_rows_equals_a_gather_for_every_mapping_of_up_to_four_rows(dtype
 
 
 @needs_extension
+def test_reorder_rows_from_given_starts_copies_only_from_there():
+    """With per-row starts, every map of 3 rows (cycles included) and random starts: row b takes
+    its source's positions [starts[b], length) and keeps its own before them; the negative
+    control, a copy of the whole length, differs wherever a start is past 0 and the rows differ."""
+    gen = torch.Generator().manual_seed(5)
+    k = torch.randn(3, 2, 9, 4, generator=gen)
+    for sources in itertools.product(range(3), repeat=3):
+        src = torch.tensor(sources)
+        starts = torch.randint(0, 7, (3,), generator=gen)
+        kk = k.clone()
+        kernels.reorder_rows_([kk], src, 6, starts)
+        want = k.clone()
+        for b in range(3):
+            want[b, :, starts[b]:6] = k[src[b], :, starts[b]:6]
+        assert torch.equal(kk, want), (sources, starts)
+        if any(src[b] != b and starts[b] > 0 for b in range(3)):
+            assert not torch.equal(kk, gathered(k, src, 6)), (sources, starts)
+    with pytest.raises(RuntimeError, match="start 7 of row 1"):
+        kernels.reorder_rows_([k.clone()], torch.tensor([0, 1, 2]), 6, torch.tensor([0, 7, 0]))
+
+
+@needs_extension
 @pytest.mark.parametrize("case", ["out_of_range", "negative", "float_sources", "not_contiguous", "too_long",
                                   "other_batch"])
 def test_reorder_rows_refuses_bad_input_and_leaves_the_tensors(case):
@@ -279,6 +301,56 @@ def test_reorder_cache_equals_transformers_reorder_of_a_static_cache(family):
         assert {type(layer).__name__ for layer in cache.layers} == {"StaticLayer", "StaticSlidingWindowLayer"}
 
 
+@needs_extension
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_reorders_over_many_steps_copy_only_where_beams_part(family):
+    """Beam search over a shared prompt, step after step: each decoding step writes a new
+    position for every row, then a random beam_idx reorders. autotp's hook, which copies each
+    row only from where it parts from its source (the prompt's rows set as shared, as
+    prompt_once leaves them), keeps every layer equal to transformers' own reorder of a twin
+    cache at every step; after the prompt no row is copied over it. Negative control: a lineage
+    that claims rows agree where they do not leaves the cache wrong."""
+    from transformers import AutoConfig, StaticCache
+
+    from autotp.sharding.decode import Lineage, reorder_cache
+
+    config = AutoConfig.for_model(**zoo.CONFIGS[family], **zoo.COMMON)
+    if family == "gemma2":
+        config.sliding_window = 5
+    gen = torch.Generator().manual_seed(3)
+    prompt, rows, steps = 4, 4, 8
+
+    def run(lie: bool) -> bool:
+        cache = StaticCache(config=config, max_cache_len=prompt + steps)
+        twin = StaticCache(config=config, max_cache_len=prompt + steps)
+        for i in range(config.num_hidden_layers):
+            k, v = (torch.randn(1, config.num_key_value_heads, prompt, 8, generator=gen).expand(rows, -1, -1, -1)
+                    for _ in range(2))
+            cache.update(k.clone(), v.clone(), i)
+            twin.update(k.clone(), v.clone(), i)
+        setattr(cache, Lineage.ATTR, Lineage(torch.zeros(rows, prompt + steps, dtype=torch.long), prompt))
+        equal = True
+        for step in range(steps):
+            for i in range(config.num_hidden_layers):
+                k, v = (torch.randn(rows, config.num_key_value_heads, 1, 8, generator=gen) for _ in range(2))
+                cache.update(k.clone(), v.clone(), i)
+                twin.update(k.clone(), v.clone(), i)
+            beam_idx = torch.randint(0, rows, (rows,), generator=gen)
+            if lie:  # the lineage says every row equals every other over all that is filled
+                getattr(cache, Lineage.ATTR).ids.zero_()
+                getattr(cache, Lineage.ATTR).filled = prompt + step + 1
+            starts = Lineage.parting(copy.deepcopy(cache), beam_idx, prompt + step + 1, prompt + steps)
+            assert lie or bool((starts >= prompt).all()), starts
+            reorder_cache(cache, beam_idx)
+            twin.reorder_cache(beam_idx)
+            equal &= all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+                         for a, b in zip(cache.layers, twin.layers))
+        return equal
+
+    assert run(lie=False)
+    assert not run(lie=True)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_a_prompt_of_repeated_rows_runs_once_per_distinct_row(family):
     """Two prompts (one left-padded) repeated 3 times each, as beam search repeats them: the
@@ -288,7 +360,7 @@ def test_a_prompt_of_repeated_rows_runs_once_per_distinct_row(family):
     the batch as it is (None)."""
     from transformers import DynamicCache, StaticCache
 
-    from autotp.sharding.decode import prompt_once
+    from autotp.sharding.decode import Lineage, prompt_once
 
     model = zoo.build(family)
     if family == "gemma2":
@@ -310,6 +382,11 @@ def test_a_prompt_of_repeated_rows_runs_once_per_distinct_row(family):
     if family == "gemma2":
         assert {type(layer).__name__ for layer in got.past_key_values.layers} == {"StaticLayer",
                                                                                    "StaticSlidingWindowLayer"}
+    lineage = getattr(got.past_key_values, Lineage.ATTR)  # rows of one prompt share its 7 positions
+    ids = lineage.ids[:, :7]
+    assert lineage.filled == 7 and (ids == ids[:, :1]).all()
+    assert torch.equal(ids[:3], ids[:1].expand(3, -1)) and torch.equal(ids[3:], ids[3:4].expand(3, -1))
+    assert not torch.equal(ids[0], ids[3])
     distinct = zoo.batch()
     assert prompt_once(model.forward, dict(distinct, cache=StaticCache(config=model.config, max_cache_len=10))) is None
     assert prompt_once(model.forward, dict(inputs, cache=DynamicCache(config=model.config))) is None

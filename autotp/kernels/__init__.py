@@ -194,12 +194,14 @@ def read_probe(buffer: torch.Tensor, runtime: Runtime | None = None) -> int:
     return torch.ops.autotp.read_probe(buffer, isa(runtime))
 
 
-def reorder_rows_(tensors: list[torch.Tensor], sources: torch.Tensor, length: int) -> None:
+def reorder_rows_(tensors: list[torch.Tensor], sources: torch.Tensor, length: int,
+                  starts: torch.Tensor | None = None) -> None:
     """Beam search's cache reorder, in place: row ``b`` (dim 0) of every contiguous
     ``[batch, heads, positions, dim]`` tensor becomes what row ``sources[b]`` held, over the first
-    ``length`` positions; rows that keep their content are not touched, the tensors keep their
+    ``length`` positions (from position ``starts[b]`` on, where given: the caller knows the rows
+    agree before it); rows that keep their content are not touched, the tensors keep their
     storage. Needs the extension built (:func:`extension_loaded`)."""
-    torch.ops.autotp.reorder_rows_(tensors, sources, length)
+    torch.ops.autotp.reorder_rows_(tensors, sources, length, starts)
 
 
 def decode_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,

@@ -105,6 +105,9 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     def decode_or_prompt(*args, **kwargs):
         if _decoding_step(args, kwargs) and not torch.compiler.is_compiling():
             return compiled(*args, **kwargs)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if Lineage.ATTR in getattr(cache, "__dict__", {}):  # a prompt's rows share no past (but prompt_once's)
+            delattr(cache, Lineage.ATTR)
         if not args and not torch.compiler.is_compiling():
             out = prompt_once(forward, kwargs)
             if out is not None:
@@ -125,7 +128,9 @@ def reorder_cache(cache, beam_idx: torch.Tensor):
     rows that change (autotp.kernels.reorder_rows_): transformers' own reorder gathers every row
     over the whole preallocated length into new tensors each step (measured on an AMD EPYC Zen 4,
     one thread, 4 beams, 16 layers, 256 of 288 positions filled: 6.4 ms for GPT-J-1B's 75 MB of
-    cache per rank). Other caches and layers of other kinds reorder as transformers does."""
+    cache per rank). Full-attention layers copy a row only from the position where it parts from
+    its source (:class:`Lineage`): beams share their prompt and what they decoded together.
+    Other caches and layers of other kinds reorder as transformers does."""
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
@@ -133,19 +138,58 @@ def reorder_cache(cache, beam_idx: torch.Tensor):
     if not isinstance(cache, StaticCache) or layers is None:
         cache.reorder_cache(beam_idx)
         return cache
-    by_length: dict[int, list[torch.Tensor]] = {}
+    groups: dict[tuple[int, bool], list[torch.Tensor]] = {}  # (filled, full attention) -> tensors
     for layer in layers:
         if (type(layer) in (StaticLayer, StaticSlidingWindowLayer) and layer.is_initialized
                 and layer.keys.is_contiguous() and layer.values.is_contiguous()
                 and layer.keys.shape[0] == beam_idx.numel()):
             filled = min(int(layer.get_seq_length()), layer.keys.shape[2])  # a full window: all of it
-            by_length.setdefault(filled, []).extend((layer.keys, layer.values))
+            groups.setdefault((filled, type(layer) is StaticLayer), []).extend((layer.keys, layer.values))
         else:
             layer.reorder_cache(beam_idx)
     sources = beam_idx.cpu()
-    for length, tensors in by_length.items():
-        kernels.reorder_rows_(tensors, sources, length)
+    full = [(filled, tensors) for (filled, is_full), tensors in groups.items() if is_full]
+    starts = Lineage.parting(cache, sources, full[0][0], full[0][1][0].shape[2]) if len(full) == 1 else None
+    for (length, is_full), tensors in groups.items():
+        kernels.reorder_rows_(tensors, sources, length, starts if is_full else None)
     return cache
+
+
+class Lineage:
+    """Which rows of a static cache hold the same states where: ``ids[b, j]`` names what wrote
+    row ``b``'s position ``j``, so that rows with equal ids up to a position hold equal keys and
+    values there in every full-attention layer (the same tokens went in). Kept on the cache (its
+    ``_autotp_lineage``): set by :func:`prompt_once` (beam search's rows share one prompt),
+    dropped by every other prompt forward (the routing forward of prepare_decoding), advanced
+    by :func:`reorder_cache`; where there is none, every row counts as its own."""
+
+    ATTR = "_autotp_lineage"
+
+    def __init__(self, ids: torch.Tensor, filled: int) -> None:
+        self.ids, self.filled = ids, filled
+        self.next_id = int(ids[:, :filled].max()) + 1 if filled and ids.numel() else 0
+
+    @classmethod
+    def parting(cls, cache, sources: torch.Tensor, filled: int, length: int) -> torch.Tensor:
+        """For the reorder of ``cache``'s rows to ``sources`` over ``filled`` positions: the first
+        position where each row differs from its source (``filled`` where it does not), the
+        lineage then advanced to the reordered rows. Positions written since the last call
+        count as each row's own."""
+        rows = sources.numel()
+        lineage = getattr(cache, cls.ATTR, None)
+        if (lineage is None or lineage.ids.shape[0] != rows or lineage.ids.shape[1] < filled
+                or filled < lineage.filled):
+            lineage = cls(torch.zeros(rows, length, dtype=torch.long), 0)  # nothing known: all positions new
+        new = filled - lineage.filled
+        if new > 0:  # written by each row for itself
+            lineage.ids[:, lineage.filled:filled] = lineage.next_id + torch.arange(rows * new).view(rows, new)
+            lineage.next_id += rows * new
+        moved = lineage.ids[sources]
+        differs = moved[:, :filled] != lineage.ids[:, :filled]
+        starts = torch.where(differs.any(1), differs.to(torch.uint8).argmax(1), filled)
+        lineage.ids, lineage.filled = moved, filled
+        setattr(cache, cls.ATTR, lineage)
+        return starts
 
 
 _ROW_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
@@ -193,6 +237,11 @@ def prompt_once(forward: Callable, kwargs: dict):
         layer.cumulative_length.copy_(filled.cumulative_length)
         if hasattr(filled, "cumulative_length_int"):
             layer.cumulative_length_int = filled.cumulative_length_int
+    full = [layer for layer in cache.layers if type(layer) is StaticLayer]
+    if full:  # the rows that repeat a prompt hold the same states over it
+        length = full[0].keys.shape[2]
+        ids = inverse[:, None].expand(-1, length).contiguous()
+        setattr(cache, Lineage.ATTR, Lineage(ids, min(int(full[0].get_seq_length()), length)))
     for name, value in list(out.items()):
         if value is own:
             out[name] = cache

@@ -1,11 +1,12 @@
 // The KV-cache ops of a decoding step, registered in the autotp namespace (ops.cpp holds the
 // library's definition and the GEMMs):
-//   reorder_rows_(tensors, sources, length)            (beam search's cache reorder, in place)
+//   reorder_rows_(tensors, sources, length, starts?)   (beam search's cache reorder, in place)
 //   decode_attention(q, key, value, bias?, scale, isa)  (one query position over a bf16 cache, fp32 math)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -21,8 +22,11 @@ namespace autotp {
 // row into a few others, so this moves a fraction of what gathering every row into new tensors
 // does (transformers' reorder), and the tensors keep their addresses (a static cache's). A row
 // is overwritten only after every copy that reads it; rows that take each other's content
-// (a cycle) go through a saved copy.
-void reorder_rows_(at::TensorList tensors, const at::Tensor& sources, int64_t length) {
+// (a cycle) go through a saved copy. With `starts`, row b is copied from position starts[b] on
+// only: the caller knows the two rows hold the same content before it (beams share a prompt
+// and the tokens up to where they parted).
+void reorder_rows_(at::TensorList tensors, const at::Tensor& sources, int64_t length,
+                   const std::optional<at::Tensor>& starts) {
   const char* op = "autotp::reorder_rows_";
   TORCH_CHECK(sources.dim() == 1 && !sources.is_floating_point() && sources.device().is_cpu(),
               op, ": sources must be a 1-D integer CPU tensor, got ", sources.scalar_type(), " ", sources.sizes());
@@ -31,6 +35,20 @@ void reorder_rows_(at::TensorList tensors, const at::Tensor& sources, int64_t le
   const int64_t* src = src_t.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(src[b] >= 0 && src[b] < B, op, ": source ", src[b], " of row ", b, " is not a row of ", B);
+  std::vector<int64_t> first(B, 0);  // the first position each row takes
+  if (starts.has_value() && starts->defined()) {
+    TORCH_CHECK(starts->dim() == 1 && starts->numel() == B && !starts->is_floating_point() &&
+                    starts->device().is_cpu(),
+                op, ": starts must be a 1-D integer CPU tensor of ", B, " entries, got ", starts->scalar_type(), " ",
+                starts->sizes());
+    const at::Tensor st = starts->to(at::kLong).contiguous();
+    for (int64_t b = 0; b < B; ++b) {
+      first[b] = st.data_ptr<int64_t>()[b];
+      TORCH_CHECK(first[b] >= 0 && first[b] <= length, op, ": start ", first[b], " of row ", b,
+                  " is outside [0, ", length, "]");
+    }
+  }
+  const int64_t lowest = B ? *std::min_element(first.begin(), first.end()) : 0;  // saved copies start here
   for (const at::Tensor& t : tensors)
     TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.size(0) == B && t.is_contiguous() && length >= 0 &&
                     length <= t.size(2),
@@ -66,18 +84,20 @@ void reorder_rows_(at::TensorList tensors, const at::Tensor& sources, int64_t le
   }
   for (const at::Tensor& t : tensors) {
     const int64_t H = t.size(1), row = t.size(1) * t.size(2) * t.size(3) * t.element_size();
-    const int64_t head = t.size(2) * t.size(3) * t.element_size(), piece = length * t.size(3) * t.element_size();
+    const int64_t pos = t.size(3) * t.element_size(), head = t.size(2) * pos;
+    const int64_t piece = (length - lowest) * pos;  // a saved copy: positions [lowest, length)
     char* base = static_cast<char*>(t.data_ptr());
     std::vector<char> copies(saved * H * piece);
     for (const Step& s : steps) {
       for (int64_t h = 0; h < H; ++h) {
         char* at_row = base + s.row * row + h * head;
         if (s.save) {
-          std::memcpy(copies.data() + ((-1 - s.from) * H + h) * piece, at_row, piece);
+          std::memcpy(copies.data() + ((-1 - s.from) * H + h) * piece, at_row + lowest * pos, piece);
         } else {
-          const char* in = s.from >= 0 ? base + s.from * row + h * head
-                                       : copies.data() + ((-1 - s.from) * H + h) * piece;
-          std::memcpy(at_row, in, piece);
+          const int64_t from_pos = first[s.row];
+          const char* in = s.from >= 0 ? base + s.from * row + h * head + from_pos * pos
+                                       : copies.data() + ((-1 - s.from) * H + h) * piece + (from_pos - lowest) * pos;
+          std::memcpy(at_row + from_pos * pos, in, (length - from_pos) * pos);
         }
       }
     }
@@ -131,7 +151,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key, const at
 }  // namespace autotp
 
 TORCH_LIBRARY_FRAGMENT(autotp, m) {
-  m.def("reorder_rows_(Tensor(a!)[] tensors, Tensor sources, int length) -> ()");
+  m.def("reorder_rows_(Tensor(a!)[] tensors, Tensor sources, int length, Tensor? starts=None) -> ()");
   m.def("decode_attention(Tensor q, Tensor key, Tensor value, Tensor? bias, float scale, str isa=\"\") -> Tensor");
 }
 
