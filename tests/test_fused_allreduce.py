@@ -16,13 +16,14 @@ CHECKS = RankChecks({
     2: {"fusion-off": ("compare_all", (zoo.PARALLEL_RESIDUAL, False)),
         **{f"count-{f}-{fuse}": ("count_collectives", (f, fuse)) for f, fuse, _ in COUNTED}},
     3: {"fusion-off": ("compare_all", (zoo.PARALLEL_RESIDUAL, False))},
-    4: {"fusion-off": ("compare_all", (zoo.PARALLEL_RESIDUAL, False))},
 })
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("world_size", [2, 3])
 def test_fusion_off_matches_unsharded(world_size):
-    """Fusion on is covered for the same families by test_shard_equivalence (it is the default)."""
+    """Fusion on is covered for the same families by test_shard_equivalence (it is the default),
+    at 2 to 4 ranks; fusion off at an even and an uneven split (4 ranks on the suite's two cores
+    cost it 25 s and split no differently from 2)."""
     per_rank = CHECKS(world_size, "fusion-off")
     for rank, res in enumerate(per_rank):
         for family in zoo.PARALLEL_RESIDUAL:
