@@ -118,7 +118,7 @@ def test_a_run_on_a_tiny_model_reports_every_number(tmp_path, isa):
     results = [json.loads(p.read_text()) for p in (tmp_path / "work" / "raw").glob("*.json")
                if not p.name.endswith(".spec.json")]
     assert results and all(len(c["floors"]) == 1 for r in results for c in r["cases"])  # each run's own floor
-    for (config, b), row in rows.items():
+    for (config, _), row in rows.items():
         base = rows[("transformers", beams)]
         assert row["speedup_next"] == pytest.approx(base["next"]["median_ms"] / row["next"]["median_ms"])
         assert row["floor_ms"] > 0 and row["next_over_floor"] == pytest.approx(
