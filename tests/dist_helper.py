@@ -3,6 +3,7 @@ each; every rank's result or traceback comes back to the parent, and a rank that
 dies fails the test instead of hanging it."""
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import socket
@@ -23,7 +24,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any) -> None:
+def _preloaded() -> list[str]:
+    """What the fork server imports once, so that each rank starts without seconds of imports:
+    torch, transformers, autotp, the checks and the modeling code of every family in the zoo.
+    Nothing here starts a thread or loads the C++ extension (forking after OpenMP started is
+    unsafe): each rank loads the extension itself."""
+    import zoo
+
+    types = sorted({c["model_type"] for c in zoo.CONFIGS.values()})
+    return ["rank_checks", *[f"transformers.models.{t}.modeling_{t}" for t in types]]
+
+
+def _context() -> Any:
+    """Ranks fork from a server that preloaded the heavy imports where the platform has one;
+    a plain spawn elsewhere. Either way a rank is a fresh process with the parent's environment
+    as it is at the call (passed along, since the server's own is that of its start)."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_preloaded())
+    return ctx
+
+
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any,
+           environ: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
+    gc.freeze()  # the imported modules are never garbage: full collections (shard() runs one) skip them
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -43,10 +70,11 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, may_exit: tuple[int, ..
 
     ``fn`` must be importable (a module-level function) and return picklable values. Ranks in
     ``may_exit`` may end without a report (fault tests); their result is None."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, results), daemon=True)
+    environ = dict(os.environ)
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, results, environ), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -4,6 +4,8 @@ directory and from pre-sharded ones, against plain transformers' generate decode
 same tokenizer; then each refusal."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import autotp
+from autotp import generate as autotp_generate
 from dist_helper import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -49,14 +52,29 @@ def reference(model_dir: Path, prompts: list[str]) -> list[str]:
 
 
 def generate(ranks: int, *args: str) -> subprocess.CompletedProcess:
+    """autotp-generate on ``ranks`` ranks: real processes over the launcher for 2 ranks; for 1,
+    its ``main`` in this process (the same code a 1-rank command runs, without seconds of imports
+    per call), with the AUTOTP_ settings cleared as for the launched ranks."""
     if ranks == 1:
-        cmd = [sys.executable, "-m", "autotp.generate"]
-    else:
-        cmd = [sys.executable, "-m", "autotp.launcher", "--nproc", str(ranks), "--master-port", str(free_port()),
-               "-m", "autotp.generate"]
+        return generate_here(*args)
+    cmd = [sys.executable, "-m", "autotp.launcher", "--nproc", str(ranks), "--master-port", str(free_port()),
+           "-m", "autotp.generate"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOTP_")}
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=TIMEOUT,
                           env={**env, "OMP_NUM_THREADS": "1"})
+
+
+def generate_here(*args: str) -> subprocess.CompletedProcess:
+    saved = {k: v for k, v in os.environ.items() if k.startswith("AUTOTP_")}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for key in saved:
+            del os.environ[key]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = autotp_generate.main(list(args))
+    finally:
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["autotp-generate", *args], code, out.getvalue(), err.getvalue())
 
 
 def result(done: subprocess.CompletedProcess) -> dict:
@@ -162,3 +180,10 @@ def test_a_world_size_the_checkpoint_was_not_made_for_is_refused(dirs):
 def test_a_prompt_longer_than_the_positions_is_refused(dirs):
     refused(generate(1, "-m", str(dirs["hf"]), "--input-tokens", "60", "--max-new-tokens", "8"),
             "the prompt has 60 tokens", "64 positions")
+
+
+def test_the_command_runs_as_a_module(tmp_path):
+    """The 1-rank calls above skip the interpreter start; this one runs the module's entry point."""
+    done = subprocess.run([sys.executable, "-m", "autotp.generate", "-m", str(tmp_path), "--prompt", "x"],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    refused(done, "is not a model directory")

@@ -40,3 +40,26 @@ def test_portable_build_holds_only_the_generic_path_and_passes_the_kernel_tests(
     ran = [set(ids.split("-")) & set(ISAS) for ids in re.findall(r"::\S+?\[(\S+)\] PASSED", tests.stdout)]
     assert sum(isas == {"generic"} for isas in ran) >= 30, summary
     assert all(isas <= {"generic"} for isas in ran), tests.stdout[-3000:]
+
+
+def test_the_build_name_follows_the_sources_not_the_checkout(tmp_path):
+    """Two checkouts of the same sources share one build; a changed source, other flags or the
+    portable build get their own (negative control: a one-byte edit changes the name), so two
+    checkouts never rebuild over each other's cache."""
+    csrc = Path(kernels.__file__).parent / "csrc"
+    copies = []
+    for name in ("one", "two"):
+        copy = tmp_path / name
+        copy.mkdir()
+        for path in [*csrc.glob("*.cpp"), *csrc.glob("*.h")]:
+            (copy / path.name).write_bytes(path.read_bytes())
+        copies.append(copy)
+    flags = ["-O3"]
+    name = kernels.build_name(copies[0], flags, False)
+    assert name == kernels.build_name(copies[1], flags, False) == kernels.build_name(csrc, flags, False)
+    assert name.isidentifier() and name.startswith("autotp_kernels_")
+    header = copies[1] / "kernel_table.h"
+    header.write_bytes(header.read_bytes() + b"\n")
+    assert kernels.build_name(copies[1], flags, False) != name
+    assert kernels.build_name(copies[0], ["-O2"], False) != name
+    assert kernels.build_name(copies[0], flags, True).startswith("autotp_kernels_portable_")

@@ -18,6 +18,7 @@ has said.
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sys
 import threading
@@ -57,6 +58,17 @@ def _ensure_ninja_on_path() -> None:
 PORTABLE_FLAG = "-DAUTOTP_PORTABLE_ONLY"  # csrc/kernel_table.h: leave the x86 tables out
 
 
+def build_name(csrc: Path, cflags: list[str], portable: bool) -> str:
+    """The build's name, which is also its cache folder under torch's extensions directory: the
+    sources' contents, the flags and torch's version hashed into it, so that two checkouts (or
+    two versions of the sources) keep separate builds instead of recompiling over each other's
+    on every switch, and a checkout whose sources are unchanged finds its build again."""
+    digest = hashlib.sha256(f"{torch.__version__} {' '.join(cflags)}".encode())
+    for path in sorted([*csrc.glob("*.cpp"), *csrc.glob("*.h")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"autotp_kernels{'_portable' if portable else ''}_{digest.hexdigest()[:12]}"
+
+
 def _build(verbose: bool = False, portable: bool = False) -> list[str]:
     """Compile (or find cached) and load the extension; returns the ISAs it holds that this CPU
     runs, best first. ``portable`` builds the generic code only (what a CPU architecture without
@@ -66,9 +78,9 @@ def _build(verbose: bool = False, portable: bool = False) -> list[str]:
 
     _ensure_ninja_on_path()
     csrc = Path(__file__).parent / "csrc"
-    load(name="autotp_kernels_portable" if portable else "autotp_kernels",
-         sources=sorted(str(p) for p in csrc.glob("*.cpp")),
-         extra_cflags=["-O3", "-fopenmp", *([PORTABLE_FLAG] if portable else [])],
+    sources = sorted(csrc.glob("*.cpp"))
+    cflags = ["-O3", "-fopenmp", *([PORTABLE_FLAG] if portable else [])]
+    load(name=build_name(csrc, cflags, portable), sources=[str(p) for p in sources], extra_cflags=cflags,
          extra_ldflags=["-fopenmp", "-lrt"], is_python_module=False, verbose=verbose)
     return list(torch.ops.autotp.cpu_isas())
 
