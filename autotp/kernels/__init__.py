@@ -60,10 +60,11 @@ PORTABLE_FLAG = "-DAUTOTP_PORTABLE_ONLY"  # csrc/kernel_table.h: leave the x86 t
 
 def build_name(csrc: Path, cflags: list[str], portable: bool) -> str:
     """The build's name, which is also its cache folder under torch's extensions directory: the
-    sources' contents, the flags and torch's version hashed into it, so that two checkouts (or
-    two versions of the sources) keep separate builds instead of recompiling over each other's
-    on every switch, and a checkout whose sources are unchanged finds its build again."""
-    digest = hashlib.sha256(f"{torch.__version__} {' '.join(cflags)}".encode())
+    sources' folder and contents, the flags and torch's version hashed into it. Two checkouts
+    (whose build files name different source paths), or two versions of the sources, keep
+    separate builds instead of recompiling over each other's on every switch; a checkout whose
+    sources are unchanged finds its build again."""
+    digest = hashlib.sha256(f"{csrc.resolve()} {torch.__version__} {' '.join(cflags)}".encode())
     for path in sorted([*csrc.glob("*.cpp"), *csrc.glob("*.h")]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return f"autotp_kernels{'_portable' if portable else ''}_{digest.hexdigest()[:12]}"
