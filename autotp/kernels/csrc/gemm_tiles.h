@@ -12,7 +12,7 @@
 //   widen8(q): the kWidth int8 at q, as fp32 (exact)
 //   prefetch(p)
 //   kTileM (rows per bf16 micro-kernel call, <= 6) and kTileBlocks(mt) (16-column blocks per
-//   call, 1..4), kDirectRows / kDirectCols (INT8, few rows: weights used in registers) and
+//   call, 1..4), kDirectRows / kDirectCols(mt) (INT8, few rows: weights used in registers) and
 //   kPanelRows / kPanelCols (INT8, many rows: from a dequantised fp32 panel); column counts are
 //   multiples of kWidth that divide 64.
 // Accumulation is fp32 in K order everywhere, so every ISA computes the same sums up to the
@@ -184,16 +184,22 @@ void int8_panel(const int8_t* q, int64_t k0, int64_t k1, float* panel) {
 using Int8SegmentFn = void (*)(const float*, int64_t, const int8_t*, const float*, int64_t, int64_t, int64_t,
                                const float*, float*, int64_t, bool);
 
+// Registers of columns per call for MT rows: the panel's fixed width, or the direct path's,
+// which may widen as rows get fewer (kDirectCols(MT): its accumulators fill the registers).
+template <class V, bool kPanel, int MT>
+constexpr int int8_cr() {
+  return (kPanel ? V::kPanelCols : V::kDirectCols(MT)) / V::kWidth;
+}
+
 template <class V, bool kPanel>
 Int8SegmentFn int8_pick(int64_t mt) {
-  constexpr int CR = (kPanel ? V::kPanelCols : V::kDirectCols) / V::kWidth;
   switch (mt) {
-    case 1: return int8_segment<V, 1, CR, kPanel>;
-    case 2: return int8_segment<V, 2, CR, kPanel>;
-    case 3: return int8_segment<V, 3, CR, kPanel>;
-    case 4: return int8_segment<V, 4, CR, kPanel>;
-    case 5: return int8_segment<V, 5, CR, kPanel>;
-    default: return int8_segment<V, 6, CR, kPanel>;
+    case 1: return int8_segment<V, 1, int8_cr<V, kPanel, 1>(), kPanel>;
+    case 2: return int8_segment<V, 2, int8_cr<V, kPanel, 2>(), kPanel>;
+    case 3: return int8_segment<V, 3, int8_cr<V, kPanel, 3>(), kPanel>;
+    case 4: return int8_segment<V, 4, int8_cr<V, kPanel, 4>(), kPanel>;
+    case 5: return int8_segment<V, 5, int8_cr<V, kPanel, 5>(), kPanel>;
+    default: return int8_segment<V, 6, int8_cr<V, kPanel, 6>(), kPanel>;
   }
 }
 
@@ -248,8 +254,9 @@ void int8_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_
     float* cg = c + (g - g0) * kInt8Group;
     if (rows <= kInt8DirectM) {
       for (int64_t m = m0; m < m1; m += V::kDirectRows) {
-        const Int8SegmentFn fn = int8_pick<V, false>(std::min<int64_t>(V::kDirectRows, m1 - m));
-        for (int64_t col = 0; col < kInt8Group; col += V::kDirectCols)
+        const int64_t mt = std::min<int64_t>(V::kDirectRows, m1 - m);
+        const Int8SegmentFn fn = int8_pick<V, false>(mt);
+        for (int64_t col = 0; col < kInt8Group; col += V::kDirectCols(static_cast<int>(mt)))
           int8_segments(0, a.K, a.G, a.O, [&](int64_t ks, int64_t ke, int64_t t) {
             fn(a.x + m * a.K, a.K, q + col, nullptr, 0, ks, ke, s + t * kInt8Group + col, cg + (m - m0) * ldc + col,
                ldc, ks == 0);

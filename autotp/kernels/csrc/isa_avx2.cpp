@@ -30,7 +30,11 @@ struct Avx2 {
   // whole group (8 accumulators, 8 weights), so decoding reads each 256-byte row once.
   static constexpr int kTileM = 4;
   static constexpr int64_t kTileBlocks(int64_t mt) { return mt == 1 ? 4 : 1; }
-  static constexpr int kDirectRows = 2, kDirectCols = 32, kPanelRows = 4, kPanelCols = 16;
+  static constexpr int kDirectRows = 4, kPanelRows = 4, kPanelCols = 16;
+  // INT8 columns per pass over a group's K for mt rows: 8 accumulators (one row takes the whole
+  // 64-column group, so its 64-byte weight rows are read and widened once; 4 rows take 16
+  // columns, each weight still widened once for all of them)
+  static constexpr int kDirectCols(int mt) { return mt == 1 ? 64 : mt == 2 ? 32 : 16; }
 
   static F zero() { return _mm256_setzero_ps(); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }

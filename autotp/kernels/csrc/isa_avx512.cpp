@@ -30,7 +30,8 @@ struct Avx512 {
   // 6 rows x 4 blocks: 24 accumulators + 4 weights + 1 broadcast of the 32 zmm registers
   static constexpr int kTileM = 6;
   static constexpr int64_t kTileBlocks(int64_t) { return 4; }
-  static constexpr int kDirectRows = 4, kDirectCols = 64, kPanelRows = 6, kPanelCols = 64;
+  static constexpr int kDirectRows = 4, kPanelRows = 6, kPanelCols = 64;
+  static constexpr int kDirectCols(int) { return 64; }  // 4 rows x 4 registers
 
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }

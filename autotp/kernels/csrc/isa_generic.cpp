@@ -17,7 +17,8 @@ struct Scalar {
   static constexpr int kAttnAccumulators = 512;
   static constexpr int kTileM = 6;
   static constexpr int64_t kTileBlocks(int64_t) { return 4; }
-  static constexpr int kDirectRows = 4, kDirectCols = 64, kPanelRows = 6, kPanelCols = 64;
+  static constexpr int kDirectRows = 4, kPanelRows = 6, kPanelCols = 64;
+  static constexpr int kDirectCols(int) { return 64; }
 
   static F zero() { return 0.0f; }
   static F load(const float* p) { return *p; }
