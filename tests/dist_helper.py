@@ -3,6 +3,7 @@ each; every rank's result or traceback comes back to the parent, and a rank that
 dies fails the test instead of hanging it."""
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import queue
@@ -35,6 +36,7 @@ def _preloaded() -> list[str]:
     return ["rank_checks", *[f"transformers.models.{t}.modeling_{t}" for t in types]]
 
 
+@functools.cache
 def _context() -> Any:
     """Ranks fork from a server that preloaded the heavy imports where the platform has one;
     a plain spawn elsewhere. Either way a rank is a fresh process with the parent's environment
@@ -48,10 +50,9 @@ def _context() -> Any:
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any,
            environ: dict[str, str]) -> None:
-    os.environ.clear()
-    os.environ.update(environ)
     gc.freeze()  # the imported modules are never garbage: full collections (shard() runs one) skip them
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+    os.environ.clear()
+    os.environ.update(environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:

@@ -1,7 +1,8 @@
 """autotp-generate end to end: a small Llama and a tokenizer trained offline (tools/tiny_checkpoint.py),
-run on 1 and 2 real ranks (autotp-run over torchrun, gloo on loopback), from the Hugging Face
-directory and from pre-sharded ones, against plain transformers' generate decoded with the
-same tokenizer; then each refusal."""
+run on 1 rank (its main in this process; one call as `python -m autotp.generate`) and on 2 real
+ranks (autotp-run over torchrun, gloo on loopback), from the Hugging Face directory and from
+pre-sharded ones, against plain transformers' generate decoded with the same tokenizer; then
+each refusal."""
 from __future__ import annotations
 
 import contextlib
