@@ -74,7 +74,7 @@ def test_gemm_shape_sweep_against_float64(n, k, bias, isa):
     w = bf16(n, k, seed=n * 7 + k)
     b = bf16(n, seed=k) if bias else None
     packed = kernels.prepack(w)
-    for m in (1, 2, 3, 5, 6, 7, 13, 16, 17, 64, 97, 255, 1024, 2048):
+    for m in (1, 2, 3, 4, 5, 6, 7, 13, 16, 17, 64, 97, 255, 1024, 2048):
         if m * n * k > 2**27:
             continue
         x = bf16(m, k, seed=m)
@@ -84,6 +84,27 @@ def test_gemm_shape_sweep_against_float64(n, k, bias, isa):
         assert (err <= bound).all(), f"M={m} N={n} K={k}: max err {err.max():.3g}, bound {bound.max():.3g}"
         # bf16 output: the fp32 result rounded once, to nearest even
         assert torch.equal(kernels.linear(x, packed, b, n, isa=isa), y32.bfloat16()), f"{isa} M={m} N={n} K={k}"
+
+
+@paths
+@pytest.mark.parametrize("n,k", [(257, 1000), (130, 4200)])
+def test_few_rows_give_each_row_the_one_row_result(n, k, isa):
+    """Decoding with beams (2-4 rows) takes other tiles than one row (AVX2: 2 rows x 2 blocks
+    over K chunks; the K order of each sum kept): every row of a few-row call equals, bit for
+    bit, that row computed alone, on the paths that widen bf16 to fp32 (a bf16 dot-product
+    path pairs K differently and is checked by the float64 sweep only)."""
+    if kernels.serving_isa(isa, "bf16", torch.bfloat16, 4) not in ("generic", "avx2", "avx512"):
+        pytest.skip(f"{isa} serves 4 bf16 rows with bf16 dot products: pairs are summed in another order")
+    w = bf16(n, k, seed=11)
+    packed = kernels.prepack(w)
+    x = bf16(4, k, seed=12)
+    alone = torch.cat([kernels.linear(x[i:i + 1], packed, None, n, torch.float32, isa) for i in range(4)])
+    for m in (2, 3, 4):
+        assert torch.equal(kernels.linear(x[:m], packed, None, n, torch.float32, isa), alone[:m]), (isa, m)
+    # negative control: one weight one bf16 ulp off (the check sees it)
+    nudged = w.clone()
+    nudged.view(torch.int16)[n // 2, k // 3] += 1
+    assert not torch.equal(kernels.linear(x[:4], kernels.prepack(nudged), None, n, torch.float32, isa), alone)
 
 
 @paths
