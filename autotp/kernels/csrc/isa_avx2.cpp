@@ -35,7 +35,8 @@ struct Avx2 {
   // of 32 pairs (8 KB of the group, in L1 for the group's later calls) rather than walking
   // the whole K once per block with a 256-byte stride. Two rows then take 2 blocks a call.
   // Measured on Zen 3 (1 thread, 2816 x 2048 and 2048 x 2816, medians, time over the 1-row
-  // time of the same run): 2 rows 1.36-1.44x -> 1.25-1.30x; 4 rows 1.51-1.67x -> 1.39-1.60x.
+  // time of the same process): 2 rows 1.32-1.42x -> 1.16-1.28x; 3-4 rows unchanged within
+  // noise (compute-bound: an fp32 FMA per weight per row).
   static constexpr int64_t kFewChunkPairs = 32;
   static constexpr int kDirectRows = 4, kPanelRows = 4, kPanelCols = 16;
   // INT8 columns per pass over a group's K for mt rows: 8 accumulators (one row takes the whole
