@@ -12,9 +12,7 @@
 //   widen8(q): the kWidth int8 at q, as fp32 (exact)
 //   prefetch(p)
 //   kTileM (rows per bf16 micro-kernel call, <= 6) and kTileBlocks(mt) (16-column blocks per
-//   call, 1..4); kFewChunkPairs, the K pairs per pass when a unit of at most kTileM rows
-//   (decoding, beams) needs several calls per group (so that the chunk stays in L1 between
-//   them); kDirectRows / kDirectCols(mt) (INT8, few rows: weights used in registers) and
+//   call, 1..4), kDirectRows / kDirectCols(mt) (INT8, few rows: weights used in registers) and
 //   kPanelRows / kPanelCols (INT8, many rows: from a dequantised fp32 panel); column counts are
 //   multiples of kWidth that divide 64.
 // Accumulation is fp32 in K order everywhere, so every ISA computes the same sums up to the
@@ -87,25 +85,24 @@ template <class V>
 struct WidenMicro {
   using X = float;
   static constexpr int kTileM = V::kTileM;
-  static constexpr int64_t kChunkPairs = autotp::kChunkPairs, kFewChunkPairs = V::kFewChunkPairs;
+  static constexpr int64_t kChunkPairs = autotp::kChunkPairs;
   static constexpr int64_t kTileBlocks(int64_t mt) { return V::kTileBlocks(mt); }
   static Bf16MicroFn pick(int64_t mt, int64_t nb) { return bf16_pick<V>(mt, nb); }
 };
 
 // The bf16 tile's loops over a Micro: X (the activations' element type), kTileM (rows per
-// call, <= 6), kChunkPairs (K pairs per pass at most; kFewChunkPairs for units of at most
-// kTileM rows), kTileBlocks(mt) (blocks per call) and pick(mt, nb), a
-// micro-kernel of the signature of bf16_micro with x of type X. When one call per group
-// covers the unit the weight streams once over the whole K; else K is walked in chunks so
-// that each chunk of x and of the weight stays in cache while every call of the unit uses it.
+// call, <= 6), kChunkPairs (K pairs per pass at most), kTileBlocks(mt) (blocks per call) and
+// pick(mt, nb), a micro-kernel of the signature of bf16_micro with x of type X. When one call
+// per group covers the unit the weight streams once over the whole K; else K is walked in
+// chunks (kFewChunkPairs for units of at most kTileM rows) so that each chunk of x and of the
+// weight stays in cache while every call of the unit uses it.
 template <class Micro>
 void bf16_drive(const GemmArgs& a, const typename Micro::X* x, int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
   static_assert(Micro::kTileM >= 1 && Micro::kTileM <= 6, "the pickers cover 1..6 rows");
   alignas(64) float c[kBlockM * kMaxItemBlocks * kBlockN];
   const int64_t ldx = a.ldx, ldc = (b1 - b0) * kBlockN, rows = m1 - m0;
-  const bool few = rows <= Micro::kTileM;
-  const bool one_walk = few && Micro::kTileBlocks(rows) >= kGroupBlocks;
-  const int64_t tile_m = Micro::kTileM, most = few ? Micro::kFewChunkPairs : Micro::kChunkPairs;
+  const bool few = rows <= Micro::kTileM, one_walk = few && Micro::kTileBlocks(rows) >= kGroupBlocks;
+  const int64_t most = few ? kFewChunkPairs : Micro::kChunkPairs;
   // passes of equal length, none over `most` (a short last pass would reload the
   // accumulators for little work)
   const int64_t passes = one_walk ? 1 : (a.K2 + most - 1) / most;
@@ -114,8 +111,8 @@ void bf16_drive(const GemmArgs& a, const typename Micro::X* x, int64_t m0, int64
   const auto chunk_calls = [&](int64_t g, int64_t p0) {
     const int64_t pairs = std::min(chunk, a.K2 - p0), blocks = std::min(kGroupBlocks, b1 - g);
     const uint16_t* w = a.w + (g / kGroupBlocks * a.K2 + p0) * kGroupRow;
-    for (int64_t m = m0; m < m1; m += tile_m) {
-      const int64_t mt = std::min(tile_m, m1 - m), per_call = Micro::kTileBlocks(mt);
+    for (int64_t m = m0; m < m1; m += Micro::kTileM) {
+      const int64_t mt = std::min<int64_t>(Micro::kTileM, m1 - m), per_call = Micro::kTileBlocks(mt);
       for (int64_t j = 0; j < blocks; j += per_call)
         Micro::pick(mt, std::min(per_call, blocks - j))(x + m * ldx + 2 * p0, ldx, w + j * kRowElems, pairs,
                                                         c + (m - m0) * ldc + (g - b0 + j) * kBlockN, ldc, p0 > 0);

@@ -31,13 +31,11 @@ struct Avx2 {
   // rows take two blocks (8 accumulators, 4 weights).
   static constexpr int kTileM = 4;
   static constexpr int64_t kTileBlocks(int64_t mt) { return mt == 1 ? 4 : mt == 2 ? 2 : 1; }
-  // Up to 4 rows (beams, short batches) need several calls per group: they walk K in chunks
-  // of 32 pairs (8 KB of the group, in L1 for the group's later calls) rather than walking
-  // the whole K once per block with a 256-byte stride. Two rows then take 2 blocks a call.
-  // Measured on Zen 3 (1 thread, 2816 x 2048 and 2048 x 2816, medians, time over the 1-row
-  // time of the same process): 2 rows 1.32-1.42x -> 1.16-1.28x; 3-4 rows unchanged within
-  // noise (compute-bound: an fp32 FMA per weight per row).
-  static constexpr int64_t kFewChunkPairs = 32;
+  // 2-4 rows thus need several calls per group, and walk K in chunks of kFewChunkPairs
+  // (gemm_tiles.h) rather than the whole K once per block with a 256-byte stride. Measured on
+  // Zen 3 (1 thread, 2816 x 2048 and 2048 x 2816, medians, time over the 1-row time of the
+  // same process): 2 rows 1.32-1.42x -> 1.16-1.28x; 3-4 rows unchanged within noise
+  // (compute-bound: an fp32 FMA per weight per row).
   static constexpr int kDirectRows = 4, kPanelRows = 4, kPanelCols = 16;
   // INT8 columns per pass over a group's K for mt rows: 8 accumulators (one row takes the whole
   // 64-column group, so its 64-byte weight rows are read and widened once; 4 rows take 16

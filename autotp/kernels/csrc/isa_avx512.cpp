@@ -29,7 +29,6 @@ struct Avx512 {
   static constexpr int kAttnAccumulators = 16;  // decode attention's value sums in registers
   // 6 rows x 4 blocks: 24 accumulators + 4 weights + 1 broadcast of the 32 zmm registers
   static constexpr int kTileM = 6;
-  static constexpr int64_t kFewChunkPairs = kChunkPairs;  // up to 6 rows: one call per group, one walk
   static constexpr int64_t kTileBlocks(int64_t) { return 4; }
   static constexpr int kDirectRows = 4, kPanelRows = 6, kPanelCols = 64;
   static constexpr int kDirectCols(int) { return 64; }  // 4 rows x 4 registers

@@ -71,7 +71,6 @@ struct DotMicro {
   // in registers, and vdpbf16ps is fed fast enough from L2. Measured on Zen 4 (1 thread, 4096 x
   // 4096 and 11008, M 16-256): chunks of 64-256 pairs 0.83-0.97x oneDNN, 1024-8192 0.96-1.15x.
   static constexpr int64_t kChunkPairs = 2048;
-  static constexpr int64_t kFewChunkPairs = kChunkPairs;  // up to 6 rows: one call per group, one walk
   static constexpr int64_t kTileBlocks(int64_t) { return 4; }
   static DotFn pick(int64_t mt, int64_t nb) {
     switch (mt) {

@@ -16,7 +16,6 @@ struct Scalar {
   // here is a float; the compiler keeps what it can)
   static constexpr int kAttnAccumulators = 512;
   static constexpr int kTileM = 6;
-  static constexpr int64_t kFewChunkPairs = kChunkPairs;  // up to 6 rows: one call per group, one walk
   static constexpr int64_t kTileBlocks(int64_t) { return 4; }
   static constexpr int kDirectRows = 4, kPanelRows = 6, kPanelCols = 64;
   static constexpr int kDirectCols(int) { return 64; }

@@ -44,6 +44,9 @@ constexpr int64_t kGroupRow = 128;  // bf16 elements of one group's K pair
 constexpr int64_t kBlockM = 96;     // activation rows per unit of work (bf16)
 constexpr int64_t kMaxItemBlocks = 16;  // blocks (256 columns) per unit of work (bf16)
 constexpr int64_t kChunkPairs = 256;    // K pairs per pass of the fp32-activation tiles (each Micro says its own)
+// K pairs per pass when a unit of few rows needs several micro-kernel calls per group (AVX2's
+// 2-4 rows): 8 KB of the group, in L1 for its later calls (measured on Zen 3: isa_avx2.cpp).
+constexpr int64_t kFewChunkPairs = 32;
 constexpr int64_t kRowTile = 6;         // activation rows the work splitter rounds to
 
 constexpr int64_t kInt8Group = 64;        // output columns per packed INT8 group
