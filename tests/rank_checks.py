@@ -384,8 +384,13 @@ def compare_fast_decoding(rank: int, world_size: int, family: str) -> dict:
     from autotp.sharding import attention, decode
 
     inputs = zoo.batch()
+    # greedy over 6 rows (the batch and two variants of it): as many as beam search's 2 x 3, so
+    # that one compiled graph serves both (a second shape would compile a second, dynamic one)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    wide = {"input_ids": torch.cat([ids] + [torch.where(mask.bool(), (ids - 3 + j) % 127 + 3, 0) for j in (1, 2)]),
+            "attention_mask": mask.repeat(3, 1)}
     model = zoo.build(family)
-    ref_greedy, ref_beam = _generate(model, inputs), _generate(model, inputs, num_beams=3)
+    ref_greedy, ref_beam = _generate(model, wide), _generate(model, inputs, num_beams=3)
     calls = {"decode": 0, "reorder": 0}
     own, own_reorder = attention.decode_attention, decode.reorder_cache
 
@@ -409,7 +414,7 @@ def compare_fast_decoding(rank: int, world_size: int, family: str) -> dict:
     try:
         autotp.shard(model, world_size, runtime=autotp.Runtime.from_env().replace(compile=True, attention="auto"))
         hook = model.get_input_embeddings().register_forward_pre_hook(prompt_rows)
-        greedy, beam = _generate(model, inputs), _generate(model, inputs, num_beams=3)
+        greedy, beam = _generate(model, wide), _generate(model, inputs, num_beams=3)
         hook.remove()
         with torch.no_grad():  # one eager step over a dynamic cache: the decode path itself
             out = model(**inputs, use_cache=True)
