@@ -383,12 +383,9 @@ def compare_fast_decoding(rank: int, world_size: int, family: str) -> dict:
 
     from autotp.sharding import attention, decode
 
-    inputs = zoo.batch()
-    # greedy over 6 rows (the batch and two variants of it): as many as beam search's 2 x 3, so
-    # that one compiled graph serves both (a second shape would compile a second, dynamic one)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    wide = {"input_ids": torch.cat([ids] + [torch.where(mask.bool(), (ids - 3 + j) % 127 + 3, 0) for j in (1, 2)]),
-            "attention_mask": mask.repeat(3, 1)}
+    # greedy over 6 rows, as many as beam search's 2 x 3: one compiled graph serves both (a
+    # second shape would compile a second, dynamic one)
+    inputs, wide = zoo.batch(), zoo.batch(copies=3)
     model = zoo.build(family)
     ref_greedy, ref_beam = _generate(model, wide), _generate(model, inputs, num_beams=3)
     calls = {"decode": 0, "reorder": 0}

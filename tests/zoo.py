@@ -139,10 +139,13 @@ def build(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **extr
     return model.to(dtype).eval()
 
 
-def batch(vocab: int = 130) -> dict[str, torch.Tensor]:
-    """Batch 2, left-padded: the second row has 3 pad tokens in front."""
+def batch(vocab: int = 130, copies: int = 1) -> dict[str, torch.Tensor]:
+    """Batch 2, left-padded: the second row has 3 pad tokens in front. With ``copies`` > 1, that
+    pair and ``copies - 1`` variants of it (each token shifted by 1, 2, ... within the vocabulary,
+    the padding kept): 2 * copies rows."""
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, vocab, (2, 7), generator=gen)
     mask = torch.ones_like(ids)
     ids[1, :3], mask[1, :3] = 0, 0
-    return {"input_ids": ids, "attention_mask": mask}
+    ids = torch.cat([torch.where(mask.bool(), (ids - 3 + j) % (vocab - 3) + 3, 0) for j in range(copies)])
+    return {"input_ids": ids, "attention_mask": mask.repeat(copies, 1)}
