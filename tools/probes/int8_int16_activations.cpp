@@ -9,7 +9,8 @@
 //   g++ -O2 -mavx2 -mfma -o /tmp/int8_probe tools/probes/int8_int16_activations.cpp && /tmp/int8_probe
 //
 // Prints weight GB/s per variant: f<rows>x<cols> the fp32 path, i<rows>x<cols> the int16 one;
-// "L1" a 16 KB weight replayed (compute only), "DRAM" 16 MB streamed.
+// "L1" a 16 KB weight replayed (compute only), "DRAM" 16 MB streamed. x86-64 with AVX2 + FMA only
+// (checked at start); K even (the int16 loop takes K in pairs).
 #include <immintrin.h>
 #include <chrono>
 #include <cstdio>
@@ -63,6 +64,11 @@ template <class F> double timeit(F f, int reps) {
   std::sort(t.begin(), t.end()); return t[t.size() / 2];
 }
 int main() {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
+    std::puts("this probe needs AVX2 + FMA, which this CPU lacks");
+    return 1;
+  }
   for (int mode = 0; mode < 2; ++mode) {
     const int64_t N = mode ? 4096 : 64, K = mode ? 4096 : 256; const int reps = mode ? 21 : 4001;
     int8_t* q = (int8_t*)aligned_alloc(64, N * K);
