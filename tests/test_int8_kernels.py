@@ -1,6 +1,8 @@
-"""The weight-only INT8 GEMM (autotp.kernels.linear_int8) against a float64 product with the
-dequantised weight, its two paths (registers for few rows, an fp32 panel for many) against each
-other, quantization against its definition, and the packed layouts against theirs."""
+"""The weight-only INT8 GEMM (autotp.kernels.linear_int8) against its definition (int16
+activations per segment, exact integer products, kernel_table.h) computed in float64, its two
+paths (registers for few rows, a panel of interleaved weights for many) against each other, the
+int16 activations against theirs, quantization against its definition, and the packed layouts
+against theirs."""
 import pytest
 import torch
 
@@ -9,14 +11,100 @@ from test_kernels import bf16, native, paths
 
 
 def deq_reference(x, q, s, g, b, offset=0):
-    """x (Q S)^T + b in float64 with the fp32-rounded dequantised weight, and the fp32 error bound
-    (the kernels scale fp32 sums of x * Q once per segment of a group: one more rounding)."""
-    w = kernels.dequantize_int8(q, s, g, offset).double()
-    x64 = x.double()
-    y, mag = x64 @ w.T, x64.abs() @ w.abs().T
+    """The spec in float64: per segment the exact integer sum of X * Q (X, xs: int8_activations)
+    times xs * S rounded to fp32 as the kernels round it, the terms summed, plus the bias; and
+    the bound on the kernels' remaining fp32 roundings (each segment's sum converted once, its
+    term added once, the bias and the output): (segments + 3) * 2^-24 of the terms' magnitude."""
+    xq, xs = kernels.int8_activations(x, g, offset)
+    y = torch.zeros(x.shape[0], q.shape[0], dtype=torch.float64)
+    mag = torch.zeros_like(y)
+    segments = kernels.int8_segments(x.shape[-1], g, offset)
+    for e, (ks, ke, t) in enumerate(segments):
+        sums = xq[:, ks:ke].double() @ q[:, ks:ke].double().T  # integers below 2^31: exact
+        term = sums * (xs[:, e:e + 1] * s[:, t][None, :]).double()
+        y, mag = y + term, mag + term.abs()
     if b is not None:
         y, mag = y + b.double(), mag + b.double().abs()
-    return y, mag * (x.shape[-1] + 4) * 2.0**-24 + 1e-30
+    return y, mag * (len(segments) + 3) * 2.0**-24 + 1e-30
+
+
+def identity_gemm(k, g, offset):
+    """Packed Q = I, S = 1 for K inputs: linear_int8 then returns each X * xs itself."""
+    q = torch.eye(k, dtype=torch.int8)
+    return kernels.prepack_int8(q, torch.ones(k, -(-(k + offset) // g)))
+
+
+def per_column(xs, k, g, offset):
+    """xs [M, segments] spread to the columns of each segment: [M, K]."""
+    index = torch.zeros(k, dtype=torch.long)
+    for e, (ks, ke, _) in enumerate(kernels.int8_segments(k, g, offset)):
+        index[ks:ke] = e
+    return xs[:, index]
+
+
+def test_int8_segments_follow_their_definition():
+    assert kernels.int8_segments(600, 128) == [(0, 128, 0), (128, 256, 1), (256, 384, 2), (384, 512, 3),
+                                               (512, 600, 4)]
+    assert kernels.int8_segments(600) == [(0, 256, 0), (256, 512, 0), (512, 600, 0)]  # one group: 256-K cuts
+    assert kernels.int8_segments(20, 7, 3) == [(0, 4, 0), (4, 11, 1), (11, 18, 2), (18, 20, 3)]
+    assert kernels.int8_segments(0, 7) == []
+
+
+def test_int8_activations_follow_their_definition():
+    x = bf16(4, 40, seed=20).float()
+    xq, xs = kernels.int8_activations(x, 16, 5)
+    assert xq.dtype == torch.int16 and xs.shape == (4, 3)
+    for m in range(4):
+        for e, (ks, ke, _) in enumerate(kernels.int8_segments(40, 16, 5)):
+            a = x[m, ks:ke].abs().max().item()
+            scale = torch.tensor(a / 32767, dtype=torch.float32)  # one rounding of the quotient
+            assert xs[m, e] == scale and xq[m, ks:ke].abs().max() == 32767
+            for k in range(ks, ke):
+                assert xq[m, k] == round(x[m, k].item() / scale.item())  # Python rounds half to even
+            error = (xq[m, ks:ke].double() * scale.item() - x[m, ks:ke].double()).abs().max().item()
+            assert error <= a / 65534 * (1 + 1e-6)
+
+
+@paths
+@pytest.mark.parametrize("g,offset", [(7, 3), (300, 0), (64, 0)])
+def test_int8_gemm_takes_the_activations_the_definition_gives(g, offset, isa):
+    # Q = I and S = 1: each output is one X * xs, so the kernel's own activations show exactly,
+    # rows of zeros, of values too small for a scale (xs underflows), NaN and infinity included
+    k = 300
+    x = bf16(9, k, seed=21).float() * 3
+    x[1] = 0
+    x[2, 5] = float("nan")
+    x[3, 10] = float("inf")
+    x[4] = 1e-42
+    x[5, :20] = 1e-39
+    x[6, 100:] *= 1e4
+    qp, sp = identity_gemm(k, g, offset)
+    xq, xs = kernels.int8_activations(x, g, offset)
+    expect = xq.float() * per_column(xs, k, g, offset)
+    for rows in (slice(0, 9), slice(6, 7), slice(4, 6)):  # the panel path and the direct one
+        y = kernels.linear_int8(x[rows], qp, sp, None, k, g, offset, torch.float32, isa)
+        finite = torch.arange(9)[rows][x[rows].isfinite().all(1)]
+        assert torch.equal(y[finite - rows.start], expect[finite]), f"{isa} rows {rows}"
+        # a NaN or an infinity anywhere in a row makes the row NaN, as 0 * inf does in a matmul
+        assert y[~x[rows].isfinite().all(1)].isnan().all()
+    assert (expect[4] == 0).all() and (expect[1] == 0).all()  # under the least scale: zero, as zero is
+    if g == 7:  # segments [0, 4), [4, 11), [11, 18) hold only 1e-39: it still has a (denormal) scale
+        assert (expect[5, :18] != 0).all()
+
+
+@paths
+def test_int8_gemm_is_not_the_fp32_product_of_unquantized_activations(isa):
+    # the negative control of the shape sweep below: the bound there is tight enough to tell the
+    # spec's int16 activations from the fp32 product of x as it is
+    w, x = bf16(64, 256, seed=22), bf16(3, 256, seed=23)
+    q, s = kernels.quantize_int8(w, 64)
+    qp, sp = kernels.prepack_int8(q, s)
+    y = kernels.linear_int8(x, qp, sp, None, 64, 64, out_dtype=torch.float32, isa=isa).double()
+    expect, bound = deq_reference(x, q, s, 64, None)
+    assert ((y - expect).abs() <= bound).all()
+    plain = x.double() @ kernels.dequantize_int8(q, s, 64).double().T
+    assert ((y - plain).abs() > bound).any()
+    assert ((y - plain).abs() <= plain.abs().max() * 1e-4).all()  # yet near it: an int16 step is 1/32767
 
 
 def test_quantize_follows_its_definition():

@@ -280,11 +280,53 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None, group_off
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, group_size: int | None = None,
                     group_offset: int = 0) -> torch.Tensor:
-    """float32 Q * S, each product rounded once: the weight the INT8 GEMM multiplies by."""
+    """float32 Q * S, each product rounded once: the weight an INT8 layer stands for (the
+    native GEMM multiplies Q by int16 activations and scales per segment: :func:`int8_segments`)."""
     k = q.shape[1]
     g = max(k, 1) if group_size is None else group_size
     per_column = scales.repeat_interleave(g, dim=1)[:, group_offset:group_offset + k]
     return q.float() * per_column
+
+
+INT8_SEGMENT_K = 256  # K per segment at most (csrc/kernel_table.h: kInt8SegmentK)
+INT8_X_MAX = 32767  # the int16 activations' range: scale = max |x| / this
+
+
+def int8_segments(in_features: int, group_size: int | None = None, group_offset: int = 0
+                  ) -> list[tuple[int, int, int]]:
+    """The segments the native INT8 GEMM cuts K into, in K order: (start, end, scale group) for
+    each run of columns within one scale group and one chunk of INT8_SEGMENT_K columns."""
+    g = max(in_features, 1) if group_size is None else group_size
+    out, ks = [], 0
+    while ks < in_features:
+        t = (ks + group_offset) // g
+        ke = min(in_features, (t + 1) * g - group_offset, (ks // INT8_SEGMENT_K + 1) * INT8_SEGMENT_K)
+        out.append((ks, ke, t))
+        ks = ke
+    return out
+
+
+def int8_activations(x: torch.Tensor, group_size: int | None = None, group_offset: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native INT8 GEMM's activations, by their definition (csrc/kernel_table.h): for each
+    row of x [M, K] and each of :func:`int8_segments`, xs = max |x| / 32767 in float32 and X =
+    round-half-even(x / xs) (the quotient in float64) as int16; X and xs are 0 where xs is 0, X
+    is 0 and xs NaN where the segment holds a NaN or an infinity. Returns (X [M, K] int16,
+    xs [M, segments] float32). The GEMM is then, per segment, the exact integer sum of X * Q
+    times xs * S (float32), the segments' terms added in K order."""
+    x = x.float().reshape(-1, x.shape[-1])
+    segments = int8_segments(x.shape[1], group_size, group_offset)
+    xq = torch.zeros(x.shape, dtype=torch.int16)
+    xs = torch.zeros(x.shape[0], len(segments))
+    for e, (ks, ke, _) in enumerate(segments):
+        part = x[:, ks:ke]
+        scale = (part.abs().amax(1).double() / INT8_X_MAX).float()  # = the fp32 division (53 >= 2 * 24 + 2 bits)
+        bad = ~part.isfinite().all(1)
+        good = (scale > 0) & ~bad
+        q = torch.round(part.double() / scale.double()[:, None]).clamp(-INT8_X_MAX, INT8_X_MAX)
+        xq[:, ks:ke] = torch.where(good[:, None], q, 0).to(torch.int16)
+        xs[:, e] = torch.where(bad, torch.nan, torch.where(good, scale, 0))
+    return xq, xs
 
 
 def prepack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +346,8 @@ def unpack_int8(qpacked: torch.Tensor, spacked: torch.Tensor, out_features: int
 def linear_int8(x: torch.Tensor, qpacked: torch.Tensor, spacked: torch.Tensor, bias: torch.Tensor | None,
                 out_features: int, group_size: int, group_offset: int = 0,
                 out_dtype: torch.dtype | None = None, isa: str = "") -> torch.Tensor:
-    """x @ (Q S)^T + bias with Q, S packed by :func:`prepack_int8`; fp32 accumulation, output
+    """x @ (Q S)^T + bias with Q, S packed by :func:`prepack_int8`, x taken as int16 per segment
+    (:func:`int8_activations`: within max |x| / 65534 of x) and exact integer products; output
     in ``out_dtype`` (default: x's dtype), on the kernels of ``isa``. ``group_size`` and
     ``group_offset`` are as in :func:`quantize_int8` (``None`` there is ``group_size=K`` here)."""
     return torch.ops.autotp.linear_int8(x, qpacked, spacked, bias, out_features, group_size, group_offset,

@@ -9,21 +9,25 @@
 //   even(p), odd(p): the 2 * kWidth bf16 at p are kWidth (even K, odd K) pairs of kWidth
 //     columns; even gives the even-K values as fp32, odd the odd-K ones (bf16 is the top
 //     half of an fp32: a shift or a mask)
-//   widen8(q): the kWidth int8 at q, as fp32 (exact)
+//   mul(a, b), to_float(A): int32 lanes as fp32
+//   INT8's integer products, for W (kWidth columns of a pair of K rows, as int16 pairs), X (an
+//   activation pair broadcast) and A (kWidth int32 sums): pair8(r0, r1) (the kWidth int8 at r0
+//   and at r1, interleaved: column c's pair is (r0[c], r1[c])), xpair(p) (the int16 pair p[0],
+//   p[1]), xone(v) (the pair (v, 0)), madd(x, w, acc) = acc + x0 * w0 + x1 * w1 per column, izero()
 //   prefetch(p)
 //   kTileM (rows per bf16 micro-kernel call, <= 6) and kTileBlocks(mt) (16-column blocks per
 //   call, 1..4), kDirectRows / kDirectCols(mt) (INT8, few rows: weights used in registers) and
-//   kPanelRows / kPanelCols (INT8, many rows: from a dequantised fp32 panel); column counts are
-//   multiples of kWidth that divide 64.
-// Accumulation is fp32 in K order everywhere, so every ISA computes the same sums up to the
-// association of the K loop's FMAs with the products (each product is rounded once); INT8
-// scales each segment's sum once (int8_segments).
+//   kPanelRows / kPanelCols (INT8 and INT4, many rows: from a panel of prepared weights); column
+//   counts are multiples of kWidth that divide 64.
+// bf16 accumulation is fp32 in K order everywhere, so every ISA computes the same sums up to the
+// association of the K loop's FMAs with the products (each product is rounded once); INT8's
+// sums are exact integers, scaled once per segment (int8_segments, kernel_table.h).
 
 #include "epilogue.h"
 
 constexpr int64_t kPrefetchPairs = 16;  // bf16 rows (256 B each) ahead: 4 KB
 constexpr int64_t kPrefetchK = 32;      // INT8 rows (64 B each) ahead: 2 KB
-constexpr int64_t kPanelK = 256;        // K per dequantised INT8 panel (64 KB of fp32)
+constexpr int64_t kPanelK = 256;        // K per dequantised INT4 panel (64 KB of fp32)
 
 // acc[i][.] (+)= sum over `pairs` K pairs of x[i, 2p + s] * W[block j, p, s], for MT rows of x
 // (row stride ldx) and NB blocks of the packed group rows at w (row stride kGroupRow).
@@ -133,64 +137,72 @@ void bf16_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1
   bf16_drive<WidenMicro<V>>(a, a.x, m0, m1, b0, b1);
 }
 
-// The INT8 sums (the vector spec, kernel_table.h): K is cut into segments, each within one
-// scale group and one kPanelK chunk; a segment's fp32 sum of x[i, k] * float(Q[n, k]) (products
-// in K order, from zero) is scaled once, c = sum * S (the first segment) or c = sum * S + c (the
-// rest, in K order). Both INT8 paths walk the same segments in the same order, so a row's
-// result does not depend on how many rows the call has.
-template <class F>
-void int8_segments(int64_t k0, int64_t k1, int64_t G, int64_t O, F&& segment) {
-  for (int64_t ks = k0; ks < k1;) {
-    const int64_t t = (ks + O) / G, ke = std::min({k1, (t + 1) * G - O, (ks / kPanelK + 1) * kPanelK});
-    segment(ks, ke, t);
-    ks = ke;
-  }
-}
-
-// One segment [ks, ke) for MT rows of x (row stride ldx, indexed by absolute k) and CR registers
-// of columns, weights widened in registers from q (row stride 64, kPanel false) or read from
-// an fp32 panel of float(Q) whose row 0 is K k0 (kPanel true); scaled by s (this group's
-// scales of the columns) into c (row stride ldc).
+// One INT8 segment [ks, ke) (the spec, kernel_table.h) for MT rows of the int16 activations xq
+// (row stride ldq, indexed by absolute k) and CR registers of columns: int32 sums of pairs of K,
+// the pair's weights interleaved in registers from q (row stride 64, kPanel false) or read from
+// a panel of them built for this segment (kPanel true: int8_pair_panel, row stride 64 / kWidth
+// registers). An odd segment's last K pairs with a zero activation. The sums are scaled by
+// xs[i * ldxs] * s (this group's scales of the columns) into c (row stride ldc).
 template <class V, int MT, int CR, bool kPanel>
-void int8_segment(const float* x, int64_t ldx, const int8_t* q, const float* panel, int64_t k0, int64_t ks,
-                  int64_t ke, const float* s, float* c, int64_t ldc, bool first) {
-  typename V::F acc[MT][CR];
+void int8_segment(const int16_t* xq, int64_t ldq, const int8_t* q, const typename V::W* panel, int64_t ks,
+                  int64_t ke, const float* xs, int64_t ldxs, const float* s, float* c, int64_t ldc, bool first) {
+  constexpr int64_t kPanelRow = kInt8Group / V::kWidth;
+  typename V::A acc[MT][CR];
   for (int i = 0; i < MT; ++i)
-    for (int r = 0; r < CR; ++r) acc[i][r] = V::zero();
-  for (int64_t k = ks; k < ke; ++k) {
-    typename V::F wv[CR];
+    for (int r = 0; r < CR; ++r) acc[i][r] = V::izero();
+  // the pair of K rows k, k + 1 (p its index in the segment); odd: k is the segment's last
+  const auto pair = [&](int64_t k, int64_t p, bool odd) {
+    typename V::W wv[CR];
     if constexpr (kPanel) {
-      for (int r = 0; r < CR; ++r) wv[r] = V::load(panel + (k - k0) * kInt8Group + r * V::kWidth);
+      for (int r = 0; r < CR; ++r) wv[r] = panel[p * kPanelRow + r];
     } else {
       const int8_t* row = q + k * kInt8Group;
+      const int8_t* next = odd ? row : row + kInt8Group;  // any row: its activation is zero
       V::prefetch(row + kPrefetchK * kInt8Group);
-      for (int r = 0; r < CR; ++r) wv[r] = V::widen8(row + r * V::kWidth);
+      V::prefetch(row + (kPrefetchK + 1) * kInt8Group);
+      for (int r = 0; r < CR; ++r) wv[r] = V::pair8(row + r * V::kWidth, next + r * V::kWidth);
     }
     for (int i = 0; i < MT; ++i) {
-      const typename V::F xv = V::set1(x[i * ldx + k]);
-      for (int r = 0; r < CR; ++r) acc[i][r] = V::fma(xv, wv[r], acc[i][r]);
+      const typename V::X xv = odd ? V::xone(xq[i * ldq + k]) : V::xpair(xq + i * ldq + k);
+      for (int r = 0; r < CR; ++r) acc[i][r] = V::madd(xv, wv[r], acc[i][r]);
     }
-  }
+  };
+  const int64_t pairs = (ke - ks) / 2;
+  for (int64_t p = 0; p < pairs; ++p) pair(ks + 2 * p, p, false);
+  if ((ke - ks) % 2) pair(ke - 1, pairs, true);
   for (int r = 0; r < CR; ++r) {
     const typename V::F sv = V::load(s + r * V::kWidth);
     for (int i = 0; i < MT; ++i) {
       float* out = c + i * ldc + r * V::kWidth;
-      V::store(out, V::fma(acc[i][r], sv, first ? V::zero() : V::load(out)));
+      const typename V::F scale = V::mul(V::set1(xs[i * ldxs]), sv);
+      V::store(out, V::fma(V::to_float(acc[i][r]), scale, first ? V::zero() : V::load(out)));
     }
   }
 }
 
-// float(Q) of K [k0, k1) for one group, as fp32 rows of 64: panel[k - k0][col].
+// The weights of segment [ks, ke) of one group as int8_segment's panel: for each pair of K rows
+// (the odd last one with itself), 64 / kWidth registers of interleaved columns.
 template <class V>
-void int8_panel(const int8_t* q, int64_t k0, int64_t k1, float* panel) {
-  constexpr int CR = kInt8Group / V::kWidth;
-  for (int64_t k = k0; k < k1; ++k)
-    for (int r = 0; r < CR; ++r)
-      V::store(panel + (k - k0) * kInt8Group + r * V::kWidth, V::widen8(q + k * kInt8Group + r * V::kWidth));
+void int8_pair_panel(const int8_t* q, int64_t ks, int64_t ke, typename V::W* panel) {
+  constexpr int64_t kPanelRow = kInt8Group / V::kWidth;
+  for (int64_t k = ks; k < ke; k += 2) {
+    const int8_t* row = q + k * kInt8Group;
+    const int8_t* next = k + 1 < ke ? row + kInt8Group : row;
+    for (int64_t r = 0; r < kPanelRow; ++r)
+      panel[(k - ks) / 2 * kPanelRow + r] = V::pair8(row + r * V::kWidth, next + r * V::kWidth);
+  }
 }
 
-using Int8SegmentFn = void (*)(const float*, int64_t, const int8_t*, const float*, int64_t, int64_t, int64_t,
-                               const float*, float*, int64_t, bool);
+using Int8SegmentFn = void (*)(const int16_t*, int64_t, const int8_t*, const void*, int64_t, int64_t,
+                               const float*, int64_t, const float*, float*, int64_t, bool);
+
+// int8_segment with the panel as void (one signature for both kinds)
+template <class V, int MT, int CR, bool kPanel>
+void int8_segment_fn(const int16_t* xq, int64_t ldq, const int8_t* q, const void* panel, int64_t ks, int64_t ke,
+                     const float* xs, int64_t ldxs, const float* s, float* c, int64_t ldc, bool first) {
+  int8_segment<V, MT, CR, kPanel>(xq, ldq, q, static_cast<const typename V::W*>(panel), ks, ke, xs, ldxs, s, c,
+                                  ldc, first);
+}
 
 // Registers of columns per call for MT rows: the panel's fixed width, or the direct path's,
 // which may widen as rows get fewer (kDirectCols(MT): its accumulators fill the registers).
@@ -202,12 +214,12 @@ constexpr int int8_cr() {
 template <class V, bool kPanel>
 Int8SegmentFn int8_pick(int64_t mt) {
   switch (mt) {
-    case 1: return int8_segment<V, 1, int8_cr<V, kPanel, 1>(), kPanel>;
-    case 2: return int8_segment<V, 2, int8_cr<V, kPanel, 2>(), kPanel>;
-    case 3: return int8_segment<V, 3, int8_cr<V, kPanel, 3>(), kPanel>;
-    case 4: return int8_segment<V, 4, int8_cr<V, kPanel, 4>(), kPanel>;
-    case 5: return int8_segment<V, 5, int8_cr<V, kPanel, 5>(), kPanel>;
-    default: return int8_segment<V, 6, int8_cr<V, kPanel, 6>(), kPanel>;
+    case 1: return int8_segment_fn<V, 1, int8_cr<V, kPanel, 1>(), kPanel>;
+    case 2: return int8_segment_fn<V, 2, int8_cr<V, kPanel, 2>(), kPanel>;
+    case 3: return int8_segment_fn<V, 3, int8_cr<V, kPanel, 3>(), kPanel>;
+    case 4: return int8_segment_fn<V, 4, int8_cr<V, kPanel, 4>(), kPanel>;
+    case 5: return int8_segment_fn<V, 5, int8_cr<V, kPanel, 5>(), kPanel>;
+    default: return int8_segment_fn<V, 6, int8_cr<V, kPanel, 6>(), kPanel>;
   }
 }
 
@@ -246,15 +258,15 @@ Int8PanelFn int8_pick_panel(int64_t mt) {
   }
 }
 
-// Up to kInt8DirectM rows each weight row is widened and used in registers (one pass over the
-// group's stream); with more, a chunk of K is widened once into an fp32 panel in cache that
-// every row tile then reads (the same segments, the same sums).
+// Up to kInt8DirectM rows each pair of weight rows is interleaved and used in registers (one
+// pass over the group's stream); with more, each segment's pairs are interleaved once into a
+// panel in cache that every row tile then reads (the same integer sums).
 template <class V>
 void int8_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
   static_assert(V::kDirectRows >= 1 && V::kDirectRows <= 6 && V::kPanelRows >= 1 && V::kPanelRows <= 6,
                 "int8_pick covers 1..6 rows");
   alignas(64) float c[kInt8BlockM * kInt8MaxItemGroups * kInt8Group];
-  alignas(64) float panel[kPanelK * kInt8Group];
+  alignas(64) typename V::W panel[(kInt8SegmentK + 1) / 2 * (kInt8Group / V::kWidth)];
   const int64_t ldc = (g1 - g0) * kInt8Group, rows = m1 - m0;
   for (int64_t g = g0; g < g1; ++g) {
     const int8_t* q = a.q + g * a.K * kInt8Group;
@@ -264,26 +276,27 @@ void int8_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_
       for (int64_t m = m0; m < m1; m += V::kDirectRows) {
         const int64_t mt = std::min<int64_t>(V::kDirectRows, m1 - m);
         const Int8SegmentFn fn = int8_pick<V, false>(mt);
-        for (int64_t col = 0; col < kInt8Group; col += V::kDirectCols(static_cast<int>(mt)))
+        for (int64_t col = 0; col < kInt8Group; col += V::kDirectCols(static_cast<int>(mt))) {
+          int64_t e = 0;
           int8_segments(0, a.K, a.G, a.O, [&](int64_t ks, int64_t ke, int64_t t) {
-            fn(a.x + m * a.K, a.K, q + col, nullptr, 0, ks, ke, s + t * kInt8Group + col, cg + (m - m0) * ldc + col,
-               ldc, ks == 0);
+            fn(a.xq + m * a.ldq, a.ldq, q + col, nullptr, ks, ke, a.xs + m * a.segs + e++, a.segs,
+               s + t * kInt8Group + col, cg + (m - m0) * ldc + col, ldc, ks == 0);
           });
+        }
       }
       continue;
     }
-    for (int64_t k0 = 0; k0 < a.K; k0 += kPanelK) {
-      const int64_t k1 = std::min(a.K, k0 + kPanelK);
-      int8_panel<V>(q, k0, k1, panel);
+    int64_t e = 0;
+    int8_segments(0, a.K, a.G, a.O, [&](int64_t ks, int64_t ke, int64_t t) {
+      int8_pair_panel<V>(q, ks, ke, panel);
       for (int64_t m = m0; m < m1; m += V::kPanelRows) {
         const Int8SegmentFn fn = int8_pick<V, true>(std::min<int64_t>(V::kPanelRows, m1 - m));
         for (int64_t col = 0; col < kInt8Group; col += V::kPanelCols)
-          int8_segments(k0, k1, a.G, a.O, [&](int64_t ks, int64_t ke, int64_t t) {
-            fn(a.x + m * a.K, a.K, nullptr, panel + col, k0, ks, ke, s + t * kInt8Group + col,
-               cg + (m - m0) * ldc + col, ldc, ks == 0);
-          });
+          fn(a.xq + m * a.ldq, a.ldq, nullptr, panel + col / V::kWidth, ks, ke, a.xs + m * a.segs + e, a.segs,
+             s + t * kInt8Group + col, cg + (m - m0) * ldc + col, ldc, ks == 0);
       }
-    }
+      ++e;
+    });
   }
   store_rows(c, ldc, m0, m1, g0 * kInt8Group, std::min(a.N, g1 * kInt8Group), a.bias, a.out, a.ldo, a.out_bf16);
 }

@@ -1,7 +1,7 @@
 // The AVX2 path (AVX2 + FMA: 8 fp32 lanes, 16 ymm registers), for x86-64 CPUs without AVX-512
 // (AMD Zen 1-3, Intel before Skylake-SP and many client parts). bf16 widens to fp32 in
-// registers as on AVX-512 (a shift for the even-K values, a mask for the odd ones); int8
-// widens with vpmovsxbd. Tiles are smaller than AVX-512's to fit 16 registers. The all-reduce
+// registers as on AVX-512 (a shift for the even-K values, a mask for the odd ones); INT8
+// multiplies int16 pairs (vpmaddwd, the spec's integer products). Tiles are smaller than AVX-512's to fit 16 registers. The all-reduce
 // sums and the read probe are the generic ones (memory-bound; the compiler vectorises them).
 #include "kernel_table.h"
 
@@ -38,8 +38,8 @@ struct Avx2 {
   // (compute-bound: an fp32 FMA per weight per row).
   static constexpr int kDirectRows = 4, kPanelRows = 4, kPanelCols = 16;
   // INT8 columns per pass over a group's K for mt rows: 8 accumulators (one row takes the whole
-  // 64-column group, so its 64-byte weight rows are read and widened once; 4 rows take 16
-  // columns, each weight still widened once for all of them)
+  // 64-column group, so its 64-byte weight rows are read and interleaved once; 4 rows take 16
+  // columns, each weight pair still interleaved once for all of them)
   static constexpr int kDirectCols(int mt) { return mt == 1 ? 64 : mt == 2 ? 32 : 16; }
 
   static F zero() { return _mm256_setzero_ps(); }
@@ -54,9 +54,23 @@ struct Avx2 {
     return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
                                                 _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
-  static F widen8(const int8_t* q) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+  // INT8 (gemm_tiles.h): 8 columns of two K rows interleaved and widened to int16 pairs; vpmaddwd
+  // multiplies them by a broadcast activation pair: 16 exact products into 8 int32 sums
+  using W = __m256i;
+  using X = __m256i;
+  using A = __m256i;
+  static W pair8(const int8_t* r0, const int8_t* r1) {
+    return _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r0)),
+                                                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r1))));
   }
+  static X xpair(const int16_t* p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, sizeof(v));
+    return _mm256_set1_epi32(v);
+  }
+  static X xone(int16_t v) { return _mm256_set1_epi32(static_cast<uint16_t>(v)); }
+  static A madd(X x, W w, A acc) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
+  static A izero() { return _mm256_setzero_si256(); }
   // INT4 (int4_tiles.h): 8 words = one block of a pair of K rows
   using I = __m256i;
   static I load_words(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }

@@ -1,7 +1,7 @@
 // The AVX-512 path (F, BW, DQ, VL; the tiles' FMAs on 16 fp32 lanes). bf16 widens to fp32 with
 // two integer ops per 32 values: shifting each 32-bit lane left by 16 gives the even-K values,
-// masking off the low half the odd-K ones. int8 widens with vpmovsxbd and converts exactly (scaled
-// per segment, gemm_tiles.h).
+// masking off the low half the odd-K ones. INT8 multiplies int16 pairs (vpmaddwd, the spec's
+// integer products, gemm_tiles.h).
 // Compiled only for x86-64; everything in it runs only where supported() says so.
 #include "kernel_table.h"
 
@@ -42,9 +42,25 @@ struct Avx512 {
   static F odd(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
-  static F widen8(const int8_t* q) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+  // INT8 (gemm_tiles.h): 16 columns of two K rows interleaved (bytes 0-7 then 8-15 of each, as
+  // on AVX2) and widened to int16 pairs; vpmaddwd (AVX512BW): 32 exact products into 16 int32 sums
+  using W = __m512i;
+  using X = __m512i;
+  using A = __m512i;
+  static W pair8(const int8_t* r0, const int8_t* r1) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1));
+    return _mm512_cvtepi8_epi16(
+        _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(a, b)), _mm_unpackhi_epi8(a, b), 1));
   }
+  static X xpair(const int16_t* p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, sizeof(v));
+    return _mm512_set1_epi32(v);
+  }
+  static X xone(int16_t v) { return _mm512_set1_epi32(static_cast<uint16_t>(v)); }
+  static A madd(X x, W w, A acc) { return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w)); }
+  static A izero() { return _mm512_setzero_si512(); }
   // INT4 (int4_tiles.h): 16 words = both blocks of a pair of K rows
   using I = __m512i;
   static I load_words(const uint8_t* p) { return _mm512_loadu_si512(p); }

@@ -9,6 +9,10 @@
 namespace autotp {
 namespace {
 
+struct Int16Pair {  // INT8: a pair of K's weights or activations of one column
+  int32_t lo, hi;
+};
+
 struct Scalar {
   using F = float;
   static constexpr int kWidth = 1;
@@ -27,7 +31,16 @@ struct Scalar {
   static F fma(F a, F b, F c) { return a * b + c; }
   static F even(const uint16_t* p) { return bf16_to_float(p[0]); }
   static F odd(const uint16_t* p) { return bf16_to_float(p[1]); }
-  static F widen8(const int8_t* q) { return static_cast<float>(*q); }
+  static F mul(F a, F b) { return a * b; }
+  using W = Int16Pair;
+  using X = Int16Pair;
+  using A = int32_t;
+  static W pair8(const int8_t* r0, const int8_t* r1) { return {r0[0], r1[0]}; }
+  static X xpair(const int16_t* p) { return {p[0], p[1]}; }
+  static X xone(int16_t v) { return {v, 0}; }
+  static A madd(X x, W w, A acc) { return acc + x.lo * w.lo + x.hi * w.hi; }  // exact: the spec's bound
+  static A izero() { return 0; }
+  static F to_float(A v) { return static_cast<float>(v); }
   static void prefetch(const void*) {}
   static float hsum(F v) { return v; }
   static F hsums(const F* v) { return v[0]; }

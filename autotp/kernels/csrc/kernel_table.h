@@ -12,12 +12,19 @@
 //   64 output columns is one contiguous stream; each 256-byte row holds one K pair for the
 //   group's four blocks of 16 columns, each block's 64 bytes in the "VNNI pair" order.
 // INT8 packed weight: Q [N, K] int8 -> [NG, K, 64], element (g, k, c) = Q[64 g + c, k]; scales
-//   S [N, KG] fp32 -> [NG, KG, 64]; KG = ceil((K + O) / G). The product (the spec):
-//   y[m, n] = bias[n] + sum over k of x[m, k] * (float(Q[n, k]) * S[n, (k + O) / G]); computed
-//   (every path, gemm_tiles.h) with K cut into segments at scale-group and 256-K boundaries:
-//   the fp32 sum over a segment of x[m, k] * float(Q[n, k]), in K order, times the group's scale
-//   once, those summed in K order (the scale multiplies a sum, not each weight: one FMA per
-//   weight and row, no multiply per weight).
+//   S [N, KG] fp32 -> [NG, KG, 64]; KG = ceil((K + O) / G). The product (the spec): K is cut into
+//   segments e at scale-group and kInt8SegmentK boundaries (int8_segments); per row m and segment
+//   e the activations are quantised to int16 (int8_activations, ops.cpp, once for every path):
+//   xs[m, e] = a / 32767 in fp32 (a = max |x[m, k]| over e), X[m, k] = round-half-even(x[m, k] /
+//   xs[m, e]) (X and xs 0 when xs underflows to 0; X 0 and xs NaN when e holds a NaN or infinity,
+//   so the NaN shows). Then
+//   y[m, n] = bias[n] + sum over e, in K order, of float(sum over k in e of X[m, k] * Q[n, k])
+//   * (xs[m, e] * S[n, t_e]): integer products and sums, exact in int32 (|sum| <= 256 * 32767 *
+//   128 < 2^31) and so the same on every path in any order; the fp32 parts are one product of
+//   scales and one multiply-add per segment (a path may fuse that add). x[m, k] is replaced by
+//   X * xs, within xs / 2 = a / 65534 of it: finer than bf16's rounding of the segment's largest
+//   activation. The vector paths multiply pairs of K (vpmaddwd: 16 exact products per
+//   instruction, where fp32 products of the widened weight took three instructions per 8).
 // INT4 packed weight: U [N, K] of 4-bit values 0..15 -> [NG, ceil(K/2), 64] uint8: per group g
 //   of 64 columns and pair p of K rows, two blocks h of 32 bytes, byte 32 h + 2 i + r =
 //   U[64 g + 32 h + i, 2 p + r] | U[64 g + 32 h + 16 + i, 2 p + r] << 4 (i < 16, r < 2), zero past
@@ -30,6 +37,7 @@
 //   sums of x * (U - Z) (int4_tiles.h).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -52,7 +60,21 @@ constexpr int64_t kRowTile = 6;         // activation rows the work splitter rou
 constexpr int64_t kInt8Group = 64;        // output columns per packed INT8 group
 constexpr int64_t kInt8MaxItemGroups = 4; // groups (256 columns) per unit of work
 constexpr int64_t kInt8BlockM = 96;       // activation rows per unit of work
-constexpr int64_t kInt8DirectM = 4;       // up to this many rows, dequantise in registers
+constexpr int64_t kInt8DirectM = 4;       // up to this many rows, weights widened in registers
+constexpr int64_t kInt8SegmentK = 256;    // K per INT8 segment at most (int32 sums stay exact)
+constexpr int16_t kInt8XMax = 32767;      // |X| at most: the int16 activations' scale is max |x| / this
+
+// The INT8 segments of K [k0, k1) (the spec above), in K order: segment(ks, ke, t) for each
+// [ks, ke) within one scale group t and one kInt8SegmentK chunk.
+template <class F>
+void int8_segments(int64_t k0, int64_t k1, int64_t G, int64_t O, F&& segment) {
+  for (int64_t ks = k0; ks < k1;) {
+    const int64_t t = (ks + O) / G;
+    const int64_t ke = std::min(std::min(k1, (t + 1) * G - O), (ks / kInt8SegmentK + 1) * kInt8SegmentK);
+    segment(ks, ke, t);
+    ks = ke;
+  }
+}
 
 struct GemmArgs {
   const float* x;     // activations as fp32, [M, ldx = 2 * K2] (zero in the padding column), for bf16_tile
@@ -70,7 +92,9 @@ struct GemmArgs {
 constexpr int64_t kXbPadCols = 32;  // bf16 activations: zero columns up to a multiple of 32 (AMX reads K 32 at a time)
 
 struct Int8GemmArgs {  // INT8 and INT4 calls
-  const float* x;     // activations as fp32, [M, K]
+  const float* x;     // INT4: activations as fp32, [M, K]
+  const int16_t* xq;  // INT8: activations X as int16, [M, ldq], ldq > K (X[m, K] readable, any value)
+  const float* xs;    // INT8: their scales, [M, segs] (segment e of row m: xs[m * segs + e])
   const int8_t* q;    // INT8: packed weight, [NG, K, 64]
   const uint8_t* q4;  // INT4: packed weight, [NG, K, 32]
   const uint8_t* z;   // INT4: packed zero points, [NG, KG, 64], or null (8)
@@ -80,6 +104,7 @@ struct Int8GemmArgs {  // INT8 and INT4 calls
   void* out;          // [M, N] with row stride ldo, bf16 or fp32
   int64_t M, N, K, G, O, KG, ldo;
   bool out_bf16;
+  int64_t ldq, segs;  // INT8
 };
 
 // What one instruction set provides. Tiles compute rows [m0, m1) (at most kBlockM) and blocks

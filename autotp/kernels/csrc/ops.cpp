@@ -19,6 +19,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -213,8 +214,46 @@ void check_int8_packed(const at::Tensor& qpacked, const at::Tensor& spacked, int
               ", 64] for group size ", G, " and offset ", O, ", got ", spacked.scalar_type(), " ", spacked.sizes());
 }
 
+// The INT8 spec's activations (kernel_table.h), made here once for every kernel table: for each
+// row of x [M, K] and each segment, xs = a / 32767 in fp32 (a = max |x|) and X = round-half-even
+// (x / xs), the quotient in double, into xq (row stride ldq; the columns past K zero). X and xs are
+// 0 when xs is (a below 32767 times the least denormal); X is 0 and xs NaN when the segment holds
+// a NaN or an infinity. One division, rounded by adding and subtracting 1.5 * 2^52: nothing a
+// compiler may fuse, so the same X on every CPU.
+void int8_activations(const float* x, int64_t M, int64_t K, int64_t G, int64_t O, int16_t* xq, int64_t ldq,
+                      float* xs, int64_t segs) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = x + m * K;
+      int16_t* out = xq + m * ldq;
+      int64_t e = 0;
+      int8_segments(0, K, G, O, [&](int64_t ks, int64_t ke, int64_t) {
+        float a = 0.0f;
+        bool nan = false;
+        for (int64_t k = ks; k < ke; ++k) {
+          a = std::max(a, std::fabs(row[k]));
+          nan |= row[k] != row[k];
+        }
+        float& scale = xs[m * segs + e++];
+        scale = a / static_cast<float>(kInt8XMax);
+        if (nan || !(a <= std::numeric_limits<float>::max()) || scale == 0.0f) {
+          scale = scale == 0.0f ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+          std::fill(out + ks, out + ke, int16_t{0});
+          return;
+        }
+        const double step = scale, round = 6755399441055744.0;
+        for (int64_t k = ks; k < ke; ++k) {
+          const double v = std::min(std::max((static_cast<double>(row[k]) / step + round) - round, -32767.0), 32767.0);
+          out[k] = static_cast<int16_t>(static_cast<int32_t>(v));
+        }
+      });
+      std::fill(out + K, out + ldq, int16_t{0});
+    }
+  });
+}
+
 // x: [..., K] bf16/fp32   qpacked: [ceil(N/64), K, 64] int8   spacked: [ceil(N/64), ceil(K/G), 64] fp32
-// y: [..., N] = x (Q * S)^T + bias, fp32 accumulation (spec in kernel_table.h); any ISA's table.
+// y: [..., N] = x (Q * S)^T + bias with x as int16 per segment (spec in kernel_table.h); any ISA's table.
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at::Tensor& spacked,
                        const std::optional<at::Tensor>& bias, int64_t N, int64_t group_size, int64_t group_offset,
                        std::optional<at::ScalarType> out_dtype, const std::string& isa) {
@@ -224,11 +263,19 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   at::Tensor out = call.out, b = call.bias;
   if (call.finished) return out;
   const at::Tensor xf = float_rows(x, M, K);
-  Int8GemmArgs args{xf.data_ptr<float>(), qpacked.data_ptr<int8_t>(), nullptr, nullptr, nullptr, spacked.data_ptr<float>(),
-                            b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K, group_size,
-                            group_offset, spacked.size(1), N, out.scalar_type() == at::kBFloat16};
+  int64_t segs = 0;
+  int8_segments(0, K, group_size, group_offset, [&](int64_t, int64_t, int64_t) { ++segs; });
+  const int64_t ldq = K + 2;  // even, and X[m, K] (an odd tail's unused partner) readable
+  const at::Tensor xq = at::empty({M, ldq}, x.options().dtype(at::kShort));
+  const at::Tensor xs = at::empty({M, segs}, x.options().dtype(at::kFloat));
+  int8_activations(xf.data_ptr<float>(), M, K, group_size, group_offset, xq.data_ptr<int16_t>(), ldq,
+                   xs.data_ptr<float>(), segs);
+  Int8GemmArgs args{nullptr, xq.data_ptr<int16_t>(), xs.data_ptr<float>(), qpacked.data_ptr<int8_t>(), nullptr,
+                    nullptr, nullptr, spacked.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+                    out.data_ptr(), M, N, K, group_size, group_offset, spacked.size(1), N,
+                    out.scalar_type() == at::kBFloat16, ldq, segs};
   const int64_t rows = M <= kInt8DirectM
-      ? M  // few rows: one tile, so each weight row is widened once
+      ? M  // few rows: one tile, so each weight row is read once
       : std::min(kInt8BlockM, ceil_div(ceil_div(M, ceil_div(M, kInt8BlockM)), kRowTile) * kRowTile);
   const auto tile = serving_table(*call.table, CallKind::kInt8, M).int8_tile;
   for_each_unit(M, rows, qpacked.size(0), kInt8MaxItemGroups, 1,
@@ -269,11 +316,11 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qpacked, const at:
   const KernelTable& table = serving_table(*call.table, x_bf16 ? CallKind::kInt4Bf16X : CallKind::kInt4, M);
   const bool int4x = x_bf16 && table.int4x_tile != nullptr;  // bf16 activations as they are
   const at::Tensor xs = int4x ? x.reshape({M, K}).contiguous() : x.reshape({M, K}).to(at::kFloat).contiguous();
-  Int8GemmArgs args{int4x ? nullptr : xs.data_ptr<float>(), nullptr, qpacked.data_ptr<uint8_t>(),
+  Int8GemmArgs args{int4x ? nullptr : xs.data_ptr<float>(), nullptr, nullptr, nullptr, qpacked.data_ptr<uint8_t>(),
                     zeros ? zpacked->data_ptr<uint8_t>() : nullptr,
                     int4x ? reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>()) : nullptr,
                     spacked.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K,
-                    G, O, KG, N, out.scalar_type() == at::kBFloat16};
+                    G, O, KG, N, out.scalar_type() == at::kBFloat16, 0, 0};
   const int64_t rows = M <= kInt8DirectM
       ? M  // few rows: one tile, so each weight row is widened once
       : std::min(kInt8BlockM, ceil_div(ceil_div(M, ceil_div(M, kInt8BlockM)), kRowTile) * kRowTile);
