@@ -7,8 +7,8 @@ format is a small immutable object that knows what those tensors mean:
     format          weight                          weight_scale (weight_zero)  matmul
     PlainWeight     [N, K] any float dtype          -                        F.linear
     PackedBf16      [ceil(N/64), ceil(K/2), 128]    -                        native linear_bf16
-    Int8Weight      [N, K] int8                     [N, groups] fp32         dequantise, fp32 F.linear (the spec)
-    PackedInt8      [ceil(N/64), K, 64] int8        [ceil(N/64), groups, 64] native linear_int8
+    Int8Weight      [N, K] int8                     [N, groups] fp32         dequantise, fp32 F.linear
+    PackedInt8      [ceil(N/64), K, 64] int8        [ceil(N/64), groups, 64] native linear_int8 (x as int16 per segment)
     Int4Weight      [N, ceil(K/2)] uint8            [N, groups] fp32 (uint8) dequantise, fp32 F.linear (the spec)
     PackedInt4      [ceil(N/64), ceil(K/2), 64]     [ceil(N/64), groups, 64] native linear_int4
 

@@ -150,16 +150,15 @@ void int8_segment(const int16_t* xq, int64_t ldq, const int8_t* q, const typenam
   typename V::A acc[MT][CR];
   for (int i = 0; i < MT; ++i)
     for (int r = 0; r < CR; ++r) acc[i][r] = V::izero();
-  // the pair of K rows k, k + 1 (p its index in the segment); odd: k is the segment's last
-  const auto pair = [&](int64_t k, int64_t p, bool odd) {
+  // the pair of K rows k, k + 1 (p its index in the segment); odd: k is the segment's last.
+  // Inlined at both calls, so that acc stays in registers and `odd` folds away.
+  const auto pair = [&](int64_t k, int64_t p, bool odd) __attribute__((always_inline)) {
     typename V::W wv[CR];
     if constexpr (kPanel) {
       for (int r = 0; r < CR; ++r) wv[r] = panel[p * kPanelRow + r];
     } else {
       const int8_t* row = q + k * kInt8Group;
       const int8_t* next = odd ? row : row + kInt8Group;  // any row: its activation is zero
-      V::prefetch(row + kPrefetchK * kInt8Group);
-      V::prefetch(row + (kPrefetchK + 1) * kInt8Group);
       for (int r = 0; r < CR; ++r) wv[r] = V::pair8(row + r * V::kWidth, next + r * V::kWidth);
     }
     for (int i = 0; i < MT; ++i) {
@@ -168,7 +167,13 @@ void int8_segment(const int16_t* xq, int64_t ldq, const int8_t* q, const typenam
     }
   };
   const int64_t pairs = (ke - ks) / 2;
-  for (int64_t p = 0; p < pairs; ++p) pair(ks + 2 * p, p, false);
+  for (int64_t p = 0; p < pairs; ++p) {
+    if constexpr (!kPanel) {  // (here, not in the lambda: GCC drops _mm_prefetch there)
+      V::prefetch(q + (ks + 2 * p + kPrefetchK) * kInt8Group);
+      V::prefetch(q + (ks + 2 * p + kPrefetchK + 1) * kInt8Group);
+    }
+    pair(ks + 2 * p, p, false);
+  }
   if ((ke - ks) % 2) pair(ke - 1, pairs, true);
   for (int r = 0; r < CR; ++r) {
     const typename V::F sv = V::load(s + r * V::kWidth);
@@ -274,15 +279,17 @@ void int8_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_
     float* cg = c + (g - g0) * kInt8Group;
     if (rows <= kInt8DirectM) {
       for (int64_t m = m0; m < m1; m += V::kDirectRows) {
-        const int64_t mt = std::min<int64_t>(V::kDirectRows, m1 - m);
+        const int64_t mt = std::min<int64_t>(V::kDirectRows, m1 - m), cols = V::kDirectCols(static_cast<int>(mt));
         const Int8SegmentFn fn = int8_pick<V, false>(mt);
-        for (int64_t col = 0; col < kInt8Group; col += V::kDirectCols(static_cast<int>(mt))) {
-          int64_t e = 0;
-          int8_segments(0, a.K, a.G, a.O, [&](int64_t ks, int64_t ke, int64_t t) {
-            fn(a.xq + m * a.ldq, a.ldq, q + col, nullptr, ks, ke, a.xs + m * a.segs + e++, a.segs,
+        int64_t e = 0;
+        // a segment (at most 16 KB of the group) at a time, every pass over its columns while
+        // it is in L1 (a pass per column run over the whole K would fetch each line again)
+        int8_segments(0, a.K, a.G, a.O, [&](int64_t ks, int64_t ke, int64_t t) {
+          for (int64_t col = 0; col < kInt8Group; col += cols)
+            fn(a.xq + m * a.ldq, a.ldq, q + col, nullptr, ks, ke, a.xs + m * a.segs + e, a.segs,
                s + t * kInt8Group + col, cg + (m - m0) * ldc + col, ldc, ks == 0);
-          });
-        }
+          ++e;
+        });
       }
       continue;
     }
