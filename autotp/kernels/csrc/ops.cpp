@@ -22,6 +22,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "kernel_table.h"
 #include "shm_comm.h"
@@ -94,20 +95,6 @@ at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t N, const ch
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [", N, "], got ", bias->sizes());
   return bias->to(at::kFloat).contiguous();
-}
-
-// x as contiguous fp32 [M, K]; bf16 widened in a plain loop (at decode sizes the aten
-// conversion's dispatch costs more than the work).
-at::Tensor float_rows(const at::Tensor& x, int64_t M, int64_t K) {
-  if (x.scalar_type() != at::kBFloat16) return x.reshape({M, K}).to(at::kFloat).contiguous();
-  const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
-  at::Tensor xf = at::empty({M, K}, x.options().dtype(at::kFloat));
-  const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-  float* dst = xf.data_ptr<float>();
-  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
-    for (int64_t i = m0 * K; i < m1 * K; ++i) dst[i] = bf16_to_float(src[i]);
-  });
-  return xf;
 }
 
 at::Tensor unpack_bf16(const at::Tensor& packed, int64_t N, int64_t K) {
@@ -219,20 +206,28 @@ void check_int8_packed(const at::Tensor& qpacked, const at::Tensor& spacked, int
 // (x / xs), the quotient in double, into xq (row stride ldq; the columns past K zero). X and xs are
 // 0 when xs is (a below 32767 times the least denormal); X is 0 and xs NaN when the segment holds
 // a NaN or an infinity. One division, rounded by adding and subtracting 1.5 * 2^52: nothing a
-// compiler may fuse, so the same X on every CPU.
-void int8_activations(const float* x, int64_t M, int64_t K, int64_t G, int64_t O, int16_t* xq, int64_t ldq,
+// compiler may fuse, so the same X on every CPU. x is read as it is (fp32, or bf16 widened on the
+// fly: no fp32 copy on the decode path).
+template <typename T>
+void int8_activations(const T* x, int64_t M, int64_t K, int64_t G, int64_t O, int16_t* xq, int64_t ldq,
                       float* xs, int64_t segs) {
+  const auto value = [](T v) {
+    if constexpr (std::is_same_v<T, float>) return v;
+    else return bf16_to_float(v);
+  };
+  const double x_max = kInt8XMax;
   at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      const float* row = x + m * K;
+      const T* row = x + m * K;
       int16_t* out = xq + m * ldq;
       int64_t e = 0;
       int8_segments(0, K, G, O, [&](int64_t ks, int64_t ke, int64_t) {
         float a = 0.0f;
         bool nan = false;
         for (int64_t k = ks; k < ke; ++k) {
-          a = std::max(a, std::fabs(row[k]));
-          nan |= row[k] != row[k];
+          const float v = value(row[k]);
+          a = std::max(a, std::fabs(v));
+          nan |= v != v;
         }
         float& scale = xs[m * segs + e++];
         scale = a / static_cast<float>(kInt8XMax);
@@ -243,7 +238,7 @@ void int8_activations(const float* x, int64_t M, int64_t K, int64_t G, int64_t O
         }
         const double step = scale, round = 6755399441055744.0;
         for (int64_t k = ks; k < ke; ++k) {
-          const double v = std::min(std::max((static_cast<double>(row[k]) / step + round) - round, -32767.0), 32767.0);
+          const double v = std::min(std::max((static_cast<double>(value(row[k])) / step + round) - round, -x_max), x_max);
           out[k] = static_cast<int16_t>(static_cast<int32_t>(v));
         }
       });
@@ -262,14 +257,20 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   check_int8_packed(qpacked, spacked, N, K, group_size, group_offset, "autotp::linear_int8");
   at::Tensor out = call.out, b = call.bias;
   if (call.finished) return out;
-  const at::Tensor xf = float_rows(x, M, K);
   int64_t segs = 0;
   int8_segments(0, K, group_size, group_offset, [&](int64_t, int64_t, int64_t) { ++segs; });
   const int64_t ldq = K + 2;  // even, and X[m, K] (an odd tail's unused partner) readable
   const at::Tensor xq = at::empty({M, ldq}, x.options().dtype(at::kShort));
   const at::Tensor xs = at::empty({M, segs}, x.options().dtype(at::kFloat));
-  int8_activations(xf.data_ptr<float>(), M, K, group_size, group_offset, xq.data_ptr<int16_t>(), ldq,
-                   xs.data_ptr<float>(), segs);
+  if (x.scalar_type() == at::kBFloat16) {
+    const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+    int8_activations(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, group_size,
+                     group_offset, xq.data_ptr<int16_t>(), ldq, xs.data_ptr<float>(), segs);
+  } else {
+    const at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
+    int8_activations(xf.data_ptr<float>(), M, K, group_size, group_offset, xq.data_ptr<int16_t>(), ldq,
+                     xs.data_ptr<float>(), segs);
+  }
   Int8GemmArgs args{nullptr, xq.data_ptr<int16_t>(), xs.data_ptr<float>(), qpacked.data_ptr<int8_t>(), nullptr,
                     nullptr, nullptr, spacked.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
                     out.data_ptr(), M, N, K, group_size, group_offset, spacked.size(1), N,
@@ -283,9 +284,6 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   return out;
 }
 
-// Reads every byte of `buffer` once, split over the threads: a benchmark's measure of the read
-// bandwidth the GEMM's weight streaming can be compared with. Returns a checksum (the XOR of
-// every 8-byte word, the same on every ISA).
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qpacked, const at::Tensor& spacked,
                        const std::optional<at::Tensor>& zpacked, const std::optional<at::Tensor>& bias, int64_t N,
                        int64_t group_size, int64_t group_offset, std::optional<at::ScalarType> out_dtype,
@@ -330,6 +328,9 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qpacked, const at:
   return out;
 }
 
+// Reads every byte of `buffer` once, split over the threads: a benchmark's measure of the read
+// bandwidth the GEMM's weight streaming can be compared with. Returns a checksum (the XOR of
+// every 8-byte word, the same on every ISA).
 int64_t read_probe(const at::Tensor& buffer, const std::string& isa) {
   TORCH_CHECK(buffer.device().is_cpu() && buffer.is_contiguous(), "autotp::read_probe: needs a contiguous CPU tensor");
   const auto read = kernel_table(isa).stream_read;
