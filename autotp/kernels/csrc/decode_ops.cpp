@@ -2,8 +2,9 @@
 // library's definition and the GEMMs):
 //   reorder_rows_(tensors, sources, length, starts?)   (beam search's cache reorder, in place)
 //   decode_attention(q, key, value, bias?, scale, isa)  (one query position over a bf16 cache, fp32 math)
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -1,8 +1,10 @@
 // The instruction sets this build holds, best first, and finding one by name. Adding an ISA:
 // its file, and one line here.
-#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <string>
+#include <vector>
 
 #include "kernel_table.h"
 

@@ -13,8 +13,12 @@
 // is an error); the call runs on the first table from there down that serves it (a table may
 // serve only bf16 activations, or only from some number of rows: kernel_table.h). The Python
 // side picks `isa` from the Runtime.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <atomic>

@@ -1,6 +1,8 @@
 // Shared-memory all-reduce (see shm_comm.h).
 #include "shm_comm.h"
 
+#include <ATen/ops/empty.h>
+
 
 #include <fcntl.h>
 #include <sched.h>

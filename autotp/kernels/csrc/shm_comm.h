@@ -12,8 +12,8 @@
 
 #include "kernel_table.h"
 
-#include <ATen/ATen.h>
-#include <torch/custom_class.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>  // torch::CustomClassHolder
 
 #include <cstdint>
 #include <string>
