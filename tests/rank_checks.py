@@ -202,7 +202,10 @@ def shm_against_gloo(rank: int, world_size: int, sizes: list[int], repeats: int,
             gloo = x.clone()
             dist.all_reduce(gloo)
             got = groups[i % 2].all_reduce(x.clone())
+            kept = x.clone()  # the op (what a compiled step calls) sums into a new tensor, x only read
+            op = torch.ops.autotp.shm_all_reduce(x, groups[(i + 1) % 2].shm_key)
             cases.append({"n": n, "dtype": str(dtype), "exact": torch.equal(got, exact.to(dtype)),
+                          "op_exact": torch.equal(op, exact.to(dtype)), "op_input_kept": torch.equal(x, kept),
                           "gloo_equal": torch.equal(got, gloo),
                           "gloo_max_rel": ((got.double() - gloo.double()).abs().max()
                                            / exact.abs().max().clamp_min(1)).item()})

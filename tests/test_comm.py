@@ -26,6 +26,7 @@ def test_shm_all_reduce_equals_gloo_and_the_exact_sum(world_size):
         assert r["in_a_row"]
         for case in r["cases"]:
             assert case["exact"], (rank, case)  # fp32: the exact sum; bf16: it rounded once
+            assert case["op_exact"] and case["op_input_kept"], (rank, case)
             if case["dtype"] == "torch.float32" or world_size == 2:
                 assert case["gloo_equal"], (rank, case)
             else:  # gloo rounds bf16 partial sums; ours rounds once: one bf16 step apart at most

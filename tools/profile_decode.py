@@ -43,7 +43,8 @@ _RANGES = {"autotp::all_reduce": "all-reduce", "autotp::kv_cache": "KV cache", "
            "autotp::attention": "attention", "autotp::beam_search": "beam search",
            "autotp::decode_attention": "attention", "autotp::reorder_rows_": "KV cache",
            # a compiled step calls the collectives as ops (the lm_head's gather is its all-gather)
-           "autotp::shm_all_reduce": "all-reduce", "autotp::all_reduce": "all-reduce",
+           "autotp::shm_all_reduce": "all-reduce", "autotp::shm_all_reduce_": "all-reduce",
+           "autotp::all_reduce": "all-reduce",
            "autotp::shm_all_gather_last_dim": "lm_head", "autotp::all_gather_last_dim": "lm_head"}
 _LINEAR_OPS = ("autotp::linear_bf16", "autotp::linear_int8")
 _GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "autotp::linear_bf16",

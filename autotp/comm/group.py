@@ -140,7 +140,7 @@ class TPGroup:
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.shm is not None and tensor.dtype in (torch.float32, torch.bfloat16) and tensor.is_contiguous():
-            return self.shm.all_reduce(tensor)
+            return torch.ops.autotp.shm_all_reduce_(tensor, self.shm_key)  # an op: cheaper than the class's method
         dist.all_reduce(tensor, group=self.process_group)
         self.in_flight = (tensor,)
         return tensor

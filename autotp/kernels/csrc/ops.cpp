@@ -375,6 +375,7 @@ TORCH_LIBRARY(autotp, m) {
       .def("name", &autotp::ShmComm::name)
       .def("id", &autotp::ShmComm::id);
   m.def("shm_all_reduce(Tensor tensor, int comm) -> Tensor");
+  m.def("shm_all_reduce_(Tensor(a!) tensor, int comm) -> Tensor(a!)");
   m.def("shm_all_gather_last_dim(Tensor tensor, int comm, int[] sizes) -> Tensor");
   m.def("prepack_bf16(Tensor weight) -> Tensor");
   m.def("unpack_bf16(Tensor packed, int out_features, int in_features) -> Tensor");
@@ -397,5 +398,6 @@ TORCH_LIBRARY_IMPL(autotp, CPU, m) {
   m.impl("linear_int4", &autotp::linear_int4);
   m.impl("read_probe", &autotp::read_probe);
   m.impl("shm_all_reduce", &autotp::shm_all_reduce);
+  m.impl("shm_all_reduce_", &autotp::shm_all_reduce_);
   m.impl("shm_all_gather_last_dim", &autotp::shm_all_gather_last_dim);
 }

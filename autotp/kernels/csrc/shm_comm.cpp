@@ -60,8 +60,11 @@ ShmComm& ShmComm::lookup(int64_t id) {
 }
 
 at::Tensor shm_all_reduce(const at::Tensor& tensor, int64_t comm) {
-  return ShmComm::lookup(comm).all_reduce(tensor.contiguous().clone());
+  const at::Tensor in = tensor.contiguous();
+  return ShmComm::lookup(comm).all_reduce_into(in, at::empty(in.sizes(), in.options()));  // no clone of x first
 }
+
+at::Tensor shm_all_reduce_(at::Tensor tensor, int64_t comm) { return ShmComm::lookup(comm).all_reduce(tensor); }
 
 at::Tensor shm_all_gather_last_dim(const at::Tensor& tensor, int64_t comm, at::IntArrayRef sizes) {
   return ShmComm::lookup(comm).all_gather_last_dim(tensor, sizes);
@@ -170,17 +173,25 @@ void ShmComm::wait_all(int which, int64_t target) {
   }
 }
 
-at::Tensor ShmComm::all_reduce(at::Tensor tensor) {
+at::Tensor ShmComm::all_reduce(at::Tensor tensor) { return all_reduce_into(tensor, tensor); }
+
+at::Tensor ShmComm::all_reduce_into(const at::Tensor& tensor, at::Tensor out) {
   TORCH_CHECK(!broken_, "autotp shared-memory all-reduce: an earlier all-reduce of this group failed; "
               "the group cannot be used again");
   TORCH_CHECK(tensor.device().is_cpu() && tensor.is_contiguous() &&
                   (tensor.scalar_type() == at::kFloat || tensor.scalar_type() == at::kBFloat16),
               "autotp shared-memory all-reduce: needs a contiguous float32 or bfloat16 CPU tensor, got ",
               tensor.scalar_type(), tensor.is_contiguous() ? "" : " (not contiguous)");
-  if (size_ == 1 || tensor.numel() == 0) return tensor;
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == tensor.scalar_type() && out.numel() == tensor.numel(),
+              "autotp shared-memory all-reduce: the output must be contiguous and of the input's dtype and size");
   const bool bf16 = tensor.scalar_type() == at::kBFloat16;
   const int64_t elem = tensor.element_size(), total = tensor.numel(), per_chunk = slot_bytes_ / elem;
-  char* data = static_cast<char*>(tensor.data_ptr());
+  const char* data = static_cast<const char*>(tensor.data_ptr());
+  char* sums = static_cast<char*>(out.data_ptr());
+  if (size_ == 1 || total == 0) {
+    if (sums != data) std::memcpy(sums, data, total * elem);
+    return out;
+  }
   for (int64_t off = 0; off < total; off += per_chunk) {
     const int64_t n = std::min(per_chunk, total - off);
     const int64_t seq = ++seq_, buffer = seq & 1;
@@ -191,12 +202,12 @@ at::Tensor ShmComm::all_reduce(at::Tensor tensor) {
     const void* srcs[kMaxRanks];
     for (int64_t r = 0; r < size_; ++r) srcs[r] = slot(buffer, r);
     if (bf16)
-      sums_->sum_bf16(reinterpret_cast<const uint16_t* const*>(srcs), size_, reinterpret_cast<uint16_t*>(data) + off, n);
+      sums_->sum_bf16(reinterpret_cast<const uint16_t* const*>(srcs), size_, reinterpret_cast<uint16_t*>(sums) + off, n);
     else
-      sums_->sum_f32(reinterpret_cast<const float* const*>(srcs), size_, reinterpret_cast<float*>(data) + off, n);
+      sums_->sum_f32(reinterpret_cast<const float* const*>(srcs), size_, reinterpret_cast<float*>(sums) + off, n);
     header_->counters[kDepart][rank_].value.store(seq, std::memory_order_release);
   }
-  return tensor;
+  return out;
 }
 
 at::Tensor ShmComm::all_gather_last_dim(const at::Tensor& tensor, at::IntArrayRef sizes) {

@@ -31,6 +31,9 @@ class ShmComm : public torch::CustomClassHolder {
 
   // Sums a contiguous float32 or bfloat16 CPU tensor over the ranks, in place; returns it.
   at::Tensor all_reduce(at::Tensor tensor);
+  // The sum of `tensor` over the ranks written into `out` (contiguous, its dtype and size; may be
+  // `tensor` itself); returns out. `tensor` is only read.
+  at::Tensor all_reduce_into(const at::Tensor& tensor, at::Tensor out);
   // The concatenation along the last dim of every rank's `tensor` (rank r holds `sizes[r]`
   // columns, the leading dims alike on every rank): copied through the slots, not summed.
   at::Tensor all_gather_last_dim(const at::Tensor& tensor, at::IntArrayRef sizes);
@@ -68,6 +71,9 @@ class ShmComm : public torch::CustomClassHolder {
 // handle `comm`; and the concatenation along the last dim of every rank's `tensor`, rank r
 // holding `sizes[r]` columns (ShmComm::all_gather_last_dim).
 at::Tensor shm_all_reduce(const at::Tensor& tensor, int64_t comm);
+// In place (a contiguous tensor): what an eager step calls; an op costs less per call than the
+// TorchScript class's method (on the AMD EPYC Zen 3, 2 ranks, 2048 bf16: 19 against 54 us a call).
+at::Tensor shm_all_reduce_(at::Tensor tensor, int64_t comm);
 at::Tensor shm_all_gather_last_dim(const at::Tensor& tensor, int64_t comm, at::IntArrayRef sizes);
 
 }  // namespace autotp
