@@ -33,7 +33,7 @@ def _preloaded() -> list[str]:
     import zoo
 
     types = sorted({c["model_type"] for c in zoo.CONFIGS.values()})
-    return ["rank_checks", *[f"transformers.models.{t}.modeling_{t}" for t in types]]
+    return ["rank_checks", "comm_checks", *[f"transformers.models.{t}.modeling_{t}" for t in types]]
 
 
 @functools.cache

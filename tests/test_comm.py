@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import rank_checks
+import comm_checks
 from autotp import kernels
 from autotp.runtime import Runtime
 from autotp.comm import shm
@@ -20,7 +20,7 @@ SIZES = [1, 7, 1000, 65536 + 5, (4 << 20) // 4 + 3]  # the last spans two 4 MiB 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_shm_all_reduce_equals_gloo_and_the_exact_sum(world_size):
     sizes = SIZES + [16 << 20]  # and 64 MB of fp32 (32 MB of bf16)
-    for rank, r in enumerate(run_ranks(rank_checks.shm_against_gloo, world_size, sizes, 300)):
+    for rank, r in enumerate(run_ranks(comm_checks.shm_against_gloo, world_size, sizes, 300)):
         assert r["backends"] == ["shm", "shm"]
         assert r["left_in_dev_shm"] == [], "segment names must be removed once mapped"
         assert r["in_a_row"]
@@ -35,7 +35,7 @@ def test_shm_all_reduce_equals_gloo_and_the_exact_sum(world_size):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_shm_all_gather_equals_the_concatenation_bit_for_bit(world_size):
-    for rank, r in enumerate(run_ranks(rank_checks.shm_all_gather, world_size)):
+    for rank, r in enumerate(run_ranks(comm_checks.shm_all_gather, world_size)):
         assert r["backend"] == "shm"
         for case in r["cases"]:
             assert case["shape_ok"] and case["equal"] and case["other_differs"], (rank, case)
@@ -47,22 +47,22 @@ def test_shm_all_gather_equals_the_concatenation_bit_for_bit(world_size):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_portable_reduction_equals_the_exact_sum(world_size):
     """The plain C++ reduction CPUs without AVX-512 run, forced here."""
-    for r in run_ranks(rank_checks.shm_against_gloo, world_size, SIZES[:4], 50, True):
+    for r in run_ranks(comm_checks.shm_against_gloo, world_size, SIZES[:4], 50, True):
         assert r["in_a_row"] and all(c["exact"] for c in r["cases"]), r
 
 
 def test_a_killed_rank_is_noticed_at_once():
-    results = run_ranks(rank_checks.shm_peer_fails, 3, 1, "exit", may_exit=(1,))  # rank 1 gets SIGKILL
+    results = run_ranks(comm_checks.shm_peer_fails, 3, 1, "exit", may_exit=(1,))  # rank 1 gets SIGKILL
     for rank in (0, 2):
         r = results[rank]
         assert r["error"] and "rank 1" in r["error"] and "exited" in r["error"], r
         assert r["seconds"] < 3, r  # the pid check, well before the 3 s timeout
-    leftovers = run_ranks(rank_checks.shm_against_gloo, 2, [10], 5)  # the next run works
+    leftovers = run_ranks(comm_checks.shm_against_gloo, 2, [10], 5)  # the next run works
     assert all(all(c["exact"] for c in r["cases"]) for r in leftovers)
 
 
 def test_a_rank_that_stalls_times_out():
-    results = run_ranks(rank_checks.shm_peer_fails, 2, 1, "stall")
+    results = run_ranks(comm_checks.shm_peer_fails, 2, 1, "stall")
     r = results[0]
     assert r["error"] and "did not reach" in r["error"] and "AUTOTP_COMM_TIMEOUT" in r["error"], r
     assert 3 <= r["seconds"] < 6, r
