@@ -18,7 +18,7 @@ KERNEL_MODES = ("auto", "native", "torch")
 COMM_MODES = ("auto", "shm", "torch")
 ATTENTION_MODES = ("auto", "sdpa")
 # instruction sets the native code may use, lowest first; "auto" takes the best the CPU has
-ISAS = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
+ISAS = ("generic", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")
 ISA_CHOICES = ("auto", *ISAS)
 DEFAULT_COMM_TIMEOUT_S = 300.0
 
@@ -46,7 +46,8 @@ class Runtime:
     kernels         ``auto``: native GEMMs where they run, else torch (said once); ``native``:
                     an error where they cannot run; ``torch``: always ``F.linear``.
     isa             the highest instruction set native code may use: ``auto`` (the best the
-                    CPU has), ``amx``, ``avx512_bf16``, ``avx512``, ``avx2``, or ``generic``
+                    CPU has), ``amx``, ``avx512_bf16``, ``avx512_vnni``, ``avx512``, ``avx2``, or
+                    ``generic``
                     (portable code only; its GEMM
                     is the spec the others are checked against and runs only with
                     ``kernels="native"``, so ``auto`` kernels then run on torch).

@@ -107,6 +107,27 @@ def test_int8_gemm_is_not_the_fp32_product_of_unquantized_activations(isa):
     assert ((y - plain).abs() <= plain.abs().max() * 1e-4).all()  # yet near it: an int16 step is 1/32767
 
 
+@pytest.mark.skipif(not {"avx512", "avx512_vnni"} <= set(kernels.available_isas()),
+                    reason="this CPU lacks AVX512-VNNI (or the extension is not built)")
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 13])
+def test_vnni_int8_equals_avx512_bit_for_bit(m):
+    """vpdpwssd adds the same exact int32 products that vpmaddwd + vpaddd do (no saturation:
+    |sum| < 2^31 by the spec), so AVX512-VNNI's results are AVX-512's, every bit, on the
+    register path (up to 4 rows) and the panel one, with ragged groups and an offset; the
+    negative control: a weight one step different changes them."""
+    w, x = bf16(200, 1000, seed=40), bf16(m, 1000, seed=41) * 30
+    q, s = kernels.quantize_int8(w, 96, 17)
+    qp, sp = kernels.prepack_int8(q, s)
+    b = torch.randn(200)
+    got, want = (kernels.linear_int8(x, qp, sp, b, 200, 96, 17, out_dtype=torch.float32, isa=i)
+                 for i in ("avx512_vnni", "avx512"))
+    assert torch.equal(got, want)
+    q[7, 500] = q[7, 500] + (1 if q[7, 500] < 127 else -1)
+    other = kernels.linear_int8(x, *kernels.prepack_int8(q, s), b, 200, 96, 17, out_dtype=torch.float32,
+                                isa="avx512_vnni")
+    assert not torch.equal(other, want) and torch.equal(other[:, :7], want[:, :7])
+
+
 def test_quantize_follows_its_definition():
     w = bf16(5, 10, seed=0)
     w[1] = 0  # an all-zero row gets scale 1, not a division by zero

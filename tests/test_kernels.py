@@ -32,6 +32,8 @@ def test_extension_builds_and_picks_the_best_path_the_cpu_has():
         assert ok and why == "amx", why
     elif AVX512 | {"fma", "avx512_bf16"} <= flags:
         assert ok and why == "avx512_bf16", why
+    elif AVX512 | {"fma", "avx512_vnni"} <= flags:
+        assert ok and why == "avx512_vnni", why
     elif AVX512 | {"fma"} <= flags:
         assert ok and why == "avx512", why
     elif {"avx2", "fma"} <= flags:
@@ -330,8 +332,11 @@ def test_packing_in_row_chunks_with_release_equals_whole():
 
 @pytest.mark.skipif(not PATHS, reason="extension unavailable")
 def test_each_call_goes_to_the_first_table_down_the_list_that_serves_it():
-    """AVX512-BF16 and AMX add only bf16-activation tiles (AMX from 5 rows): fp32 activations
-    and INT8 go to AVX-512, decoding rows under AMX to AVX512-BF16; the other tables serve all."""
+    """AVX512-BF16 and AMX add only bf16-activation tiles (AMX from 5 rows), AVX512-VNNI only an
+    INT8 tile: fp32 activations go to AVX-512, INT8 to AVX512-VNNI where the CPU has it,
+    decoding rows under AMX to AVX512-BF16; the other tables serve all."""
+    int8_top = "avx512_vnni" if "avx512_vnni" in PATHS else "avx512"
+    above_avx512 = ("amx", "avx512_bf16", "avx512_vnni")
     for isa in PATHS:
         for dtype in (torch.bfloat16, torch.float32):
             for rows in (1, 4, 5, 64):
@@ -340,12 +345,15 @@ def test_each_call_goes_to_the_first_table_down_the_list_that_serves_it():
                     want = "amx" if rows >= 5 else "avx512_bf16"
                 elif isa in ("amx", "avx512_bf16"):
                     want = "avx512_bf16" if dtype == torch.bfloat16 else "avx512"
+                elif isa == "avx512_vnni":
+                    want = "avx512"
                 else:
                     want = isa
                 assert got == want, (isa, dtype, rows, got)
-        assert kernels.serving_isa(isa, "int8") == ("avx512" if isa in ("amx", "avx512_bf16") else isa)
+        assert kernels.serving_isa(isa, "int8") == (int8_top if isa in above_avx512 else isa)
         # INT4: bf16 activations take AVX512-BF16's dot products, fp32 ones the AVX-512 tile
-        assert kernels.serving_isa(isa, "int4", torch.bfloat16) == ("avx512_bf16" if isa == "amx" else isa)
-        assert kernels.serving_isa(isa, "int4", torch.float32) == ("avx512" if isa in ("amx", "avx512_bf16") else isa)
+        assert kernels.serving_isa(isa, "int4", torch.bfloat16) == (
+            "avx512_bf16" if isa == "amx" else "avx512" if isa == "avx512_vnni" else isa)
+        assert kernels.serving_isa(isa, "int4", torch.float32) == ("avx512" if isa in above_avx512 else isa)
     with pytest.raises(RuntimeError, match="weight must be bf16, int8 or int4"):
         kernels.serving_isa("", "int2")

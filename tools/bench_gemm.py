@@ -1,7 +1,7 @@
 """Every GEMM path this CPU can run, side by side in one run: autotp's bf16 GEMM as dispatched
-by default (``auto``) and forced onto each instruction set (generic, avx2, avx512, avx512_bf16,
-amx, as the CPU allows), torch's bf16 ``F.linear``, its prepacked oneDNN linear (where oneDNN
-has native bf16 here) and fp32 ``F.linear``; then autotp's weight-only INT8 and INT4 (symmetric)
+by default (``auto``) and forced onto each instruction set (generic, avx2, avx512, avx512_vnni,
+avx512_bf16, amx, as the CPU allows), torch's bf16 ``F.linear``, its prepacked oneDNN linear
+(where oneDNN has native bf16 here) and fp32 ``F.linear``; then autotp's weight-only INT8 and INT4 (symmetric)
 GEMMs on each path that serves them.
 Timings interleave (every path once per round), so machine noise falls on all alike.
 

@@ -35,7 +35,7 @@ from autotp.kernels.selfcheck import check_paths
 from autotp.runtime import ENV_NAMES, ISAS, Runtime, put_on_path, resolve
 
 ENV = ENV_NAMES["kernels"]
-FAST_ISAS = ("avx2", "avx512", "avx512_bf16", "amx")  # paths Runtime(kernels="auto") uses; "generic" is the spec, run when forced
+FAST_ISAS = ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")  # paths Runtime(kernels="auto") uses; "generic" is the spec, run when forced
 
 
 def _ensure_ninja_on_path() -> None:

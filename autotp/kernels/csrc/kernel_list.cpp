@@ -15,6 +15,7 @@ const std::vector<const KernelTable*>& kernel_tables() {
 #if AUTOTP_X86_TABLES
       &amx_table(),
       &avx512_bf16_table(),
+      &avx512_vnni_table(),
       &avx512_table(),
       &avx2_table(),
 #endif

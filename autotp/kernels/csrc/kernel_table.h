@@ -2,10 +2,11 @@
 // layouts and arguments they share.
 //
 // An instruction set is one file (isa_generic.cpp, isa_avx2.cpp, isa_avx512.cpp,
-// isa_avx512_bf16.cpp, isa_amx.cpp) that fills a KernelTable; kernel_list.cpp lists the tables
-// this architecture compiles, best first. The registration code (ops.cpp) checks arguments,
-// splits the work and picks a table by name, then per call the first table from there down that
-// serves the call (serving_table); the epilogue (epilogue.h) is shared by all.
+// isa_avx512_vnni.cpp, isa_avx512_bf16.cpp, isa_amx.cpp) that fills a KernelTable;
+// kernel_list.cpp lists the tables this architecture compiles, best first. The registration
+// code (ops.cpp) checks arguments, splits the work and picks a table by name, then per call the
+// first table from there down that serves the call (serving_table); the epilogue (epilogue.h)
+// is shared by all.
 //
 // BF16 packed weight: W [N, K] -> [NG, K2, 128] bf16, NG = ceil(N / 64), K2 = ceil(K / 2),
 //   element (g, p, 32 j + 2 i + s) = W[64 g + 16 j + i, 2 p + s], zero past N or K. A group of
@@ -157,6 +158,7 @@ const KernelTable& generic_table();
 #if AUTOTP_X86_TABLES
 const KernelTable& avx2_table();
 const KernelTable& avx512_table();
+const KernelTable& avx512_vnni_table();
 const KernelTable& avx512_bf16_table();
 const KernelTable& amx_table();
 #endif

@@ -1,0 +1,47 @@
+// The AVX512-VNNI path (Cascade Lake, Ice Lake, Sapphire Rapids and later Xeons, AMD Zen 4 and
+// later): INT8 only. vpdpwssd multiplies the int16 pairs of the activations by the weights'
+// and adds both products to the int32 sums in one instruction, where AVX-512 issues vpmaddwd
+// then vpaddd. The products and sums are the same exact integers (the spec, kernel_table.h:
+// |sum| < 2^31, and vpdpwssd does not saturate), so results are identical to the AVX-512 path
+// bit for bit. Everything else is left to the AVX-512 table below it.
+#include "kernel_table.h"
+
+#if AUTOTP_X86_TABLES
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace autotp {
+namespace {
+
+bool supported() {
+  __builtin_cpu_init();
+  return avx512_table().supported() && __builtin_cpu_supports("avx512vnni");
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")
+
+#include "avx512_vector.h"
+
+struct Avx512Vnni : Avx512 {
+  static A madd(X x, W w, A acc) { return _mm512_dpwssd_epi32(acc, x, w); }
+};
+
+#include "gemm_tiles.h"
+
+#pragma GCC pop_options
+
+}  // namespace
+
+const KernelTable& avx512_vnni_table() {
+  static const KernelTable table{"avx512_vnni", supported, nullptr, nullptr, 0, 0, 0, int8_tile<Avx512Vnni>, nullptr,
+                                 nullptr, avx512_table().sum_bf16, avx512_table().sum_f32, avx512_table().stream_read,
+                                 nullptr};
+  return table;
+}
+
+}  // namespace autotp
+
+#endif  // AUTOTP_X86_TABLES
