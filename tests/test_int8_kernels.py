@@ -156,10 +156,15 @@ def test_quantizing_a_slice_on_group_boundaries_equals_slicing_the_quantized_who
 def test_packed_layouts_follow_their_definition():
     q, s = kernels.quantize_int8(bf16(70, 9, seed=2), 4)
     qp, sp = kernels.prepack_int8(q, s)
-    assert qp.shape == (2, 9, 64) and sp.shape == (2, 3, 64)
+    assert qp.shape == (2, 5, 128) and sp.shape == (2, 3, 64)
     for n in (0, 5, 63, 64, 69):
-        assert torch.equal(qp[n // 64, :, n % 64], q[n]) and torch.equal(sp[n // 64, :, n % 64], s[n])
-    assert (qp[1, :, 6:] == 0).all() and (sp[1, :, 6:] == 0).all()  # past N
+        for k in range(9):  # element (g, p, 2 c + r) = Q[64 g + c, 2 p + r]
+            assert qp[n // 64, k // 2, 2 * (n % 64) + k % 2] == q[n, k]
+        assert torch.equal(sp[n // 64, :, n % 64], s[n])
+    assert (qp[:, 4, 1::2] == 0).all()  # past K (9 columns: the last pair's second)
+    assert (qp[1, :, 12:] == 0).all() and (sp[1, :, 6:] == 0).all()  # past N
+    back = kernels.unpack_int8(qp, sp, 70, 9)
+    assert torch.equal(back[0], q) and torch.equal(back[1], s)
 
 
 @paths

@@ -30,7 +30,8 @@ import torch
 
 # weight-only INT4: its definition and layouts (re-exported here beside INT8's)
 from autotp.kernels.int4 import (GROUP_N, dequantize_int4, group_major, group_view, linear_int4,  # noqa: F401
-                                 pack_int4, prepack_int4, quantize_int4, unpack_int4, unprepack_int4)
+                                 pack_int4, pair_major, prepack_int4, quantize_int4, unpack_int4, unpair_major,
+                                 unprepack_int4)
 from autotp.kernels.selfcheck import check_paths
 from autotp.runtime import ENV_NAMES, ISAS, Runtime, put_on_path, resolve
 
@@ -330,17 +331,18 @@ def int8_activations(x: torch.Tensor, group_size: int | None = None, group_offse
 
 
 def prepack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q [N, K] int8, S [N, KG] fp32) -> the layouts linear_int8 reads: Q as [ceil(N/64), K, 64]
-    with element (g, k, c) = Q[64 g + c, k], S as [ceil(N/64), KG, 64] likewise; zero past N."""
-    return group_major(q), group_major(scales.float())
+    """(Q [N, K] int8, S [N, KG] fp32) -> the layouts linear_int8 reads: Q as [ceil(N/64),
+    ceil(K/2), 128] with element (g, p, 2 c + r) = Q[64 g + c, 2 p + r] (each column's pair of K
+    side by side), S as [ceil(N/64), KG, 64] with element (g, t, c) = S[64 g + c, t]; zero past N
+    or K."""
+    return pair_major(q), group_major(scales.float())
 
 
-def unpack_int8(qpacked: torch.Tensor, spacked: torch.Tensor, out_features: int
+def unpack_int8(qpacked: torch.Tensor, spacked: torch.Tensor, out_features: int, in_features: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q [N, K], S [N, KG]) back from the layouts of :func:`prepack_int8`."""
-    def unpack(t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).reshape(t.shape[0] * GROUP_N, t.shape[1])[:out_features].contiguous()
-    return unpack(qpacked), unpack(spacked)
+    scales = spacked.transpose(1, 2).reshape(spacked.shape[0] * GROUP_N, spacked.shape[1])
+    return unpair_major(qpacked, out_features, in_features), scales[:out_features].contiguous()
 
 
 def linear_int8(x: torch.Tensor, qpacked: torch.Tensor, spacked: torch.Tensor, bias: torch.Tensor | None,

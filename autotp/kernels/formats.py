@@ -136,7 +136,8 @@ class PackedInt8(Int8Weight):
     packed = True
 
     def parts(self, layer: Holder) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels.unpack_int8(layer.weight, layer.weight_scale, layer.out_features)  # type: ignore[attr-defined]
+        return kernels.unpack_int8(layer.weight, layer.weight_scale, layer.out_features,  # type: ignore[attr-defined]
+                                   layer.in_features)  # type: ignore[attr-defined]
 
     def matmul(self, layer: Holder, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return kernels.linear_int8(x, layer.weight, layer.weight_scale, bias,  # type: ignore[attr-defined]

@@ -101,6 +101,22 @@ def group_major(t: torch.Tensor) -> torch.Tensor:
     return t.view(ng, GROUP_N, t.shape[1]).transpose(1, 2).contiguous()
 
 
+def pair_major(t: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N/64), ceil(K/2), 128], element (g, p, 2 j + r) = t[64 g + j, 2 p + r], zero
+    past N or K: the INT8 GEMM's packed weight (each column's pair of K side by side)."""
+    n, k = t.shape
+    ng, pairs = -(-n // GROUP_N), -(-k // 2)
+    t = F.pad(t, (0, 2 * pairs - k, 0, ng * GROUP_N - n))
+    return t.view(ng, GROUP_N, pairs, 2).permute(0, 2, 1, 3).reshape(ng, pairs, 2 * GROUP_N).contiguous()
+
+
+def unpair_major(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The [out_features, in_features] tensor back from :func:`pair_major`."""
+    ng, pairs = packed.shape[:2]
+    t = packed.view(ng, pairs, GROUP_N, 2).permute(0, 2, 1, 3).reshape(ng * GROUP_N, 2 * pairs)
+    return t[:out_features, :in_features].contiguous()
+
+
 def prepack_int4(u: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(U [N, K], S [N, KG], Z [N, KG] or None) -> the layouts ``linear_int4`` reads (module

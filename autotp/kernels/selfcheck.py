@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from autotp.kernels.int4 import group_major, prepack_int4  # torch only, as this module
+from autotp.kernels.int4 import group_major, pair_major, prepack_int4  # torch only, as this module
 
 # (M, N, K): odd sizes (ragged groups and K pairs), the register path (M <= 4), the panel one,
 # enough rows for the prefill tiles (AMX serves from 16 rows), and K over one pass of a tile
@@ -93,7 +93,7 @@ def _int8(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     s = torch.rand(n, groups, generator=gen) / 64
     per_column = s.repeat_interleave(INT8_GROUP, 1)[:, INT8_OFFSET:INT8_OFFSET + k]
-    return group_major(q), group_major(s), q.float() * per_column
+    return pair_major(q), group_major(s), q.float() * per_column
 
 
 def _int4(n: int, k: int, symmetric: bool

@@ -24,23 +24,19 @@ struct Avx512 {
   static F odd(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
-  // INT8 (gemm_tiles.h): 16 columns of two K rows interleaved (bytes 0-7 then 8-15 of each, as
-  // on AVX2) and widened to int16 pairs; vpmaddwd (AVX512BW): 32 exact products into 16 int32 sums
+  // INT8 (gemm_tiles.h): 16 columns' pairs of K (32 bytes of a packed pair row) widened to int16
+  // pairs; vpmaddwd (AVX512BW): 32 exact products into 16 int32 sums
   using W = __m512i;
   using X = __m512i;
   using A = __m512i;
-  static W pair8(const int8_t* r0, const int8_t* r1) {
-    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0));
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1));
-    return _mm512_cvtepi8_epi16(
-        _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(a, b)), _mm_unpackhi_epi8(a, b), 1));
-  }
+  static W wpair(const int8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static X xpair(const int16_t* p) {
     int32_t v;
     __builtin_memcpy(&v, p, sizeof(v));
     return _mm512_set1_epi32(v);
   }
   static X xone(int16_t v) { return _mm512_set1_epi32(static_cast<uint16_t>(v)); }
+  static X xsecond(int16_t v) { return _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(static_cast<uint16_t>(v)) << 16)); }
   static A madd(X x, W w, A acc) { return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w)); }
   static A izero() { return _mm512_setzero_si512(); }
   // INT4 (int4_tiles.h): 16 words = both blocks of a pair of K rows

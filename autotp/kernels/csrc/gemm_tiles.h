@@ -11,14 +11,15 @@
 //     half of an fp32: a shift or a mask)
 //   mul(a, b), to_float(A): int32 lanes as fp32
 //   INT8's integer products, for W (kWidth columns of a pair of K rows, as int16 pairs), X (an
-//   activation pair broadcast) and A (kWidth int32 sums): pair8(r0, r1) (the kWidth int8 at r0
-//   and at r1, interleaved: column c's pair is (r0[c], r1[c])), xpair(p) (the int16 pair p[0],
-//   p[1]), xone(v) (the pair (v, 0)), madd(x, w, acc) = acc + x0 * w0 + x1 * w1 per column, izero()
+//   activation pair broadcast) and A (kWidth int32 sums): wpair(p) (the 2 * kWidth int8 at p,
+//   kWidth columns' pairs as the packed layout holds them, widened), xpair(p) (the int16 pair
+//   p[0], p[1]), xone(v) (the pair (v, 0)), xsecond(v) (the pair (0, v)), madd(x, w, acc) = acc +
+//   x0 * w0 + x1 * w1 per column, izero()
 //   prefetch(p)
 //   kTileM (rows per bf16 micro-kernel call, <= 6) and kTileBlocks(mt) (16-column blocks per
-//   call, 1..4), kDirectRows / kDirectCols(mt) (INT8, few rows: weights used in registers) and
-//   kPanelRows / kPanelCols (INT8 and INT4, many rows: from a panel of prepared weights); column
-//   counts are multiples of kWidth that divide 64.
+//   call, 1..4), kDirectRows / kDirectCols(mt) (INT8, few rows) and kPanelRows / kPanelCols
+//   (INT8 many rows; INT4 many rows, from a panel of dequantised weights); column counts are
+//   multiples of kWidth that divide 64.
 // bf16 accumulation is fp32 in K order everywhere, so every ISA computes the same sums up to the
 // association of the K loop's FMAs with the products (each product is rounded once); INT8's
 // sums are exact integers, scaled once per segment (int8_segments, kernel_table.h).
@@ -26,7 +27,7 @@
 #include "epilogue.h"
 
 constexpr int64_t kPrefetchPairs = 16;  // bf16 rows (256 B each) ahead: 4 KB
-constexpr int64_t kPrefetchK = 32;      // INT8 rows (64 B each) ahead: 2 KB
+constexpr int64_t kPrefetchPairs8 = 16; // INT8 pair rows (128 B each) ahead: 2 KB
 constexpr int64_t kPanelK = 256;        // K per dequantised INT4 panel (64 KB of fp32)
 
 // acc[i][.] (+)= sum over `pairs` K pairs of x[i, 2p + s] * W[block j, p, s], for MT rows of x
@@ -138,43 +139,40 @@ void bf16_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1
 }
 
 // One INT8 segment [ks, ke) (the spec, kernel_table.h) for MT rows of the int16 activations xq
-// (row stride ldq, indexed by absolute k) and CR registers of columns: int32 sums of pairs of K,
-// the pair's weights interleaved in registers from q (row stride 64, kPanel false) or read from
-// a panel of them built for this segment (kPanel true: int8_pair_panel, row stride 64 / kWidth
-// registers). An odd segment's last K pairs with a zero activation. The sums are scaled by
-// xs[i * ldxs] * s (this group's scales of the columns) into c (row stride ldc).
-template <class V, int MT, int CR, bool kPanel>
-void int8_segment(const int16_t* xq, int64_t ldq, const int8_t* q, const typename V::W* panel, int64_t ks,
-                  int64_t ke, const float* xs, int64_t ldxs, const float* s, float* c, int64_t ldc, bool first) {
-  constexpr int64_t kPanelRow = kInt8Group / V::kWidth;
+// (row stride ldq, indexed by absolute k) and CR registers of columns: int32 sums over the
+// packed pair rows at q (kInt8PairRow bytes each, q at the call's first column), each register's
+// weights widened from the pair row as they lie. A segment that starts at an odd k takes that
+// k's pair with the activation pair (0, X[k]); one that ends at an even k, its last pair with
+// (X[k], 0). The sums are scaled by xs[i * ldxs] * s (this group's scales of the columns) into c
+// (row stride ldc).
+template <class V, int MT, int CR>
+void int8_segment(const int16_t* xq, int64_t ldq, const int8_t* q, int64_t ks, int64_t ke, const float* xs,
+                  int64_t ldxs, const float* s, float* c, int64_t ldc, bool first) {
   typename V::A acc[MT][CR];
   for (int i = 0; i < MT; ++i)
     for (int r = 0; r < CR; ++r) acc[i][r] = V::izero();
-  // the pair of K rows k, k + 1 (p its index in the segment); odd: k is the segment's last.
-  // Inlined at both calls, so that acc stays in registers and `odd` folds away.
-  const auto pair = [&](int64_t k, int64_t p, bool odd) __attribute__((always_inline)) {
+  // pair row p of K with, per row i, the activations (X[2p], X[2p + 1]) (part 0), (0, X[2p + 1])
+  // (part 1) or (X[2p], 0) (part 2). Inlined at each call, so that acc stays in registers and
+  // `part` folds away.
+  const auto pair = [&](int64_t p, int part) __attribute__((always_inline)) {
+    const int8_t* row = q + p * kInt8PairRow;
     typename V::W wv[CR];
-    if constexpr (kPanel) {
-      for (int r = 0; r < CR; ++r) wv[r] = panel[p * kPanelRow + r];
-    } else {
-      const int8_t* row = q + k * kInt8Group;
-      const int8_t* next = odd ? row : row + kInt8Group;  // any row: its activation is zero
-      for (int r = 0; r < CR; ++r) wv[r] = V::pair8(row + r * V::kWidth, next + r * V::kWidth);
-    }
+    for (int r = 0; r < CR; ++r) wv[r] = V::wpair(row + 2 * r * V::kWidth);
     for (int i = 0; i < MT; ++i) {
-      const typename V::X xv = odd ? V::xone(xq[i * ldq + k]) : V::xpair(xq + i * ldq + k);
+      const int16_t* x = xq + i * ldq + 2 * p;
+      const typename V::X xv = part == 0 ? V::xpair(x) : part == 1 ? V::xsecond(x[1]) : V::xone(x[0]);
       for (int r = 0; r < CR; ++r) acc[i][r] = V::madd(xv, wv[r], acc[i][r]);
     }
   };
-  const int64_t pairs = (ke - ks) / 2;
-  for (int64_t p = 0; p < pairs; ++p) {
-    if constexpr (!kPanel) {  // (here, not in the lambda: GCC drops _mm_prefetch there)
-      V::prefetch(q + (ks + 2 * p + kPrefetchK) * kInt8Group);
-      V::prefetch(q + (ks + 2 * p + kPrefetchK + 1) * kInt8Group);
-    }
-    pair(ks + 2 * p, p, false);
+  int64_t k = ks;
+  if (k % 2) pair(k++ / 2, 1);
+  for (; k + 2 <= ke; k += 2) {
+    // (here, not in the lambda: GCC drops _mm_prefetch there)
+    V::prefetch(q + (k / 2 + kPrefetchPairs8) * kInt8PairRow);
+    V::prefetch(q + (k / 2 + kPrefetchPairs8) * kInt8PairRow + 64);
+    pair(k / 2, 0);
   }
-  if ((ke - ks) % 2) pair(ke - 1, pairs, true);
+  if (k < ke) pair(k / 2, 2);
   for (int r = 0; r < CR; ++r) {
     const typename V::F sv = V::load(s + r * V::kWidth);
     for (int i = 0; i < MT; ++i) {
@@ -185,46 +183,26 @@ void int8_segment(const int16_t* xq, int64_t ldq, const int8_t* q, const typenam
   }
 }
 
-// The weights of segment [ks, ke) of one group as int8_segment's panel: for each pair of K rows
-// (the odd last one with itself), 64 / kWidth registers of interleaved columns.
-template <class V>
-void int8_pair_panel(const int8_t* q, int64_t ks, int64_t ke, typename V::W* panel) {
-  constexpr int64_t kPanelRow = kInt8Group / V::kWidth;
-  for (int64_t k = ks; k < ke; k += 2) {
-    const int8_t* row = q + k * kInt8Group;
-    const int8_t* next = k + 1 < ke ? row + kInt8Group : row;
-    for (int64_t r = 0; r < kPanelRow; ++r)
-      panel[(k - ks) / 2 * kPanelRow + r] = V::pair8(row + r * V::kWidth, next + r * V::kWidth);
-  }
-}
+using Int8SegmentFn = void (*)(const int16_t*, int64_t, const int8_t*, int64_t, int64_t, const float*, int64_t,
+                               const float*, float*, int64_t, bool);
 
-using Int8SegmentFn = void (*)(const int16_t*, int64_t, const int8_t*, const void*, int64_t, int64_t,
-                               const float*, int64_t, const float*, float*, int64_t, bool);
-
-// int8_segment with the panel as void (one signature for both kinds)
-template <class V, int MT, int CR, bool kPanel>
-void int8_segment_fn(const int16_t* xq, int64_t ldq, const int8_t* q, const void* panel, int64_t ks, int64_t ke,
-                     const float* xs, int64_t ldxs, const float* s, float* c, int64_t ldc, bool first) {
-  int8_segment<V, MT, CR, kPanel>(xq, ldq, q, static_cast<const typename V::W*>(panel), ks, ke, xs, ldxs, s, c,
-                                  ldc, first);
-}
-
-// Registers of columns per call for MT rows: the panel's fixed width, or the direct path's,
-// which may widen as rows get fewer (kDirectCols(MT): its accumulators fill the registers).
-template <class V, bool kPanel, int MT>
+// Registers of columns per call for MT rows: the many-row tile's fixed width (kPanelCols), or
+// the few-row one's, which may widen as rows get fewer (kDirectCols(MT): its accumulators fill
+// the registers).
+template <class V, bool kMany, int MT>
 constexpr int int8_cr() {
-  return (kPanel ? V::kPanelCols : V::kDirectCols(MT)) / V::kWidth;
+  return (kMany ? V::kPanelCols : V::kDirectCols(MT)) / V::kWidth;
 }
 
-template <class V, bool kPanel>
+template <class V, bool kMany>
 Int8SegmentFn int8_pick(int64_t mt) {
   switch (mt) {
-    case 1: return int8_segment_fn<V, 1, int8_cr<V, kPanel, 1>(), kPanel>;
-    case 2: return int8_segment_fn<V, 2, int8_cr<V, kPanel, 2>(), kPanel>;
-    case 3: return int8_segment_fn<V, 3, int8_cr<V, kPanel, 3>(), kPanel>;
-    case 4: return int8_segment_fn<V, 4, int8_cr<V, kPanel, 4>(), kPanel>;
-    case 5: return int8_segment_fn<V, 5, int8_cr<V, kPanel, 5>(), kPanel>;
-    default: return int8_segment_fn<V, 6, int8_cr<V, kPanel, 6>(), kPanel>;
+    case 1: return int8_segment<V, 1, int8_cr<V, kMany, 1>()>;
+    case 2: return int8_segment<V, 2, int8_cr<V, kMany, 2>()>;
+    case 3: return int8_segment<V, 3, int8_cr<V, kMany, 3>()>;
+    case 4: return int8_segment<V, 4, int8_cr<V, kMany, 4>()>;
+    case 5: return int8_segment<V, 5, int8_cr<V, kMany, 5>()>;
+    default: return int8_segment<V, 6, int8_cr<V, kMany, 6>()>;
   }
 }
 
@@ -263,44 +241,33 @@ Int8PanelFn int8_pick_panel(int64_t mt) {
   }
 }
 
-// Up to kInt8DirectM rows each pair of weight rows is interleaved and used in registers (one
-// pass over the group's stream); with more, each segment's pairs are interleaved once into a
-// panel in cache that every row tile then reads (the same integer sums).
+// Up to kInt8DirectM rows take the few-row tiles (kDirectRows rows, kDirectCols columns: one
+// pass over the group's stream); more rows take kPanelRows x kPanelCols tiles, every tile of
+// the unit over one segment (at most 32 KB of the group's pair rows, in L1 or L2) before the
+// next. The same integer sums either way.
 template <class V>
 void int8_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
   static_assert(V::kDirectRows >= 1 && V::kDirectRows <= 6 && V::kPanelRows >= 1 && V::kPanelRows <= 6,
                 "int8_pick covers 1..6 rows");
   alignas(64) float c[kInt8BlockM * kInt8MaxItemGroups * kInt8Group];
-  alignas(64) typename V::W panel[(kInt8SegmentK + 1) / 2 * (kInt8Group / V::kWidth)];
-  const int64_t ldc = (g1 - g0) * kInt8Group, rows = m1 - m0;
+  const int64_t ldc = (g1 - g0) * kInt8Group, rows = m1 - m0, pairs = (a.K + 1) / 2;
+  const bool few = rows <= kInt8DirectM;
   for (int64_t g = g0; g < g1; ++g) {
-    const int8_t* q = a.q + g * a.K * kInt8Group;
+    const int8_t* q = a.q + g * pairs * kInt8PairRow;
     const float* s = a.s + g * a.KG * kInt8Group;
     float* cg = c + (g - g0) * kInt8Group;
-    if (rows <= kInt8DirectM) {
-      for (int64_t m = m0; m < m1; m += V::kDirectRows) {
-        const int64_t mt = std::min<int64_t>(V::kDirectRows, m1 - m), cols = V::kDirectCols(static_cast<int>(mt));
-        const Int8SegmentFn fn = int8_pick<V, false>(mt);
-        int64_t e = 0;
-        // a segment (at most 16 KB of the group) at a time, every pass over its columns while
-        // it is in L1 (a pass per column run over the whole K would fetch each line again)
-        int8_segments(0, a.K, a.G, a.O, [&](int64_t ks, int64_t ke, int64_t t) {
-          for (int64_t col = 0; col < kInt8Group; col += cols)
-            fn(a.xq + m * a.ldq, a.ldq, q + col, nullptr, ks, ke, a.xs + m * a.segs + e, a.segs,
-               s + t * kInt8Group + col, cg + (m - m0) * ldc + col, ldc, ks == 0);
-          ++e;
-        });
-      }
-      continue;
-    }
     int64_t e = 0;
+    // a segment (at most 32 KB of the group) at a time, every call over its columns and rows
+    // while it is in cache (a pass per column run over the whole K would fetch each line again)
     int8_segments(0, a.K, a.G, a.O, [&](int64_t ks, int64_t ke, int64_t t) {
-      int8_pair_panel<V>(q, ks, ke, panel);
-      for (int64_t m = m0; m < m1; m += V::kPanelRows) {
-        const Int8SegmentFn fn = int8_pick<V, true>(std::min<int64_t>(V::kPanelRows, m1 - m));
-        for (int64_t col = 0; col < kInt8Group; col += V::kPanelCols)
-          fn(a.xq + m * a.ldq, a.ldq, nullptr, panel + col / V::kWidth, ks, ke, a.xs + m * a.segs + e, a.segs,
-             s + t * kInt8Group + col, cg + (m - m0) * ldc + col, ldc, ks == 0);
+      const int64_t tile_rows = few ? V::kDirectRows : V::kPanelRows;
+      for (int64_t m = m0; m < m1; m += tile_rows) {
+        const int64_t mt = std::min<int64_t>(tile_rows, m1 - m);
+        const int64_t cols = few ? V::kDirectCols(static_cast<int>(mt)) : V::kPanelCols;
+        const Int8SegmentFn fn = few ? int8_pick<V, false>(mt) : int8_pick<V, true>(mt);
+        for (int64_t col = 0; col < kInt8Group; col += cols)
+          fn(a.xq + m * a.ldq, a.ldq, q + 2 * col, ks, ke, a.xs + m * a.segs + e, a.segs, s + t * kInt8Group + col,
+             cg + (m - m0) * ldc + col, ldc, ks == 0);
       }
       ++e;
     });

@@ -54,21 +54,20 @@ struct Avx2 {
     return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
                                                 _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
-  // INT8 (gemm_tiles.h): 8 columns of two K rows interleaved and widened to int16 pairs; vpmaddwd
-  // multiplies them by a broadcast activation pair: 16 exact products into 8 int32 sums
+  // INT8 (gemm_tiles.h): 8 columns' pairs of K (16 bytes of a packed pair row) widened to int16
+  // pairs; vpmaddwd multiplies them by a broadcast activation pair: 16 exact products into 8
+  // int32 sums
   using W = __m256i;
   using X = __m256i;
   using A = __m256i;
-  static W pair8(const int8_t* r0, const int8_t* r1) {
-    return _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r0)),
-                                                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r1))));
-  }
+  static W wpair(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static X xpair(const int16_t* p) {
     int32_t v;
     __builtin_memcpy(&v, p, sizeof(v));
     return _mm256_set1_epi32(v);
   }
   static X xone(int16_t v) { return _mm256_set1_epi32(static_cast<uint16_t>(v)); }
+  static X xsecond(int16_t v) { return _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(static_cast<uint16_t>(v)) << 16)); }
   static A madd(X x, W w, A acc) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
   static A izero() { return _mm256_setzero_si256(); }
   // INT4 (int4_tiles.h): 8 words = one block of a pair of K rows

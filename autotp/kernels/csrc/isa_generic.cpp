@@ -35,9 +35,10 @@ struct Scalar {
   using W = Int16Pair;
   using X = Int16Pair;
   using A = int32_t;
-  static W pair8(const int8_t* r0, const int8_t* r1) { return {r0[0], r1[0]}; }
+  static W wpair(const int8_t* p) { return {p[0], p[1]}; }
   static X xpair(const int16_t* p) { return {p[0], p[1]}; }
   static X xone(int16_t v) { return {v, 0}; }
+  static X xsecond(int16_t v) { return {0, v}; }
   static A madd(X x, W w, A acc) { return acc + x.lo * w.lo + x.hi * w.hi; }  // exact: the spec's bound
   static A izero() { return 0; }
   static F to_float(A v) { return static_cast<float>(v); }

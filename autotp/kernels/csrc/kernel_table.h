@@ -12,8 +12,10 @@
 //   element (g, p, 32 j + 2 i + s) = W[64 g + 16 j + i, 2 p + s], zero past N or K. A group of
 //   64 output columns is one contiguous stream; each 256-byte row holds one K pair for the
 //   group's four blocks of 16 columns, each block's 64 bytes in the "VNNI pair" order.
-// INT8 packed weight: Q [N, K] int8 -> [NG, K, 64], element (g, k, c) = Q[64 g + c, k]; scales
-//   S [N, KG] fp32 -> [NG, KG, 64]; KG = ceil((K + O) / G). The product (the spec): K is cut into
+// INT8 packed weight: Q [N, K] int8 -> [NG, K2, 128], element (g, p, 2 c + r) = Q[64 g + c, 2 p + r],
+//   zero past N or K: per group and pair of K rows one 128-byte row, each column's two weights
+//   side by side (widened to int16, 16 bytes are 8 columns' pairs, what vpmaddwd multiplies);
+//   scales S [N, KG] fp32 -> [NG, KG, 64]; KG = ceil((K + O) / G). The product (the spec): K is cut into
 //   segments e at scale-group and kInt8SegmentK boundaries (int8_segments); per row m and segment
 //   e the activations are quantised to int16 (int8_activations, ops.cpp, once for every path):
 //   xs[m, e] = a / 32767 in fp32 (a = max |x[m, k]| over e), X[m, k] = round-half-even(x[m, k] /
@@ -59,6 +61,7 @@ constexpr int64_t kFewChunkPairs = 32;
 constexpr int64_t kRowTile = 6;         // activation rows the work splitter rounds to
 
 constexpr int64_t kInt8Group = 64;        // output columns per packed INT8 group
+constexpr int64_t kInt8PairRow = 128;     // bytes of one packed INT8 pair row (a group's pair of K)
 constexpr int64_t kInt8MaxItemGroups = 4; // groups (256 columns) per unit of work
 constexpr int64_t kInt8BlockM = 96;       // activation rows per unit of work
 constexpr int64_t kInt8DirectM = 4;       // up to this many rows, weights widened in registers
@@ -96,7 +99,7 @@ struct Int8GemmArgs {  // INT8 and INT4 calls
   const float* x;     // INT4: activations as fp32, [M, K]
   const int16_t* xq;  // INT8: activations X as int16, [M, ldq], ldq > K (X[m, K] readable, any value)
   const float* xs;    // INT8: their scales, [M, segs] (segment e of row m: xs[m * segs + e])
-  const int8_t* q;    // INT8: packed weight, [NG, K, 64]
+  const int8_t* q;    // INT8: packed weight, [NG, K2, 128]
   const uint8_t* q4;  // INT4: packed weight, [NG, K, 32]
   const uint8_t* z;   // INT4: packed zero points, [NG, KG, 64], or null (8)
   const uint16_t* xb; // INT4, for int4x_tile: activations as bf16, [M, K] (x is then null)

@@ -195,9 +195,9 @@ void check_int8_packed(const at::Tensor& qpacked, const at::Tensor& spacked, int
   TORCH_CHECK(G >= 1, op, ": group_size must be at least 1, got ", G);
   TORCH_CHECK(O >= 0 && O < G, op, ": group_offset must be in [0, group_size), got ", O, " for group size ", G);
   TORCH_CHECK(qpacked.dim() == 3 && qpacked.scalar_type() == at::kChar && qpacked.size(0) == NG &&
-                  qpacked.size(1) == K && qpacked.size(2) == kInt8Group && qpacked.is_contiguous(),
-              op, ": packed weight must be contiguous int8 [", NG, ", ", K, ", 64] (prepack_int8 of an [", N, ", ",
-              K, "] weight), got ", qpacked.scalar_type(), " ", qpacked.sizes());
+                  qpacked.size(1) == ceil_div(K, 2) && qpacked.size(2) == kInt8PairRow && qpacked.is_contiguous(),
+              op, ": packed weight must be contiguous int8 [", NG, ", ", ceil_div(K, 2), ", 128] (prepack_int8 of an [",
+              N, ", ", K, "] weight), got ", qpacked.scalar_type(), " ", qpacked.sizes());
   TORCH_CHECK(spacked.dim() == 3 && spacked.scalar_type() == at::kFloat && spacked.size(0) == NG &&
                   spacked.size(1) == ceil_div(K + O, G) && spacked.size(2) == kInt8Group &&
                   spacked.is_contiguous(),
@@ -251,7 +251,7 @@ void int8_activations(const T* x, int64_t M, int64_t K, int64_t G, int64_t O, in
   });
 }
 
-// x: [..., K] bf16/fp32   qpacked: [ceil(N/64), K, 64] int8   spacked: [ceil(N/64), ceil(K/G), 64] fp32
+// x: [..., K] bf16/fp32   qpacked: [ceil(N/64), ceil(K/2), 128] int8   spacked: [ceil(N/64), ceil(K/G), 64] fp32
 // y: [..., N] = x (Q * S)^T + bias with x as int16 per segment (spec in kernel_table.h); any ISA's table.
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at::Tensor& spacked,
                        const std::optional<at::Tensor>& bias, int64_t N, int64_t group_size, int64_t group_offset,
