@@ -78,6 +78,8 @@ def test_int8_gemm_takes_the_activations_the_definition_gives(g, offset, isa):
     x[4] = 1e-42
     x[5, :20] = 1e-39
     x[6, 100:] *= 1e4
+    x[7] = 0
+    x[7, 50] = float("nan")  # a NaN among zeros: the segment's scale is NaN too, not 0
     qp, sp = identity_gemm(k, g, offset)
     xq, xs = kernels.int8_activations(x, g, offset)
     expect = xq.float() * per_column(xs, k, g, offset)

@@ -205,46 +205,87 @@ void check_int8_packed(const at::Tensor& qpacked, const at::Tensor& spacked, int
               ", 64] for group size ", G, " and offset ", O, ", got ", spacked.scalar_type(), " ", spacked.sizes());
 }
 
+// The INT8 spec's activations' two loops over a segment, compiled for AVX-512 (x86-64-v4), AVX2
+// (x86-64-v3) and baseline x86-64, the best the CPU runs picked when the extension loads
+// (target_clones): each loop is exact (an integer max, a division, adds, compares and
+// conversions, nothing reassociated), so every clone gives the same bits; the vector ones do
+// 8 or 16 divisions at once. Elsewhere, and in the portable build, one plain copy.
+#if defined(__x86_64__) && !defined(AUTOTP_PORTABLE_ONLY)
+#define AUTOTP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define AUTOTP_CLONES
+#endif
+
+inline uint32_t float_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+}
+
+// max |x| over n values as the bits of a float: the bits of |v| order as the values do, and a
+// NaN's are above every number's (0x7F800000, infinity)
+AUTOTP_CLONES uint32_t abs_max_bits(const float* x, int64_t n) {
+  uint32_t top = 0;
+  for (int64_t k = 0; k < n; ++k) top = std::max(top, float_bits(x[k]) & 0x7FFFFFFFu);
+  return top;
+}
+
+AUTOTP_CLONES uint32_t abs_max_bits(const uint16_t* x, int64_t n) {
+  uint32_t top = 0;
+  for (int64_t k = 0; k < n; ++k) top = std::max(top, (static_cast<uint32_t>(x[k]) << 16) & 0x7FFFFFFFu);
+  return top;
+}
+
+// out[k] = round-half-even(x[k] / step) clamped to +-kInt8XMax: the quotient in double, rounded by
+// adding and subtracting 1.5 * 2^52
+template <typename T>
+inline void round_to_int16(const T* x, int64_t n, double step, int16_t* out) {
+  const double round = 6755399441055744.0, x_max = kInt8XMax;
+  for (int64_t k = 0; k < n; ++k) {
+    double v;
+    if constexpr (std::is_same_v<T, float>) v = x[k];
+    else v = bf16_to_float(x[k]);
+    v = (v / step + round) - round;
+    v = v < -x_max ? -x_max : v;
+    v = v > x_max ? x_max : v;
+    out[k] = static_cast<int16_t>(static_cast<int32_t>(v));
+  }
+}
+
+AUTOTP_CLONES void quantize_int16(const float* x, int64_t n, double step, int16_t* out) {
+  round_to_int16(x, n, step, out);
+}
+
+AUTOTP_CLONES void quantize_int16(const uint16_t* x, int64_t n, double step, int16_t* out) {
+  round_to_int16(x, n, step, out);
+}
+
 // The INT8 spec's activations (kernel_table.h), made here once for every kernel table: for each
 // row of x [M, K] and each segment, xs = a / 32767 in fp32 (a = max |x|) and X = round-half-even
 // (x / xs), the quotient in double, into xq (row stride ldq; the columns past K zero). X and xs are
 // 0 when xs is (a below 32767 times the least denormal); X is 0 and xs NaN when the segment holds
-// a NaN or an infinity. One division, rounded by adding and subtracting 1.5 * 2^52: nothing a
-// compiler may fuse, so the same X on every CPU. x is read as it is (fp32, or bf16 widened on the
-// fly: no fp32 copy on the decode path).
+// a NaN or an infinity. x is read as it is (fp32, or bf16 widened on the fly: no fp32 copy on the
+// decode path).
 template <typename T>
 void int8_activations(const T* x, int64_t M, int64_t K, int64_t G, int64_t O, int16_t* xq, int64_t ldq,
                       float* xs, int64_t segs) {
-  const auto value = [](T v) {
-    if constexpr (std::is_same_v<T, float>) return v;
-    else return bf16_to_float(v);
-  };
-  const double x_max = kInt8XMax;
   at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const T* row = x + m * K;
       int16_t* out = xq + m * ldq;
       int64_t e = 0;
       int8_segments(0, K, G, O, [&](int64_t ks, int64_t ke, int64_t) {
-        float a = 0.0f;
-        bool nan = false;
-        for (int64_t k = ks; k < ke; ++k) {
-          const float v = value(row[k]);
-          a = std::max(a, std::fabs(v));
-          nan |= v != v;
-        }
+        const uint32_t top = abs_max_bits(row + ks, ke - ks);
+        float a;
+        std::memcpy(&a, &top, sizeof(a));
         float& scale = xs[m * segs + e++];
         scale = a / static_cast<float>(kInt8XMax);
-        if (nan || !(a <= std::numeric_limits<float>::max()) || scale == 0.0f) {
+        if (top >= 0x7F800000u || scale == 0.0f) {  // a NaN or an infinity; or all (nearly) zero
           scale = scale == 0.0f ? 0.0f : std::numeric_limits<float>::quiet_NaN();
           std::fill(out + ks, out + ke, int16_t{0});
           return;
         }
-        const double step = scale, round = 6755399441055744.0;
-        for (int64_t k = ks; k < ke; ++k) {
-          const double v = std::min(std::max((static_cast<double>(value(row[k])) / step + round) - round, -x_max), x_max);
-          out[k] = static_cast<int16_t>(static_cast<int32_t>(v));
-        }
+        quantize_int16(row + ks, ke - ks, static_cast<double>(scale), out + ks);
       });
       std::fill(out + K, out + ldq, int16_t{0});
     }
