@@ -205,17 +205,11 @@ void check_int8_packed(const at::Tensor& qpacked, const at::Tensor& spacked, int
               ", 64] for group size ", G, " and offset ", O, ", got ", spacked.scalar_type(), " ", spacked.sizes());
 }
 
-// The INT8 spec's activations' two loops over a segment, compiled for AVX-512 (x86-64-v4), AVX2
-// (x86-64-v3) and baseline x86-64, the best the CPU runs picked when the extension loads
-// (target_clones): each loop is exact (an integer max, a division, adds, compares and
-// conversions, nothing reassociated), so every clone gives the same bits; the vector ones do
-// 8 or 16 divisions at once. Elsewhere, and in the portable build, one plain copy.
-#if defined(__x86_64__) && !defined(AUTOTP_PORTABLE_ONLY)
-#define AUTOTP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define AUTOTP_CLONES
-#endif
-
+// The INT8 spec's activations' two loops over a segment, written once and compiled three times:
+// for the AVX-512 and AVX2 tables' instruction sets and portable, the copy taken by the table
+// that serves the GEMM (so forcing a lower ISA runs its copy too). Each loop is exact (an
+// integer max, a division, adds, compares and conversions, nothing reassociated), so every
+// copy gives the same bits; the vector ones do 8 or 16 divisions at once.
 inline uint32_t float_bits(float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
@@ -224,22 +218,20 @@ inline uint32_t float_bits(float v) {
 
 // max |x| over n values as the bits of a float: the bits of |v| order as the values do, and a
 // NaN's are above every number's (0x7F800000, infinity)
-AUTOTP_CLONES uint32_t abs_max_bits(const float* x, int64_t n) {
+template <typename T>
+__attribute__((always_inline)) inline uint32_t abs_max_bits(const T* x, int64_t n) {
   uint32_t top = 0;
-  for (int64_t k = 0; k < n; ++k) top = std::max(top, float_bits(x[k]) & 0x7FFFFFFFu);
-  return top;
-}
-
-AUTOTP_CLONES uint32_t abs_max_bits(const uint16_t* x, int64_t n) {
-  uint32_t top = 0;
-  for (int64_t k = 0; k < n; ++k) top = std::max(top, (static_cast<uint32_t>(x[k]) << 16) & 0x7FFFFFFFu);
+  for (int64_t k = 0; k < n; ++k) {
+    if constexpr (std::is_same_v<T, float>) top = std::max(top, float_bits(x[k]) & 0x7FFFFFFFu);
+    else top = std::max(top, (static_cast<uint32_t>(x[k]) << 16) & 0x7FFFFFFFu);
+  }
   return top;
 }
 
 // out[k] = round-half-even(x[k] / step) clamped to +-kInt8XMax: the quotient in double, rounded by
 // adding and subtracting 1.5 * 2^52
 template <typename T>
-inline void round_to_int16(const T* x, int64_t n, double step, int16_t* out) {
+__attribute__((always_inline)) inline void round_to_int16(const T* x, int64_t n, double step, int16_t* out) {
   const double round = 6755399441055744.0, x_max = kInt8XMax;
   for (int64_t k = 0; k < n; ++k) {
     double v;
@@ -252,12 +244,40 @@ inline void round_to_int16(const T* x, int64_t n, double step, int16_t* out) {
   }
 }
 
-AUTOTP_CLONES void quantize_int16(const float* x, int64_t n, double step, int16_t* out) {
-  round_to_int16(x, n, step, out);
-}
+template <typename T>
+struct ActivationLoops {
+  uint32_t (*abs_max_bits)(const T*, int64_t);
+  void (*round_to_int16)(const T*, int64_t, double, int16_t*);
+};
 
-AUTOTP_CLONES void quantize_int16(const uint16_t* x, int64_t n, double step, int16_t* out) {
-  round_to_int16(x, n, step, out);
+#define AUTOTP_ACTIVATION_LOOPS(NAME, ATTR)                                                          \
+  template <typename T>                                                                            \
+  ATTR uint32_t abs_max_bits_##NAME(const T* x, int64_t n) { return abs_max_bits(x, n); }           \
+  template <typename T>                                                                            \
+  ATTR void round_to_int16_##NAME(const T* x, int64_t n, double step, int16_t* out) {               \
+    round_to_int16(x, n, step, out);                                                               \
+  }                                                                                                \
+  template <typename T>                                                                            \
+  constexpr ActivationLoops<T> loops_##NAME{abs_max_bits_##NAME<T>, round_to_int16_##NAME<T>};
+
+AUTOTP_ACTIVATION_LOOPS(portable, )
+#if AUTOTP_X86_TABLES
+AUTOTP_ACTIVATION_LOOPS(avx2, __attribute__((target("avx2,fma"))))
+AUTOTP_ACTIVATION_LOOPS(avx512, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))))
+#endif
+#undef AUTOTP_ACTIVATION_LOOPS
+
+// the copy for the table that serves the GEMM: the instruction sets its own supported() checked
+template <typename T>
+const ActivationLoops<T>& activation_loops(const KernelTable& table) {
+#if AUTOTP_X86_TABLES
+  const std::string name = table.name;
+  if (name == "avx2") return loops_avx2<T>;
+  if (name.rfind("avx512", 0) == 0 || name == "amx") return loops_avx512<T>;
+#else
+  (void)table;
+#endif
+  return loops_portable<T>;
 }
 
 // The INT8 spec's activations (kernel_table.h), made here once for every kernel table: for each
@@ -267,15 +287,15 @@ AUTOTP_CLONES void quantize_int16(const uint16_t* x, int64_t n, double step, int
 // a NaN or an infinity. x is read as it is (fp32, or bf16 widened on the fly: no fp32 copy on the
 // decode path).
 template <typename T>
-void int8_activations(const T* x, int64_t M, int64_t K, int64_t G, int64_t O, int16_t* xq, int64_t ldq,
-                      float* xs, int64_t segs) {
+void int8_activations(const ActivationLoops<T>& loops, const T* x, int64_t M, int64_t K, int64_t G, int64_t O,
+                      int16_t* xq, int64_t ldq, float* xs, int64_t segs) {
   at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const T* row = x + m * K;
       int16_t* out = xq + m * ldq;
       int64_t e = 0;
       int8_segments(0, K, G, O, [&](int64_t ks, int64_t ke, int64_t) {
-        const uint32_t top = abs_max_bits(row + ks, ke - ks);
+        const uint32_t top = loops.abs_max_bits(row + ks, ke - ks);
         float a;
         std::memcpy(&a, &top, sizeof(a));
         float& scale = xs[m * segs + e++];
@@ -285,7 +305,7 @@ void int8_activations(const T* x, int64_t M, int64_t K, int64_t G, int64_t O, in
           std::fill(out + ks, out + ke, int16_t{0});
           return;
         }
-        quantize_int16(row + ks, ke - ks, static_cast<double>(scale), out + ks);
+        loops.round_to_int16(row + ks, ke - ks, static_cast<double>(scale), out + ks);
       });
       std::fill(out + K, out + ldq, int16_t{0});
     }
@@ -307,14 +327,16 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   const int64_t ldq = K + 2;  // even, and X[m, K] (an odd tail's unused partner) readable
   const at::Tensor xq = at::empty({M, ldq}, x.options().dtype(at::kShort));
   const at::Tensor xs = at::empty({M, segs}, x.options().dtype(at::kFloat));
+  const KernelTable& table = serving_table(*call.table, CallKind::kInt8, M);
   if (x.scalar_type() == at::kBFloat16) {
     const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
-    int8_activations(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, group_size,
-                     group_offset, xq.data_ptr<int16_t>(), ldq, xs.data_ptr<float>(), segs);
+    const auto* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    int8_activations(activation_loops<uint16_t>(table), xb, M, K, group_size, group_offset, xq.data_ptr<int16_t>(),
+                     ldq, xs.data_ptr<float>(), segs);
   } else {
     const at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
-    int8_activations(xf.data_ptr<float>(), M, K, group_size, group_offset, xq.data_ptr<int16_t>(), ldq,
-                     xs.data_ptr<float>(), segs);
+    int8_activations(activation_loops<float>(table), xf.data_ptr<float>(), M, K, group_size, group_offset,
+                     xq.data_ptr<int16_t>(), ldq, xs.data_ptr<float>(), segs);
   }
   Int8GemmArgs args{nullptr, xq.data_ptr<int16_t>(), xs.data_ptr<float>(), qpacked.data_ptr<int8_t>(), nullptr,
                     nullptr, nullptr, spacked.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
@@ -323,7 +345,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   const int64_t rows = M <= kInt8DirectM
       ? M  // few rows: one tile, so each weight row is read once
       : std::min(kInt8BlockM, ceil_div(ceil_div(M, ceil_div(M, kInt8BlockM)), kRowTile) * kRowTile);
-  const auto tile = serving_table(*call.table, CallKind::kInt8, M).int8_tile;
+  const auto tile = table.int8_tile;
   for_each_unit(M, rows, qpacked.size(0), kInt8MaxItemGroups, 1,
                 [&](int64_t m0, int64_t m1, int64_t g0, int64_t g1) { tile(args, m0, m1, g0, g1); });
   return out;
