@@ -143,7 +143,7 @@ def print_tables(rows: list, bw: dict[str, float], threads: int) -> None:
                                           for nm in names if not nm.startswith(("F.", "oneDNN")))
         print(line)
     quant = [nm for nm in rows[0][4] if nm.startswith(("int8", "int4"))]
-    print(f"\nINT8 and INT4 weights (bf16 activations): ms, and time / auto bf16 time")
+    print("\nINT8 and INT4 weights (bf16 activations): ms, and time / auto bf16 time")
     print(f"{'N x K':>11} {'M':>5} " + "".join(f"{nm:>18}" for nm in quant))
     for n, k, m, qbytes, t, rounds in rows:
         line = f"{n:>5}x{k:<5} {m:>5} " + "".join(f"{t[nm] * 1e3:10.2f} {1 / ratio(rounds, nm, 'auto'):5.2f}x"
