@@ -29,14 +29,18 @@ struct Avx512 {
   using W = __m512i;
   using X = __m512i;
   using A = __m512i;
-  static W wpair(const int8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static W wpair(const int8_t* p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
   static X xpair(const int16_t* p) {
     int32_t v;
     __builtin_memcpy(&v, p, sizeof(v));
     return _mm512_set1_epi32(v);
   }
   static X xone(int16_t v) { return _mm512_set1_epi32(static_cast<uint16_t>(v)); }
-  static X xsecond(int16_t v) { return _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(static_cast<uint16_t>(v)) << 16)); }
+  static X xsecond(int16_t v) {
+    return _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(static_cast<uint16_t>(v)) << 16));
+  }
   static A madd(X x, W w, A acc) { return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w)); }
   static A izero() { return _mm512_setzero_si512(); }
   // INT4 (int4_tiles.h): 16 words = both blocks of a pair of K rows

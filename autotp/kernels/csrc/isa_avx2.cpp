@@ -67,7 +67,9 @@ struct Avx2 {
     return _mm256_set1_epi32(v);
   }
   static X xone(int16_t v) { return _mm256_set1_epi32(static_cast<uint16_t>(v)); }
-  static X xsecond(int16_t v) { return _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(static_cast<uint16_t>(v)) << 16)); }
+  static X xsecond(int16_t v) {
+    return _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(static_cast<uint16_t>(v)) << 16));
+  }
   static A madd(X x, W w, A acc) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
   static A izero() { return _mm256_setzero_si256(); }
   // INT4 (int4_tiles.h): 8 words = one block of a pair of K rows
