@@ -30,8 +30,8 @@ import torch
 
 # weight-only INT4: its definition and layouts (re-exported here beside INT8's)
 from autotp.kernels.int4 import (GROUP_N, dequantize_int4, group_major, group_view, linear_int4,  # noqa: F401
-                                 pack_int4, pair_major, prepack_int4, quantize_int4, unpack_int4, unpair_major,
-                                 unprepack_int4)
+                                 pack_int4, pair_major, prepack_int4, quantize_int4, ungroup_major, unpack_int4,
+                                 unpair_major, unprepack_int4)
 from autotp.kernels.selfcheck import check_paths
 from autotp.runtime import ENV_NAMES, ISAS, Runtime, put_on_path, resolve
 
@@ -341,8 +341,7 @@ def prepack_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, t
 def unpack_int8(qpacked: torch.Tensor, spacked: torch.Tensor, out_features: int, in_features: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q [N, K], S [N, KG]) back from the layouts of :func:`prepack_int8`."""
-    scales = spacked.transpose(1, 2).reshape(spacked.shape[0] * GROUP_N, spacked.shape[1])
-    return unpair_major(qpacked, out_features, in_features), scales[:out_features].contiguous()
+    return unpair_major(qpacked, out_features, in_features), ungroup_major(spacked, out_features)
 
 
 def linear_int8(x: torch.Tensor, qpacked: torch.Tensor, spacked: torch.Tensor, bias: torch.Tensor | None,

@@ -101,6 +101,11 @@ def group_major(t: torch.Tensor) -> torch.Tensor:
     return t.view(ng, GROUP_N, t.shape[1]).transpose(1, 2).contiguous()
 
 
+def ungroup_major(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The [n, C] tensor back from :func:`group_major`."""
+    return t.transpose(1, 2).reshape(t.shape[0] * GROUP_N, t.shape[1])[:n].contiguous()
+
+
 def pair_major(t: torch.Tensor) -> torch.Tensor:
     """[N, K] -> [ceil(N/64), ceil(K/2), 128], element (g, p, 2 j + r) = t[64 g + j, 2 p + r], zero
     past N or K: the INT8 GEMM's packed weight (each column's pair of K side by side)."""
@@ -137,11 +142,8 @@ def unprepack_int4(qpacked: torch.Tensor, spacked: torch.Tensor, zpacked: torch.
     b = qpacked.view(ng, pairs, 2, 16, 2)  # [g, p, h, i, r]
     parts = torch.stack((b & 15, b >> 4), dim=-1)  # [g, p, h, i, r, nibble]
     u = parts.permute(0, 2, 5, 3, 1, 4).reshape(ng * GROUP_N, 2 * pairs)[:out_features, :in_features]
-
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).reshape(t.shape[0] * GROUP_N, t.shape[1])[:out_features].contiguous()
-
-    return u.contiguous(), rows(spacked), None if zpacked is None else rows(zpacked)
+    zeros = None if zpacked is None else ungroup_major(zpacked, out_features)
+    return u.contiguous(), ungroup_major(spacked, out_features), zeros
 
 
 def linear_int4(x: torch.Tensor, qpacked: torch.Tensor, spacked: torch.Tensor, zpacked: torch.Tensor | None,
