@@ -42,9 +42,10 @@ struct Avx512Vnni : Avx512 {
 }  // namespace
 
 const KernelTable& avx512_vnni_table() {
+  const KernelTable& below = avx512_table();
   static const KernelTable table{"avx512_vnni", supported, nullptr, nullptr, 0, 0, 0, int8_tile<Avx512Vnni>, nullptr,
-                                 nullptr, avx512_table().sum_bf16, avx512_table().sum_f32, avx512_table().stream_read,
-                                 nullptr};
+                                 nullptr, below.sum_bf16, below.sum_f32, below.stream_read, nullptr, below.int8_x_bf16,
+                                 below.int8_x_f32};
   return table;
 }
 

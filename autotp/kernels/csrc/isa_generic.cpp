@@ -48,6 +48,7 @@ struct Scalar {
 };
 
 #include "gemm_tiles.h"
+#include "int8_activations.h"
 #include "attention_tiles.h"
 
 // INT4, the spec (kernel_table.h): each weight (float(U - Z)) * S rounded once, x times it
@@ -110,7 +111,8 @@ bool always() { return true; }
 
 const KernelTable& generic_table() {
   static const KernelTable table{"generic", always, bf16_tile<Scalar>, nullptr, 0, 0, 0, int8_tile<Scalar>, int4_tile, nullptr, sum_bf16, sum_f32,
-                                 stream_read, attend_bf16_rows<Scalar>};
+                                 stream_read, attend_bf16_rows<Scalar>,
+                                 int8_activation_rows<uint16_t>, int8_activation_rows<float>};
   return table;
 }
 

@@ -17,7 +17,7 @@
 //   side by side (widened to int16, 16 bytes are 8 columns' pairs, what vpmaddwd multiplies);
 //   scales S [N, KG] fp32 -> [NG, KG, 64]; KG = ceil((K + O) / G). The product (the spec): K is cut into
 //   segments e at scale-group and kInt8SegmentK boundaries (int8_segments); per row m and segment
-//   e the activations are quantised to int16 (int8_activations, ops.cpp, once for every path):
+//   e the activations are quantised to int16 (int8_activations.h, each table's own copy, the same bits):
 //   xs[m, e] = a / 32767 in fp32 (a = max |x[m, k]| over e), X[m, k] = round-half-even(x[m, k] /
 //   xs[m, e]) (X and xs 0 when xs underflows to 0; X 0 and xs NaN when e holds a NaN or infinity,
 //   so the NaN shows). Then
@@ -44,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace autotp {
@@ -111,6 +112,11 @@ struct Int8GemmArgs {  // INT8 and INT4 calls
   int64_t ldq, segs;  // INT8
 };
 
+// INT8's activations (the spec above) of rows [m0, m1) of x [M, K] into xq [M, ldq] and xs [M, segs]
+template <typename T>
+using Int8ActivationRows = void (*)(const T* x, int64_t m0, int64_t m1, int64_t K, int64_t G, int64_t O,
+                                    int16_t* xq, int64_t ldq, float* xs, int64_t segs);
+
 // What one instruction set provides. Tiles compute rows [m0, m1) (at most kBlockM) and blocks
 // of 16 columns [b0, b1) (b0 a multiple of 4, at most kMaxItemBlocks; a bf16x tile may ask for
 // other limits) of the bf16 GEMM, or
@@ -146,6 +152,10 @@ struct KernelTable {
   // the next table down serves it
   void (*attend_bf16)(const float* q, const uint16_t* k, const uint16_t* v, const float* const* bias, float scale,
                       float* out, float* scratch, int64_t G, int64_t L, int64_t D);
+  // INT8's activations from bf16 or fp32 x (int8_activations.h), compiled for this table's
+  // instruction set; every table with an int8_tile has them
+  Int8ActivationRows<uint16_t> int8_x_bf16;
+  Int8ActivationRows<float> int8_x_f32;
 };
 
 // The x86 tables are compiled on x86-64 unless the build asks for portable code only

@@ -205,110 +205,15 @@ void check_int8_packed(const at::Tensor& qpacked, const at::Tensor& spacked, int
               ", 64] for group size ", G, " and offset ", O, ", got ", spacked.scalar_type(), " ", spacked.sizes());
 }
 
-// The INT8 spec's activations' two loops over a segment, written once and compiled three times:
-// for the AVX-512 and AVX2 tables' instruction sets and portable, the copy taken by the table
-// that serves the GEMM (so forcing a lower ISA runs its copy too). Each loop is exact (an
-// integer max, a division, adds, compares and conversions, nothing reassociated), so every
-// copy gives the same bits; the vector ones do 8 or 16 divisions at once.
-inline uint32_t float_bits(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  return bits;
-}
-
-// max |x| over n values as the bits of a float: the bits of |v| order as the values do, and a
-// NaN's are above every number's (0x7F800000, infinity)
-template <typename T>
-__attribute__((always_inline)) inline uint32_t abs_max_bits(const T* x, int64_t n) {
-  uint32_t top = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    if constexpr (std::is_same_v<T, float>) top = std::max(top, float_bits(x[k]) & 0x7FFFFFFFu);
-    else top = std::max(top, (static_cast<uint32_t>(x[k]) << 16) & 0x7FFFFFFFu);
-  }
-  return top;
-}
-
-// out[k] = round-half-even(x[k] / step) clamped to +-kInt8XMax: the quotient in double, rounded by
-// adding and subtracting 1.5 * 2^52
-template <typename T>
-__attribute__((always_inline)) inline void round_to_int16(const T* x, int64_t n, double step, int16_t* out) {
-  const double round = 6755399441055744.0, x_max = kInt8XMax;
-  for (int64_t k = 0; k < n; ++k) {
-    double v;
-    if constexpr (std::is_same_v<T, float>) v = x[k];
-    else v = bf16_to_float(x[k]);
-    v = (v / step + round) - round;
-    v = v < -x_max ? -x_max : v;
-    v = v > x_max ? x_max : v;
-    out[k] = static_cast<int16_t>(static_cast<int32_t>(v));
-  }
-}
-
-template <typename T>
-struct ActivationLoops {
-  uint32_t (*abs_max_bits)(const T*, int64_t);
-  void (*round_to_int16)(const T*, int64_t, double, int16_t*);
-};
-
-#define AUTOTP_ACTIVATION_LOOPS(NAME, ATTR)                                                          \
-  template <typename T>                                                                            \
-  ATTR uint32_t abs_max_bits_##NAME(const T* x, int64_t n) { return abs_max_bits(x, n); }           \
-  template <typename T>                                                                            \
-  ATTR void round_to_int16_##NAME(const T* x, int64_t n, double step, int16_t* out) {               \
-    round_to_int16(x, n, step, out);                                                               \
-  }                                                                                                \
-  template <typename T>                                                                            \
-  constexpr ActivationLoops<T> loops_##NAME{abs_max_bits_##NAME<T>, round_to_int16_##NAME<T>};
-
-AUTOTP_ACTIVATION_LOOPS(portable, )
-#if AUTOTP_X86_TABLES
-AUTOTP_ACTIVATION_LOOPS(avx2, __attribute__((target("avx2,fma"))))
-AUTOTP_ACTIVATION_LOOPS(avx512, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))))
-#endif
-#undef AUTOTP_ACTIVATION_LOOPS
-
-// the copy for the table that serves the GEMM: the instruction sets its own supported() checked
-template <typename T>
-const ActivationLoops<T>& activation_loops(const KernelTable& table) {
-#if AUTOTP_X86_TABLES
-  const std::string name = table.name;
-  if (name == "avx2") return loops_avx2<T>;
-  if (name.rfind("avx512", 0) == 0 || name == "amx") return loops_avx512<T>;
-#else
-  (void)table;
-#endif
-  return loops_portable<T>;
-}
-
-// The INT8 spec's activations (kernel_table.h), made here once for every kernel table: for each
-// row of x [M, K] and each segment, xs = a / 32767 in fp32 (a = max |x|) and X = round-half-even
-// (x / xs), the quotient in double, into xq (row stride ldq; the columns past K zero). X and xs are
-// 0 when xs is (a below 32767 times the least denormal); X is 0 and xs NaN when the segment holds
-// a NaN or an infinity. x is read as it is (fp32, or bf16 widened on the fly: no fp32 copy on the
+// The INT8 spec's activations (kernel_table.h), made once per call for every tile, by the
+// serving table's own copy (int8_activations.h: forcing a lower ISA runs and tests its copy), rows
+// split over threads. x is read as it is (fp32, or bf16 widened on the fly: no fp32 copy on the
 // decode path).
 template <typename T>
-void int8_activations(const ActivationLoops<T>& loops, const T* x, int64_t M, int64_t K, int64_t G, int64_t O,
+void int8_activations(Int8ActivationRows<T> rows, const T* x, int64_t M, int64_t K, int64_t G, int64_t O,
                       int16_t* xq, int64_t ldq, float* xs, int64_t segs) {
   at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const T* row = x + m * K;
-      int16_t* out = xq + m * ldq;
-      int64_t e = 0;
-      int8_segments(0, K, G, O, [&](int64_t ks, int64_t ke, int64_t) {
-        const uint32_t top = loops.abs_max_bits(row + ks, ke - ks);
-        float a;
-        std::memcpy(&a, &top, sizeof(a));
-        float& scale = xs[m * segs + e++];
-        scale = a / static_cast<float>(kInt8XMax);
-        if (top >= 0x7F800000u || scale == 0.0f) {  // a NaN or an infinity; or all (nearly) zero
-          scale = scale == 0.0f ? 0.0f : std::numeric_limits<float>::quiet_NaN();
-          std::fill(out + ks, out + ke, int16_t{0});
-          return;
-        }
-        loops.round_to_int16(row + ks, ke - ks, static_cast<double>(scale), out + ks);
-      });
-      std::fill(out + K, out + ldq, int16_t{0});
-    }
+    rows(x, m0, m1, K, G, O, xq, ldq, xs, segs);
   });
 }
 
@@ -331,11 +236,11 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   if (x.scalar_type() == at::kBFloat16) {
     const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
     const auto* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-    int8_activations(activation_loops<uint16_t>(table), xb, M, K, group_size, group_offset, xq.data_ptr<int16_t>(),
+    int8_activations(table.int8_x_bf16, xb, M, K, group_size, group_offset, xq.data_ptr<int16_t>(),
                      ldq, xs.data_ptr<float>(), segs);
   } else {
     const at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
-    int8_activations(activation_loops<float>(table), xf.data_ptr<float>(), M, K, group_size, group_offset,
+    int8_activations(table.int8_x_f32, xf.data_ptr<float>(), M, K, group_size, group_offset,
                      xq.data_ptr<int16_t>(), ldq, xs.data_ptr<float>(), segs);
   }
   Int8GemmArgs args{nullptr, xq.data_ptr<int16_t>(), xs.data_ptr<float>(), qpacked.data_ptr<int8_t>(), nullptr,
