@@ -170,3 +170,28 @@ def test_the_decode_profile_accounts_for_the_whole_step(beams):
     assert sum(rows.values()) == pytest.approx(100.0, abs=0.5) and rows["GEMMs"] > 0 and rows["attention"] > 0
     assert (rows["beam search"] > 0) == (beams > 1), done.stdout
     assert f"beam {beams}" in done.stdout if beams > 1 else "greedy" in done.stdout
+
+
+def test_the_prefetch_tool_times_every_kind_both_ways():
+    """tools/bench_prefetch.py on a tiny model, one rank: a row per weight kind and row count,
+    with both times and their ratio, and the default it found named."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from autotp import kernels
+
+    if not kernels.extension_loaded():
+        pytest.skip(f"native kernels unavailable: {kernels.status()[1]}")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_prefetch.py"
+    done = subprocess.run([sys.executable, str(tool), "--model", "llama-test", "--kinds", "bf16", "int8", "int4",
+                           "--rows", "1", "3", "--rounds", "2"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["bf16"], ["int8"], ["int4"])]
+    assert sorted((r[0], r[1]) for r in rows) == sorted((k, m) for k in ("bf16", "int8", "int4") for m in ("1", "3"))
+    for r in rows:
+        on, off, ratio = float(r[4]), float(r[6]), float(r[8])
+        assert on > 0 and off > 0 and ratio > 0, r
+    default = "on" if kernels.weight_prefetch() else "off"
+    assert f"default prefetch here: {default}" in done.stdout

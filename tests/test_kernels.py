@@ -1,6 +1,8 @@
 """The native BF16 GEMM (autotp.kernels) against float64 references, the packed layout against
 its definition, the ops under torch.library.opcheck, and the dispatch of the parallel layers."""
 import math
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -86,6 +88,58 @@ def test_gemm_shape_sweep_against_float64(n, k, bias, isa):
         assert (err <= bound).all(), f"M={m} N={n} K={k}: max err {err.max():.3g}, bound {bound.max():.3g}"
         # bf16 output: the fp32 result rounded once, to nearest even
         assert torch.equal(kernels.linear(x, packed, b, n, isa=isa), y32.bfloat16()), f"{isa} M={m} N={n} K={k}"
+
+
+@paths
+def test_weight_prefetch_switch_changes_no_value(isa):
+    """The weights' software prefetch (kernels.weight_prefetch) on or off: every bf16 (bf16 and
+    fp32 activations), INT8 and INT4 product the same bits, at the row counts whose tiles the
+    switch reaches (1-2) and beyond; the bf16 ones within the float64 bound, so the values
+    compared are right, and a nudged weight shows (the comparison can fail)."""
+    n, k = 130, 1000
+    w = bf16(n, k, seed=21)
+    packed = kernels.prepack(w)
+    q8, s8 = kernels.prepack_int8(*kernels.quantize_int8(w.float(), 128))
+    q4, s4, z4 = kernels.prepack_int4(*kernels.quantize_int4(w.float(), 128))
+    xs = {m: bf16(m, k, seed=m) for m in (1, 2, 3, 4, 7)}
+
+    def products(weight: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for m, x in xs.items():
+            out += [kernels.linear(x, weight, None, n, torch.float32, isa),
+                    kernels.linear(x.float(), weight, None, n, torch.float32, isa),
+                    kernels.linear_int8(x, q8, s8, None, n, 128, isa=isa),
+                    kernels.linear_int4(x, q4, s4, z4, None, n, 128, isa=isa)]
+        return out
+
+    before = kernels.weight_prefetch()
+    try:
+        results = {on: (kernels.weight_prefetch(on), products(packed))[1] for on in (True, False)}
+        assert kernels.weight_prefetch() is False
+        for i, (a, b) in enumerate(zip(results[True], results[False])):
+            assert torch.equal(a, b), f"{isa}: product {i} differs with the prefetch off"
+        for m, x in xs.items():
+            expect, bound = reference(x, w, None)
+            got = results[False][4 * list(xs).index(m)]
+            assert ((got.double() - expect).abs() <= bound).all(), (isa, m)
+        nudged = w.clone()
+        nudged.view(torch.int16)[n // 2, k // 3] += 1
+        assert not torch.equal(kernels.linear(xs[1], kernels.prepack(nudged), None, n, torch.float32, isa),
+                               results[False][0])
+    finally:
+        kernels.weight_prefetch(before)
+
+
+@pytest.mark.skipif(not PATHS, reason="extension unavailable")
+def test_weight_prefetch_default_is_off_on_amd_only():
+    """The switch's default, in a fresh process: off where /proc/cpuinfo names AMD (the CPUs
+    where the streaming tiles were measured faster without it), on elsewhere."""
+    vendor = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id")),
+                  "")
+    code = "from autotp import kernels; assert kernels.extension_loaded(); print(kernels.weight_prefetch())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(vendor != "AuthenticAMD"), (vendor, out.stdout)
 
 
 @paths

@@ -208,6 +208,19 @@ def read_probe(buffer: torch.Tensor, runtime: Runtime | None = None) -> int:
     return torch.ops.autotp.read_probe(buffer, isa(runtime))
 
 
+def weight_prefetch(on: bool | None = None) -> bool:
+    """Whether the native GEMM tiles that only stream their weights prefetch them in software,
+    after setting it to ``on`` (None: leave it): the AVX512-BF16 bf16 tile, and the INT8 and
+    bf16 tiles of at most 2 activation rows (tiles of more rows, INT4's and AMX's always
+    prefetch). One switch for the whole process; the results are the same either way, only
+    the speed differs. The default is the CPU's: off on AMD CPUs, where the hardware
+    prefetchers keep ahead of such a stream and the extra instructions cost time (AMD EPYC
+    Zen 4, 2 ranks: 0.80-1.00x the time off), on elsewhere (csrc/kernel_table.h).
+    ``tools/bench_prefetch.py`` measures both on the machine at hand. Needs the extension
+    built (:func:`extension_loaded`)."""
+    return bool(torch.ops.autotp.weight_prefetch(-1 if on is None else int(bool(on))))
+
+
 def reorder_rows_(tensors: list[torch.Tensor], sources: torch.Tensor, length: int,
                   starts: torch.Tensor | None = None) -> None:
     """Beam search's cache reorder, in place: row ``b`` (dim 0) of every contiguous

@@ -39,9 +39,11 @@ void bf16_micro(const float* x, int64_t ldx, const uint16_t* w, int64_t pairs, f
   typename V::F acc[MT][NB * R];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NB * R; ++j) acc[i][j] = accumulate ? V::load(c + i * ldc + j * V::kWidth) : V::zero();
+  const bool ahead = MT > kStreamRows || weight_prefetch();
   for (int64_t p = 0; p < pairs; ++p) {
     const uint16_t* row = w + p * kGroupRow;
-    for (int j = 0; j < NB; ++j) V::prefetch(row + kPrefetchPairs * kGroupRow + j * kRowElems);
+    if (ahead)
+      for (int j = 0; j < NB; ++j) V::prefetch(row + kPrefetchPairs * kGroupRow + j * kRowElems);
     // even K first, then odd: only NB * R weight registers live beside the accumulators
     typename V::F wv[NB * R];
     for (int j = 0; j < NB; ++j)
@@ -166,10 +168,12 @@ void int8_segment(const int16_t* xq, int64_t ldq, const int8_t* q, int64_t ks, i
   };
   int64_t k = ks;
   if (k % 2) pair(k++ / 2, 1);
+  const bool ahead = MT > kStreamRows || weight_prefetch();
   for (; k + 2 <= ke; k += 2) {
-    // (here, not in the lambda: GCC drops _mm_prefetch there)
-    V::prefetch(q + (k / 2 + kPrefetchPairs8) * kInt8PairRow);
-    V::prefetch(q + (k / 2 + kPrefetchPairs8) * kInt8PairRow + 64);
+    if (ahead) {  // (here, not in the lambda: GCC drops _mm_prefetch there)
+      V::prefetch(q + (k / 2 + kPrefetchPairs8) * kInt8PairRow);
+      V::prefetch(q + (k / 2 + kPrefetchPairs8) * kInt8PairRow + 64);
+    }
     pair(k / 2, 0);
   }
   if (k < ke) pair(k / 2, 2);

@@ -34,11 +34,12 @@ void dot_micro(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t pairs,
   __m512 acc[MT][NB];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = accumulate ? _mm512_loadu_ps(c + i * ldc + j * kBlockN) : _mm512_setzero_ps();
+  const bool ahead = weight_prefetch();
   for (int64_t p = 0; p < pairs; ++p) {
     const uint16_t* row = w + p * kGroupRow;
     __m512bh wv[NB];
     for (int j = 0; j < NB; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + 16 * kGroupRow + j * kRowElems), _MM_HINT_T0);
+      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(row + 16 * kGroupRow + j * kRowElems), _MM_HINT_T0);
       wv[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(row + j * kRowElems));
     }
     for (int i = 0; i < MT; ++i) {

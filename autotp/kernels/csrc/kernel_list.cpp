@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,31 @@ const KernelTable& kernel_table(const std::string& name) {
                 return names;
               }(), ")");
 }
+
+namespace {
+// -1 until first asked: then the CPU's default (kernel_table.h)
+std::atomic<int> prefetch_setting{-1};
+
+bool default_weight_prefetch() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return !__builtin_cpu_is("amd");
+#else
+  return true;
+#endif
+}
+}  // namespace
+
+bool weight_prefetch() {
+  int on = prefetch_setting.load(std::memory_order_relaxed);
+  if (on < 0) {
+    on = default_weight_prefetch() ? 1 : 0;
+    prefetch_setting.store(on, std::memory_order_relaxed);
+  }
+  return on != 0;
+}
+
+void set_weight_prefetch(bool on) { prefetch_setting.store(on ? 1 : 0, std::memory_order_relaxed); }
 
 const KernelTable& serving_table(const KernelTable& start, CallKind kind, int64_t M) {
   const auto& tables = runnable_tables();

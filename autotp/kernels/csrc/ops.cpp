@@ -9,6 +9,8 @@
 //   class ShmComm(name, rank, size, slot_bytes, create, timeout_s, isa): all_reduce(t), unlink(), name()
 //   cpu_isas() -> the instruction sets this build holds that this CPU runs, best first
 //   serving_isa(isa, weight, x_dtype, M) -> the table that serves such a call started at `isa`
+//   weight_prefetch(on) -> whether the bf16 / INT8 tiles prefetch their weights (on: -1 keeps, 0 / 1 sets;
+//   the process-wide switch and its per-CPU default: kernel_table.h)
 // `isa` names the kernel table to start from ("" = the best this CPU runs; an ISA it cannot run
 // is an error); the call runs on the first table from there down that serves it (a table may
 // serve only bf16 activations, or only from some number of rows: kernel_table.h). The Python
@@ -326,6 +328,12 @@ std::string serving_isa(const std::string& isa, const std::string& weight, at::S
   return serving_table(kernel_table(isa), kind, M).name;
 }
 
+bool weight_prefetch_op(int64_t on) {
+  TORCH_CHECK(on >= -1 && on <= 1, "autotp::weight_prefetch: on is -1 (keep), 0 (off) or 1 (on), got ", on);
+  if (on >= 0) set_weight_prefetch(on == 1);
+  return weight_prefetch();
+}
+
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> names;
   for (const KernelTable* t : runnable_tables()) names.emplace_back(t->name);
@@ -355,6 +363,7 @@ TORCH_LIBRARY(autotp, m) {
         "int group_size, int group_offset=0, ScalarType? out_dtype=None, str isa=\"\") -> Tensor");
   m.def("read_probe(Tensor buffer, str isa=\"\") -> int");
   m.def("cpu_isas() -> str[]", &autotp::cpu_isas);
+  m.def("weight_prefetch(int on=-1) -> bool", &autotp::weight_prefetch_op);
   m.def("serving_isa(str isa, str weight, ScalarType x_dtype, int rows) -> str", &autotp::serving_isa);
 }
 

@@ -1,0 +1,112 @@
+"""The native GEMMs with the weights' software prefetch on and off, side by side, on every rank
+at once: the measurement behind the per-CPU default of ``autotp.kernels.weight_prefetch``.
+
+A bench-shaped random model (``autotp.bench.shapes``) is sharded over the ranks torchrun starts
+(bf16, INT8 or INT4 weights, on huge pages as ``autotp.shard`` places them); then each round,
+with the prefetch on and then off, every rank runs its share of one decoding step's GEMMs
+(each sharded Linear's local product, the lm_head excluded, no collective) over 1 and 4
+activation rows, all ranks starting each pass together (a barrier), as they stream their
+weights in a real step. Rank 0 prints each rank's median time per pass, the GB/s, and the
+median over rounds of off / on time (below 1.00: off is faster). The switch reaches only the
+tiles that stream (``autotp.kernels.weight_prefetch``): INT4's and those of more than 2 rows
+(bar AVX512-BF16's bf16 tile) always prefetch, so their rows show it doing nothing (off / on
+near 1.00, up to the machine's noise).
+``--isa`` forces a lower kernel table (AUTOTP_ISA), to measure its tiles too.
+
+    autotp-run --nproc 2 --bind-cores tools/bench_prefetch.py --model llama-1b [--kinds bf16 int8 int4] [--isa avx2]
+    python tools/bench_prefetch.py --model llama-test      # one rank
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+import autotp
+from autotp import kernels
+from autotp.bench import shapes
+from autotp.sharding.layers import PackableLinear, VocabParallelLMHead
+
+
+def local_gemms(model: torch.nn.Module) -> list[PackableLinear]:
+    """The sharded Linear layers of ``model`` in module order, the lm_head left out."""
+    return [m for m in model.modules() if isinstance(m, PackableLinear) and not isinstance(m, VocabParallelLMHead)]
+
+
+def one_pass(layers: list[PackableLinear], xs: dict[int, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for layer in layers:
+            layer.matmul(xs[layer.in_features], None)
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-1b", help=f"a bench shape: {', '.join(shapes.SHAPES)}")
+    parser.add_argument("--kinds", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8", "int4"],
+                        help="weight formats to measure (each shards the model once)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4], help="activation rows per GEMM")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of (on, off) passes per kind and rows")
+    parser.add_argument("--isa", default="", help="kernel table to start from (default: the best this CPU runs)")
+    args = parser.parse_args()
+
+    if "WORLD_SIZE" in os.environ:
+        autotp.init_distributed()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if not kernels.extension_loaded():
+        raise SystemExit("bench_prefetch: the native kernels are not built here; nothing to measure")
+    default = kernels.weight_prefetch()
+    runtime = autotp.Runtime.from_env().replace(isa=args.isa) if args.isa else autotp.Runtime.from_env()
+    rows_out = []
+    for kind in args.kinds:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(shapes.shape_config(args.model), dtype=torch.bfloat16).eval()
+        model = autotp.shard(model, world, quantize=None if kind == "bf16" else kind, runtime=runtime)
+        layers = local_gemms(model)
+        if not all(layer.packed for layer in layers):
+            raise SystemExit(f"bench_prefetch: {kind} layers are not on the native kernels here")
+        nbytes = sum(t.numel() * t.element_size() for layer in layers for t in layer.parameters())
+        for m in args.rows:
+            xs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in {layer.in_features for layer in layers}}
+            one_pass(layers, xs)  # warm-up
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(args.rounds):
+                for on in (True, False):
+                    kernels.weight_prefetch(on)
+                    barrier(world)
+                    start = time.perf_counter()
+                    one_pass(layers, xs)
+                    times[on].append(time.perf_counter() - start)
+            kernels.weight_prefetch(default)
+            ratio = statistics.median(off / on for on, off in zip(times[True], times[False]))
+            row = (kind, m, nbytes, statistics.median(times[True]), statistics.median(times[False]), ratio)
+            gathered = [row] * world
+            if world > 1:
+                dist.all_gather_object(gathered, row)
+            rows_out.append(gathered)
+        del model, layers
+    if rank == 0:
+        print(f"{args.model}, {world} rank(s) x {torch.get_num_threads()} thread(s), ISA {kernels.isa(runtime)}, "
+              f"default prefetch here: {'on' if default else 'off'}; {args.rounds} rounds")
+        print(f"{'weights':<8} {'rows':>4} {'rank':>4} {'MB':>7} {'on ms':>8} {'GB/s':>6} {'off ms':>8} {'GB/s':>6} "
+              f"{'off / on':>9}")
+        for gathered in rows_out:
+            for r, (kind, m, nbytes, on, off, ratio) in enumerate(gathered):
+                print(f"{kind:<8} {m:>4} {r:>4} {nbytes / 1e6:>7.0f} {on * 1e3:>8.2f} {nbytes / on / 1e9:>6.1f} "
+                      f"{off * 1e3:>8.2f} {nbytes / off / 1e9:>6.1f} {ratio:>9.3f}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
