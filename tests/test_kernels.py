@@ -18,11 +18,16 @@ from autotp.sharding.layers import ColumnParallelLinear, PackableLinear, RowPara
 AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
 
 
-def cpu_flags() -> set[str]:
+def cpuinfo(field: str) -> str:
+    """The first value of ``field`` in /proc/cpuinfo ("" where it has none)."""
     for line in open("/proc/cpuinfo"):
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if line.split(":", 1)[0].strip() == field:
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def cpu_flags() -> set[str]:
+    return set(cpuinfo("flags").split())
 
 
 def test_extension_builds_and_picks_the_best_path_the_cpu_has():
@@ -134,8 +139,7 @@ def test_weight_prefetch_switch_changes_no_value(isa):
 def test_weight_prefetch_default_is_off_on_amd_only():
     """The switch's default, in a fresh process: off where /proc/cpuinfo names AMD (the CPUs
     where the streaming tiles were measured faster without it), on elsewhere."""
-    vendor = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id")),
-                  "")
+    vendor = cpuinfo("vendor_id")
     code = "from autotp import kernels; assert kernels.extension_loaded(); print(kernels.weight_prefetch())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

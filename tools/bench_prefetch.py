@@ -66,7 +66,9 @@ def main() -> None:
     if not kernels.extension_loaded():
         raise SystemExit("bench_prefetch: the native kernels are not built here; nothing to measure")
     default = kernels.weight_prefetch()
-    runtime = autotp.Runtime.from_env().replace(isa=args.isa) if args.isa else autotp.Runtime.from_env()
+    runtime = autotp.Runtime.from_env()
+    if args.isa:
+        runtime = runtime.replace(isa=args.isa)
     rows_out = []
     for kind in args.kinds:
         torch.manual_seed(0)

@@ -39,7 +39,7 @@ void bf16_micro(const float* x, int64_t ldx, const uint16_t* w, int64_t pairs, f
   typename V::F acc[MT][NB * R];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NB * R; ++j) acc[i][j] = accumulate ? V::load(c + i * ldc + j * V::kWidth) : V::zero();
-  const bool ahead = MT > kStreamRows || weight_prefetch();
+  const bool ahead = prefetch_for_rows(MT);
   for (int64_t p = 0; p < pairs; ++p) {
     const uint16_t* row = w + p * kGroupRow;
     if (ahead)
@@ -168,7 +168,7 @@ void int8_segment(const int16_t* xq, int64_t ldq, const int8_t* q, int64_t ks, i
   };
   int64_t k = ks;
   if (k % 2) pair(k++ / 2, 1);
-  const bool ahead = MT > kStreamRows || weight_prefetch();
+  const bool ahead = prefetch_for_rows(MT);
   for (; k + 2 <= ke; k += 2) {
     if (ahead) {  // (here, not in the lambda: GCC drops _mm_prefetch there)
       V::prefetch(q + (k / 2 + kPrefetchPairs8) * kInt8PairRow);

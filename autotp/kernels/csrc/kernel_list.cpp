@@ -49,9 +49,6 @@ const KernelTable& kernel_table(const std::string& name) {
 }
 
 namespace {
-// -1 until first asked: then the CPU's default (kernel_table.h)
-std::atomic<int> prefetch_setting{-1};
-
 bool default_weight_prefetch() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
@@ -60,18 +57,16 @@ bool default_weight_prefetch() {
   return true;
 #endif
 }
+
+std::atomic<bool>& prefetch_setting() {
+  static std::atomic<bool> on{default_weight_prefetch()};  // the CPU's default, asked once
+  return on;
+}
 }  // namespace
 
-bool weight_prefetch() {
-  int on = prefetch_setting.load(std::memory_order_relaxed);
-  if (on < 0) {
-    on = default_weight_prefetch() ? 1 : 0;
-    prefetch_setting.store(on, std::memory_order_relaxed);
-  }
-  return on != 0;
-}
+bool weight_prefetch() { return prefetch_setting().load(std::memory_order_relaxed); }
 
-void set_weight_prefetch(bool on) { prefetch_setting.store(on ? 1 : 0, std::memory_order_relaxed); }
+void set_weight_prefetch(bool on) { prefetch_setting().store(on, std::memory_order_relaxed); }
 
 const KernelTable& serving_table(const KernelTable& start, CallKind kind, int64_t M) {
   const auto& tables = runnable_tables();

@@ -207,6 +207,8 @@ inline bool takes_bf16x(const KernelTable& t, int64_t M) { return t.bf16x_tile !
 constexpr int kStreamRows = 2;
 bool weight_prefetch();
 void set_weight_prefetch(bool on);
+// Whether an INT8 or fp32-activation bf16 tile of `rows` rows prefetches (the rule above).
+inline bool prefetch_for_rows(int rows) { return rows > kStreamRows || weight_prefetch(); }
 
 // The shared epilogue, store_rows, is in epilogue.h (each ISA file compiles its own copy).
 
