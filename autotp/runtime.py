@@ -17,6 +17,7 @@ from typing import Mapping
 KERNEL_MODES = ("auto", "native", "torch")
 COMM_MODES = ("auto", "shm", "torch")
 ATTENTION_MODES = ("auto", "sdpa")
+INT8_ACTIVATION_MODES = ("int16", "int8")  # INT8 layers' activations on the native kernels
 # instruction sets the native code may use, lowest first; "auto" takes the best the CPU has
 ISAS = ("generic", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")
 ISA_CHOICES = ("auto", *ISAS)
@@ -35,6 +36,7 @@ ENV_NAMES = {
     "compile": "AUTOTP_COMPILE",
     "attention": "AUTOTP_ATTENTION",
     "huge_pages": "AUTOTP_HUGE_PAGES",
+    "int8_activations": "AUTOTP_INT8_ACTIVATIONS",
 }
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -69,6 +71,12 @@ class Runtime:
                     attention function (autotp.sharding.attention); ``sdpa``: leave it on SDPA.
     huge_pages      the weights a decoding step streams are moved onto transparent huge pages
                     where the OS offers them (autotp.kernels.pages); off: left where they are.
+    int8_activations how the native INT8 GEMM takes its activations, per row and segment of
+                    at most 256 inputs (autotp.kernels.linear_int8): ``int16`` (within
+                    max |x| / 65534: nearly the bf16 product) or ``int8`` (within max |x| / 254,
+                    coarser; AVX512-VNNI multiplies bytes, twice the products per instruction:
+                    faster where a GEMM computes rather than streams, as beam search and
+                    prompts do). Layers on torch kernels are not affected.
     """
 
     kernels: str = "auto"
@@ -82,10 +90,11 @@ class Runtime:
     compile: bool = False
     attention: str = "auto"
     huge_pages: bool = True
+    int8_activations: str = "int16"
 
     def __post_init__(self) -> None:
         for name, choices in (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES),
-                              ("attention", ATTENTION_MODES)):
+                              ("attention", ATTENTION_MODES), ("int8_activations", INT8_ACTIVATION_MODES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"autotp: Runtime({name}={getattr(self, name)!r}) is not one of "
                                  f"{', '.join(choices)} (environment variable {ENV_NAMES[name]})")
@@ -102,7 +111,7 @@ class Runtime:
         raw = {field: env.get(var, "").strip() for field, var in ENV_NAMES.items()}
         values: dict[str, object] = {}
         for field, choices in (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES),
-                               ("attention", ATTENTION_MODES)):
+                               ("attention", ATTENTION_MODES), ("int8_activations", INT8_ACTIVATION_MODES)):
             value = raw[field].lower() or choices[0]
             if value not in choices:
                 raise ValueError(f"autotp: {ENV_NAMES[field]}={value!r} is not one of {', '.join(choices)}")
@@ -137,7 +146,8 @@ class Runtime:
                ENV_NAMES["verbose_build"]: "1" if self.verbose_build else "0",
                ENV_NAMES["portable_build"]: "1" if self.portable_build else "0",
                ENV_NAMES["compile"]: "1" if self.compile else "0", ENV_NAMES["attention"]: self.attention,
-               ENV_NAMES["huge_pages"]: "1" if self.huge_pages else "0"}
+               ENV_NAMES["huge_pages"]: "1" if self.huge_pages else "0",
+               ENV_NAMES["int8_activations"]: self.int8_activations}
         if self.host_id:
             env[ENV_NAMES["host_id"]] = self.host_id
         return env

@@ -1,8 +1,8 @@
-"""The weight-only INT8 GEMM (autotp.kernels.linear_int8) against its definition (int16
-activations per segment, exact integer products, kernel_table.h) computed in float64, its two
-paths (registers for few rows, a panel of interleaved weights for many) against each other, the
-int16 activations against theirs, quantization against its definition, and the packed layouts
-against theirs."""
+"""The weight-only INT8 GEMM (autotp.kernels.linear_int8) against its definition (int16 or, with
+activation_bits=8, int8 activations per segment, exact integer products, kernel_table.h)
+computed in float64, its two paths (registers for few rows, a panel of interleaved weights for
+many) against each other, AVX512-VNNI's byte tile against AVX-512, the activations against
+their definition, quantization against its definition, and the packed layouts against theirs."""
 import pytest
 import torch
 
@@ -10,12 +10,12 @@ from autotp import kernels
 from test_kernels import bf16, native, paths
 
 
-def deq_reference(x, q, s, g, b, offset=0):
+def deq_reference(x, q, s, g, b, offset=0, bits=16):
     """The spec in float64: per segment the exact integer sum of X * Q (X, xs: int8_activations)
     times xs * S rounded to fp32 as the kernels round it, the terms summed, plus the bias; and
     the bound on the kernels' remaining fp32 roundings (each segment's sum converted once, its
     term added once, the bias and the output): (segments + 3) * 2^-24 of the terms' magnitude."""
-    xq, xs = kernels.int8_activations(x, g, offset)
+    xq, xs = kernels.int8_activations(x, g, offset, bits)
     y = torch.zeros(x.shape[0], q.shape[0], dtype=torch.float64)
     mag = torch.zeros_like(y)
     segments = kernels.int8_segments(x.shape[-1], g, offset)
@@ -50,24 +50,28 @@ def test_int8_segments_follow_their_definition():
     assert kernels.int8_segments(0, 7) == []
 
 
-def test_int8_activations_follow_their_definition():
+@pytest.mark.parametrize("bits,x_max", [(16, 32767), (8, 127)])
+def test_int8_activations_follow_their_definition(bits, x_max):
     x = bf16(4, 40, seed=20).float()
-    xq, xs = kernels.int8_activations(x, 16, 5)
+    xq, xs = kernels.int8_activations(x, 16, 5, bits)
     assert xq.dtype == torch.int16 and xs.shape == (4, 3)
     for m in range(4):
         for e, (ks, ke, _) in enumerate(kernels.int8_segments(40, 16, 5)):
             a = x[m, ks:ke].abs().max().item()
-            scale = torch.tensor(a / 32767, dtype=torch.float32)  # one rounding of the quotient
-            assert xs[m, e] == scale and xq[m, ks:ke].abs().max() == 32767
+            scale = torch.tensor(a / x_max, dtype=torch.float32)  # one rounding of the quotient
+            assert xs[m, e] == scale and xq[m, ks:ke].abs().max() == x_max
             for k in range(ks, ke):
                 assert xq[m, k] == round(x[m, k].item() / scale.item())  # Python rounds half to even
             error = (xq[m, ks:ke].double() * scale.item() - x[m, ks:ke].double()).abs().max().item()
-            assert error <= a / 65534 * (1 + 1e-6)
+            assert error <= a / (2 * x_max) * (1 + 1e-6)
+    with pytest.raises(ValueError, match="activation_bits must be 16 or 8"):
+        kernels.int8_activations(x, 16, 5, 4)
 
 
 @paths
+@pytest.mark.parametrize("bits", [16, 8])
 @pytest.mark.parametrize("g,offset", [(7, 3), (300, 0), (64, 0)])
-def test_int8_gemm_takes_the_activations_the_definition_gives(g, offset, isa):
+def test_int8_gemm_takes_the_activations_the_definition_gives(g, offset, bits, isa):
     # Q = I and S = 1: each output is one X * xs, so the kernel's own activations show exactly,
     # rows of zeros, of values too small for a scale (xs underflows), NaN and infinity included
     k = 300
@@ -75,16 +79,16 @@ def test_int8_gemm_takes_the_activations_the_definition_gives(g, offset, isa):
     x[1] = 0
     x[2, 5] = float("nan")
     x[3, 10] = float("inf")
-    x[4] = 1e-42
+    x[4] = 1e-44  # a denormal whose scale underflows with either x_max
     x[5, :20] = 1e-39
     x[6, 100:] *= 1e4
     x[7] = 0
     x[7, 50] = float("nan")  # a NaN among zeros: the segment's scale is NaN too, not 0
     qp, sp = identity_gemm(k, g, offset)
-    xq, xs = kernels.int8_activations(x, g, offset)
+    xq, xs = kernels.int8_activations(x, g, offset, bits)
     expect = xq.float() * per_column(xs, k, g, offset)
     for rows in (slice(0, 9), slice(6, 7), slice(4, 6)):  # the panel path and the direct one
-        y = kernels.linear_int8(x[rows], qp, sp, None, k, g, offset, torch.float32, isa)
+        y = kernels.linear_int8(x[rows], qp, sp, None, k, g, offset, torch.float32, isa, bits)
         finite = torch.arange(9)[rows][x[rows].isfinite().all(1)]
         assert torch.equal(y[finite - rows.start], expect[finite]), f"{isa} rows {rows}"
         # a NaN or an infinity anywhere in a row makes the row NaN, as 0 * inf does in a matmul
@@ -128,6 +132,63 @@ def test_vnni_int8_equals_avx512_bit_for_bit(m):
     other = kernels.linear_int8(x, *kernels.prepack_int8(q, s), b, 200, 96, 17, out_dtype=torch.float32,
                                 isa="avx512_vnni")
     assert not torch.equal(other, want) and torch.equal(other[:, :7], want[:, :7])
+
+
+@pytest.mark.skipif(not {"avx512", "avx512_vnni"} <= set(kernels.available_isas()),
+                    reason="this CPU lacks AVX512-VNNI (or the extension is not built)")
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 13])
+@pytest.mark.parametrize("k,g,offset", [(1000, 96, 17), (999, 96, 17), (517, 517, 0), (301, 7, 3), (3, 2, 1)])
+def test_vnni_byte_tile_equals_avx512_bit_for_bit(m, k, g, offset):
+    """With 8-bit activations AVX512-VNNI multiplies bytes (vpdpbusd over quads of K, the weights'
+    sign bits flipped, 128 * the activations' sums taken off): the same exact integers as
+    AVX-512's int16 pairs, so the same bits, on segments that start and end inside a quad
+    (group 96 at offset 17, group 7), K odd (the last quad lacks its second pair row) and units
+    of few and many rows; the negative controls: a weight one step different, and the 16-bit
+    activations, change them."""
+    w, x = bf16(200, k, seed=42), bf16(m, k, seed=43) * 30
+    q, s = kernels.quantize_int8(w, g, offset)
+    qp, sp = kernels.prepack_int8(q, s)
+    b = torch.randn(200)
+    got, want = (kernels.linear_int8(x, qp, sp, b, 200, g, offset, torch.float32, i, 8)
+                 for i in ("avx512_vnni", "avx512"))
+    assert torch.equal(got, want)
+    assert not torch.equal(got, kernels.linear_int8(x, qp, sp, b, 200, g, offset, torch.float32, "avx512_vnni"))
+    col = k // 2
+    q[7, col] = q[7, col] + (1 if q[7, col] < 127 else -1)
+    other = kernels.linear_int8(x, *kernels.prepack_int8(q, s), b, 200, g, offset, torch.float32, "avx512_vnni", 8)
+    assert not torch.equal(other, want) and torch.equal(other[:, :7], want[:, :7])
+
+
+@paths
+@pytest.mark.parametrize("n,k,g,offset", [(15, 3, 2, 0), (100, 129, 32, 0), (257, 1000, 128, 0), (130, 300, 7, 3),
+                                          (48, 4096, 4096, 0), (70, 100, 16, 5)])
+def test_int8_gemm_with_8bit_activations_against_float64(n, k, g, offset, isa):
+    """activation_bits=8: the spec with X in [-127, 127] (the same definition, float64), on
+    every path, few rows and many, bf16 output its fp32 one rounded; and coarser than 16 bits:
+    further from the product of x as it is (the negative control of the bound: 8-bit outputs are
+    not the 16-bit ones)."""
+    w, b = bf16(n, k, seed=n + k), bf16(n, seed=k)
+    q, s = kernels.quantize_int8(w, g, offset)
+    qp, sp = kernels.prepack_int8(q, s)
+    for m in (1, 2, 3, 4, 5, 13, 97):
+        x = bf16(m, k, seed=m + 50)
+        expect, bound = deq_reference(x, q, s, g, b, offset, bits=8)
+        y = kernels.linear_int8(x, qp, sp, b, n, g, offset, torch.float32, isa, 8)
+        err = (y.double() - expect).abs()
+        assert (err <= bound).all(), f"{isa} M={m} N={n} K={k}: max err {err.max():.3g}, bound {bound.max():.3g}"
+        assert torch.equal(kernels.linear_int8(x, qp, sp, b, n, g, offset, None, isa, 8), y.bfloat16())
+        y16 = kernels.linear_int8(x, qp, sp, b, n, g, offset, torch.float32, isa, 16)
+        plain = x.double() @ kernels.dequantize_int8(q, s, g, offset).double().T + b.double()
+        if k >= 100:
+            assert (y16.double() - plain).abs().max() < (y.double() - plain).abs().max()
+
+
+@native
+def test_activation_bits_other_than_16_or_8_are_refused():
+    q, s = kernels.quantize_int8(bf16(64, 32, seed=5), 8)
+    qp, sp = kernels.prepack_int8(q, s)
+    with pytest.raises(RuntimeError, match="activation_bits must be 16 or 8"):
+        kernels.linear_int8(bf16(2, 32, seed=6), qp, sp, None, 64, 8, activation_bits=4)
 
 
 def test_quantize_follows_its_definition():

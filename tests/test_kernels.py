@@ -306,18 +306,25 @@ def test_negative_control_self_check_switches_off_a_wrong_kernel(monkeypatch):
     failed = kernels.selfcheck.check_paths(["avx2", "generic"], linear_bf16=wrong)
     assert set(failed) == {"avx2"} and "bf16 GEMM differs" in failed["avx2"] and "M=1 N=70 K=33" in failed["avx2"]
 
-    def wrong_int8(x, q, s, bias, n, g, o, out_dtype, isa):
-        y = torch.ops.autotp.linear_int8(x, q, s, bias, n, g, o, out_dtype, "generic")
+    def wrong_int8(x, q, s, bias, n, g, o, out_dtype, isa, bits):
+        y = torch.ops.autotp.linear_int8(x, q, s, bias, n, g, o, out_dtype, "generic", bits)
         return y * (1 + 1e-4)
 
     def right(x, packed, bias, n, out_dtype, isa):  # the bf16 side passes, on any build
         return torch.ops.autotp.linear_bf16(x, packed, bias, n, out_dtype, "generic")
 
     failed = kernels.selfcheck.check_paths(["avx512"], linear_bf16=right, linear_int8=wrong_int8)
-    assert "INT8 GEMM differs" in failed["avx512"]
+    assert "INT8 GEMM (16-bit activations) differs" in failed["avx512"]
 
-    def right_int8(x, q, s, bias, n, g, o, out_dtype, isa):
-        return torch.ops.autotp.linear_int8(x, q, s, bias, n, g, o, out_dtype, "generic")
+    def wrong_int8_bytes(x, q, s, bias, n, g, o, out_dtype, isa, bits):  # wrong with 8-bit activations only
+        y = torch.ops.autotp.linear_int8(x, q, s, bias, n, g, o, out_dtype, "generic", bits)
+        return y * (1 + 1e-4) if bits == 8 else y
+
+    failed = kernels.selfcheck.check_paths(["avx512"], linear_bf16=right, linear_int8=wrong_int8_bytes)
+    assert "INT8 GEMM (8-bit activations) differs" in failed["avx512"]
+
+    def right_int8(x, q, s, bias, n, g, o, out_dtype, isa, bits):
+        return torch.ops.autotp.linear_int8(x, q, s, bias, n, g, o, out_dtype, "generic", bits)
 
     def wrong_int4(x, q, s, z, bias, n, g, o, out_dtype, isa):  # one column off by 1e-3 of the scale
         y = torch.ops.autotp.linear_int4(x, q, s, z, bias, n, g, o, out_dtype, "generic")

@@ -57,6 +57,26 @@ def test_int8_layers_on_torch_kernels_equal_the_spec():
         assert torch.allclose(model(**inputs).logits, spec(**inputs).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(not kernels.status()[0], reason=f"native kernels unavailable: {kernels.status()[1]}")
+def test_int8_activations_setting_reaches_the_kernels():
+    """Runtime(int8_activations="int8") packs every INT8 layer for 8-bit activations, and the
+    model's logits move (coarser activations) yet stay near the INT8 spec model's; the default
+    stays at 16 bits, within fp32 summation order of the spec."""
+    inputs = zoo.batch()
+    with torch.no_grad():
+        spec = rank_checks.int8_spec_model("llama", 1, 16)(**inputs).logits
+    errors = {}
+    for mode, bits in (("int16", 16), ("int8", 8)):
+        runtime = autotp.Runtime(kernels="native", int8_activations=mode)
+        model = autotp.shard(zoo.build("llama"), 1, quantize="int8", quant_group_size=16, runtime=runtime)
+        layers = [m for m in model.modules() if getattr(m, "quantized", False)]
+        assert layers and all(m.packed and m.weight_format.activation_bits == bits for m in layers)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        errors[mode] = ((logits - spec).abs().max() / spec.abs().max()).item()
+    assert errors["int16"] < 1e-4 < errors["int8"] < 0.05, errors
+
+
 # GPT-2 (Conv1D weights stored [in, out]), Phi-3 (fused q|k|v and gate|up), Mixtral (experts stay
 # in the model dtype: the model's own forward multiplies them; its Linear layers are INT8)
 INT8_CASES = [("llama", 16), ("gptj", 0), ("bloom", 32), ("gpt2", 16), ("phi3", 32), ("mixtral", 16)]

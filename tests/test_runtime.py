@@ -19,22 +19,23 @@ def test_defaults_when_nothing_is_set():
                                                          comm_timeout_s=300.0, host_id=None,
                                                          comm_portable=False, verbose_build=False,
                                                          portable_build=False, compile=False,
-                                                         attention="auto", huge_pages=True)
+                                                         attention="auto", huge_pages=True,
+                                                         int8_activations="int16")
 
 
 def test_every_variable_is_read():
     env = {"AUTOTP_KERNELS": "Torch", "AUTOTP_ISA": "generic", "AUTOTP_COMM": "shm", "AUTOTP_COMM_TIMEOUT": "2.5",
            "AUTOTP_HOST_ID": "box-7", "AUTOTP_COMM_PORTABLE": "1", "AUTOTP_VERBOSE_BUILD": "1",
            "AUTOTP_PORTABLE_BUILD": "1", "AUTOTP_COMPILE": "1", "AUTOTP_ATTENTION": "SDPA",
-           "AUTOTP_HUGE_PAGES": "0"}
+           "AUTOTP_HUGE_PAGES": "0", "AUTOTP_INT8_ACTIVATIONS": "Int8"}
     assert set(env) == set(ENV_NAMES.values())
     assert Runtime.from_env(env) == Runtime("torch", "generic", "shm", 2.5, "box-7", True, True, True, True, "sdpa",
-                                           False)
+                                           False, "int8")
 
 
 def test_as_env_gives_the_same_runtime_to_a_child():
     rt = Runtime(kernels="native", isa="avx512", comm="torch", comm_timeout_s=7.0, host_id="h", comm_portable=True,
-                 portable_build=True, compile=True, attention="sdpa", huge_pages=False)
+                 portable_build=True, compile=True, attention="sdpa", huge_pages=False, int8_activations="int8")
     assert Runtime.from_env(rt.as_env()) == rt
     assert Runtime.from_env(Runtime().as_env()) == Runtime()
 
@@ -49,6 +50,7 @@ def test_as_env_gives_the_same_runtime_to_a_child():
     ("AUTOTP_COMPILE", "on", "AUTOTP_COMPILE='on' must be 0 or 1"),
     ("AUTOTP_ATTENTION", "flash", "AUTOTP_ATTENTION='flash' is not one of auto, sdpa"),
     ("AUTOTP_HUGE_PAGES", "yes", "AUTOTP_HUGE_PAGES='yes' must be 0 or 1"),
+    ("AUTOTP_INT8_ACTIVATIONS", "int4", "AUTOTP_INT8_ACTIVATIONS='int4' is not one of int16, int8"),
 ])
 def test_bad_values_name_the_variable(var, value, message):
     with pytest.raises(ValueError, match=message):

@@ -304,6 +304,8 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, group_size: int | Non
 
 INT8_SEGMENT_K = 256  # K per segment at most (csrc/kernel_table.h: kInt8SegmentK)
 INT8_X_MAX = 32767  # the int16 activations' range: scale = max |x| / this
+INT8_X_MAX8 = 127  # the same for 8-bit activations (activation_bits=8)
+ACTIVATION_BITS = {"int16": 16, "int8": 8}  # Runtime.int8_activations -> linear_int8's activation_bits
 
 
 def int8_segments(in_features: int, group_size: int | None = None, group_offset: int = 0
@@ -320,24 +322,27 @@ def int8_segments(in_features: int, group_size: int | None = None, group_offset:
     return out
 
 
-def int8_activations(x: torch.Tensor, group_size: int | None = None, group_offset: int = 0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_activations(x: torch.Tensor, group_size: int | None = None, group_offset: int = 0,
+                     activation_bits: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """The native INT8 GEMM's activations, by their definition (csrc/kernel_table.h): for each
-    row of x [M, K] and each of :func:`int8_segments`, xs = max |x| / 32767 in float32 and X =
-    round-half-even(x / xs) (the quotient in float64) as int16; X and xs are 0 where xs is 0, X
-    is 0 and xs NaN where the segment holds a NaN or an infinity. Returns (X [M, K] int16,
-    xs [M, segments] float32). The GEMM is then, per segment, the exact integer sum of X * Q
-    times xs * S (float32), the segments' terms added in K order."""
+    row of x [M, K] and each of :func:`int8_segments`, xs = max |x| / 32767 (127 with
+    ``activation_bits=8``) in float32 and X = round-half-even(x / xs) (the quotient in float64)
+    as int16; X and xs are 0 where xs is 0, X is 0 and xs NaN where the segment holds a NaN or an
+    infinity. Returns (X [M, K] int16, xs [M, segments] float32). The GEMM is then, per segment,
+    the exact integer sum of X * Q times xs * S (float32), the segments' terms added in K order."""
+    if activation_bits not in (16, 8):
+        raise ValueError(f"autotp.kernels.int8_activations: activation_bits must be 16 or 8, got {activation_bits!r}")
+    x_max = INT8_X_MAX if activation_bits == 16 else INT8_X_MAX8
     x = x.float().reshape(-1, x.shape[-1])
     segments = int8_segments(x.shape[1], group_size, group_offset)
     xq = torch.zeros(x.shape, dtype=torch.int16)
     xs = torch.zeros(x.shape[0], len(segments))
     for e, (ks, ke, _) in enumerate(segments):
         part = x[:, ks:ke]
-        scale = (part.abs().amax(1).double() / INT8_X_MAX).float()  # = the fp32 division (53 >= 2 * 24 + 2 bits)
+        scale = (part.abs().amax(1).double() / x_max).float()  # = the fp32 division (53 >= 2 * 24 + 2 bits)
         bad = ~part.isfinite().all(1)
         good = (scale > 0) & ~bad
-        q = torch.round(part.double() / scale.double()[:, None]).clamp(-INT8_X_MAX, INT8_X_MAX)
+        q = torch.round(part.double() / scale.double()[:, None]).clamp(-x_max, x_max)
         xq[:, ks:ke] = torch.where(good[:, None], q, 0).to(torch.int16)
         xs[:, e] = torch.where(bad, torch.nan, torch.where(good, scale, 0))
     return xq, xs
@@ -359,13 +364,15 @@ def unpack_int8(qpacked: torch.Tensor, spacked: torch.Tensor, out_features: int,
 
 def linear_int8(x: torch.Tensor, qpacked: torch.Tensor, spacked: torch.Tensor, bias: torch.Tensor | None,
                 out_features: int, group_size: int, group_offset: int = 0,
-                out_dtype: torch.dtype | None = None, isa: str = "") -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, isa: str = "", activation_bits: int = 16) -> torch.Tensor:
     """x @ (Q S)^T + bias with Q, S packed by :func:`prepack_int8`, x taken as int16 per segment
-    (:func:`int8_activations`: within max |x| / 65534 of x) and exact integer products; output
-    in ``out_dtype`` (default: x's dtype), on the kernels of ``isa``. ``group_size`` and
-    ``group_offset`` are as in :func:`quantize_int8` (``None`` there is ``group_size=K`` here)."""
+    (:func:`int8_activations`: within max |x| / 65534 of x), or with ``activation_bits=8`` as
+    int8 (within max |x| / 254: AVX512-VNNI then multiplies bytes, twice the products per
+    instruction), and exact integer products; output in ``out_dtype`` (default: x's dtype), on
+    the kernels of ``isa``. ``group_size`` and ``group_offset`` are as in :func:`quantize_int8`
+    (``None`` there is ``group_size=K`` here)."""
     return torch.ops.autotp.linear_int8(x, qpacked, spacked, bias, out_features, group_size, group_offset,
-                                        out_dtype, isa)
+                                        out_dtype, isa, activation_bits)
 
 
 def _register_fakes() -> None:
@@ -385,7 +392,8 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)
 
     @torch.library.register_fake("autotp::linear_int8")
-    def _(x, qpacked, spacked, bias, out_features, group_size, group_offset=0, out_dtype=None, isa=""):
+    def _(x, qpacked, spacked, bias, out_features, group_size, group_offset=0, out_dtype=None, isa="",
+          activation_bits=16):
         return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)
 
     @torch.library.register_fake("autotp::linear_int4")

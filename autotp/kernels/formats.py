@@ -8,7 +8,7 @@ format is a small immutable object that knows what those tensors mean:
     PlainWeight     [N, K] any float dtype          -                        F.linear
     PackedBf16      [ceil(N/64), ceil(K/2), 128]    -                        native linear_bf16
     Int8Weight      [N, K] int8                     [N, groups] fp32         dequantise, fp32 F.linear
-    PackedInt8      [ceil(N/64), K, 64] int8        [ceil(N/64), groups, 64] native linear_int8 (x as int16 per segment)
+    PackedInt8      [ceil(N/64), K, 64] int8        [ceil(N/64), groups, 64] native linear_int8 (x as int16 or int8 per segment)
     Int4Weight      [N, ceil(K/2)] uint8            [N, groups] fp32 (uint8) dequantise, fp32 F.linear (the spec)
     PackedInt4      [ceil(N/64), ceil(K/2), 64]     [ceil(N/64), groups, 64] native linear_int4
 
@@ -124,15 +124,18 @@ class Int8Weight:
         if release is not None:
             release(q.data)
             release(scales.data)
-        return PackedInt8(self.group_size, self.group_offset, kernels.isa(runtime))
+        return PackedInt8(self.group_size, self.group_offset, kernels.isa(runtime),
+                          kernels.ACTIVATION_BITS[runtime.int8_activations])
 
 
 @dataclass(frozen=True)
 class PackedInt8(Int8Weight):
     """Q and S in the INT8 GEMM's packed layouts (kernels.prepack_int8), multiplied by the
-    kernels of ``isa`` (chosen when packing)."""
+    kernels of ``isa`` with activations of ``activation_bits`` (16 or 8: the runtime's
+    ``int8_activations``), both chosen when packing."""
 
     isa: str = ""
+    activation_bits: int = 16
     packed = True
 
     def parts(self, layer: Holder) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +144,8 @@ class PackedInt8(Int8Weight):
 
     def matmul(self, layer: Holder, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return kernels.linear_int8(x, layer.weight, layer.weight_scale, bias,  # type: ignore[attr-defined]
-                                   layer.out_features, self.group_size, self.group_offset, isa=self.isa)
+                                   layer.out_features, self.group_size, self.group_offset, isa=self.isa,
+                                   activation_bits=self.activation_bits)
 
     def pack(self, layer: Holder, runtime: Runtime, release: Release | None = None) -> "PackedInt8":
         return self

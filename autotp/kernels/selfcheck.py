@@ -55,10 +55,11 @@ def check_paths(isas: list[str], linear_bf16: Bf16Op | None = None, linear_int8:
             if _differs(bf16(x, packed, b, n, torch.float32, isa),
                         torch.ops.autotp.linear_bf16(x, packed, b, n, torch.float32, "generic"), x, w):
                 failed[isa] = f"its bf16 GEMM differs from the generic one at M={m} N={n} K={k}"
-            elif _differs(int8(x, q, s, b, n, INT8_GROUP, INT8_OFFSET, torch.float32, isa),
-                          torch.ops.autotp.linear_int8(x, q, s, b, n, INT8_GROUP, INT8_OFFSET, torch.float32,
-                                                       "generic"), x, wq):
-                failed[isa] = f"its INT8 GEMM differs from the generic one at M={m} N={n} K={k}"
+            elif bits := next((bits for bits in (16, 8) if _differs(
+                    int8(x, q, s, b, n, INT8_GROUP, INT8_OFFSET, torch.float32, isa, bits),
+                    torch.ops.autotp.linear_int8(x, q, s, b, n, INT8_GROUP, INT8_OFFSET, torch.float32, "generic",
+                                                 bits), x, wq)), None):
+                failed[isa] = f"its INT8 GEMM ({bits}-bit activations) differs from the generic one at M={m} N={n} K={k}"
             elif _differs(int4(x, q4, s4, z4, b, n, INT8_GROUP, INT8_OFFSET, torch.float32, isa),
                           torch.ops.autotp.linear_int4(x, q4, s4, z4, b, n, INT8_GROUP, INT8_OFFSET, torch.float32,
                                                        "generic"), x, w4):

@@ -28,6 +28,11 @@
 //   X * xs, within xs / 2 = a / 65534 of it: finer than bf16's rounding of the segment's largest
 //   activation. The vector paths multiply pairs of K (vpmaddwd: 16 exact products per
 //   instruction, where fp32 products of the widened weight took three instructions per 8).
+//   With 8-bit activations (a call's activation_bits = 8, the Runtime's int8_activations =
+//   "int8") the same with 127 for 32767: xs = a / 127, |X| <= 127, x within a / 254; every path
+//   computes the same integers, and a table with an int8_u8_tile multiplies them as bytes
+//   (vpdpbusd: 64 products per instruction, twice vpdpwssd's) from X as int8 (xb8 [M, ldu], ldu a
+//   multiple of 4 at least K) and the rows' sums of X per segment (xsum [M, segs], int32).
 // INT4 packed weight: U [N, K] of 4-bit values 0..15 -> [NG, ceil(K/2), 64] uint8: per group g
 //   of 64 columns and pair p of K rows, two blocks h of 32 bytes, byte 32 h + 2 i + r =
 //   U[64 g + 32 h + i, 2 p + r] | U[64 g + 32 h + 16 + i, 2 p + r] << 4 (i < 16, r < 2), zero past
@@ -68,6 +73,7 @@ constexpr int64_t kInt8BlockM = 96;       // activation rows per unit of work
 constexpr int64_t kInt8DirectM = 4;       // up to this many rows, weights widened in registers
 constexpr int64_t kInt8SegmentK = 256;    // K per INT8 segment at most (int32 sums stay exact)
 constexpr int16_t kInt8XMax = 32767;      // |X| at most: the int16 activations' scale is max |x| / this
+constexpr int16_t kInt8XMax8 = 127;       // the same for 8-bit activations
 
 // The INT8 segments of K [k0, k1) (the spec above), in K order: segment(ks, ke, t) for each
 // [ks, ke) within one scale group t and one kInt8SegmentK chunk.
@@ -110,12 +116,16 @@ struct Int8GemmArgs {  // INT8 and INT4 calls
   int64_t M, N, K, G, O, KG, ldo;
   bool out_bf16;
   int64_t ldq, segs;  // INT8
+  const int8_t* xb8;    // INT8, 8-bit activations, for int8_u8_tile: X as bytes, [M, ldu]
+  const int32_t* xsum;  // and the sums of X per row and segment, [M, segs]
+  int64_t ldu;
 };
 
 // INT8's activations (the spec above) of rows [m0, m1) of x [M, K] into xq [M, ldq] and xs [M, segs]
+// and xmax (32767, or 127 for 8-bit activations)
 template <typename T>
 using Int8ActivationRows = void (*)(const T* x, int64_t m0, int64_t m1, int64_t K, int64_t G, int64_t O,
-                                    int16_t* xq, int64_t ldq, float* xs, int64_t segs);
+                                    int16_t* xq, int64_t ldq, float* xs, int64_t segs, int16_t x_max);
 
 // What one instruction set provides. Tiles compute rows [m0, m1) (at most kBlockM) and blocks
 // of 16 columns [b0, b1) (b0 a multiple of 4, at most kMaxItemBlocks; a bf16x tile may ask for
@@ -156,6 +166,9 @@ struct KernelTable {
   // instruction set; every table with an int8_tile has them
   Int8ActivationRows<uint16_t> int8_x_bf16;
   Int8ActivationRows<float> int8_x_f32;
+  // INT8 with 8-bit activations as bytes (a.xu, the spec above), as int8_tile; null: int8_tile
+  // serves such calls from a.xq (the same integers)
+  void (*int8_u8_tile)(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
 };
 
 // The x86 tables are compiled on x86-64 unless the build asks for portable code only
@@ -192,7 +205,8 @@ inline bool takes_bf16x(const KernelTable& t, int64_t M) { return t.bf16x_tile !
 // Software prefetch of the weight stream the GEMM tiles read (each tile names its distance):
 // weight_prefetch() is the process-wide switch, on by default except on AMD CPUs. It turns
 // off the prefetch of the tiles that only stream: the AVX512-BF16 bf16 tile (any rows) and
-// the INT8 and fp32-activation bf16 tiles of at most kStreamRows rows; tiles of more rows
+// the INT8 and fp32-activation bf16 tiles of at most kStreamRows rows, and VNNI's INT8 byte tile
+// in units of at most kInt8DirectM rows (isa_avx512_vnni.cpp); tiles of more rows
 // (compute takes longer than the stream there), INT4's and AMX's always prefetch. The values
 // computed are the same either way. Measured on an AMD EPYC Zen 4 with tools/bench_prefetch.py
 // (2 ranks streaming llama-1b's and gptj-1b's per-rank weights at once, on and off alternated,

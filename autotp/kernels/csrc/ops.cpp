@@ -3,7 +3,8 @@
 //   prepack_bf16(weight[N, K]) -> packed[NG, K2, 128]     (layouts and the INT8 spec: kernel_table.h)
 //   unpack_bf16(packed, N, K) -> weight[N, K]              (inverse, for tests and state dicts)
 //   linear_bf16(x[..., K], packed, bias?, N, out_dtype?, isa) -> y[..., N] = x W^T + bias
-//   linear_int8(x[..., K], qpacked, spacked, bias?, N, G, O, out_dtype?, isa) -> y[..., N] = x (Q S)^T + bias
+//   linear_int8(x[..., K], qpacked, spacked, bias?, N, G, O, out_dtype?, isa, activation_bits)
+//     -> y[..., N] = x (Q S)^T + bias (x as int16 per segment, or int8 with activation_bits = 8)
 //   read_probe(buffer, isa) -> checksum                   (read bandwidth, for benchmarks)
 //   (the KV-cache ops of a decoding step, reorder_rows_ and decode_attention: decode_ops.cpp)
 //   class ShmComm(name, rank, size, slot_bytes, create, timeout_s, isa): all_reduce(t), unlink(), name()
@@ -213,17 +214,42 @@ void check_int8_packed(const at::Tensor& qpacked, const at::Tensor& spacked, int
 // decode path).
 template <typename T>
 void int8_activations(Int8ActivationRows<T> rows, const T* x, int64_t M, int64_t K, int64_t G, int64_t O,
-                      int16_t* xq, int64_t ldq, float* xs, int64_t segs) {
+                      int16_t* xq, int64_t ldq, float* xs, int64_t segs, int16_t x_max) {
   at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
-    rows(x, m0, m1, K, G, O, xq, ldq, xs, segs);
+    rows(x, m0, m1, K, G, O, xq, ldq, xs, segs, x_max);
   });
 }
 
+// 8-bit activations as the byte tiles read them (kernel_table.h): X as bytes, xb8 [M, ldu] (zero
+// past K), and their sums per row and segment, xsum [M, segs]
+void int8_bytes(const int16_t* xq, int64_t ldq, int64_t M, int64_t K, int64_t G, int64_t O, int8_t* xb8,
+                int64_t ldu, int32_t* xsum, int64_t segs) {
+  for (int64_t m = 0; m < M; ++m) {
+    const int16_t* in = xq + m * ldq;
+    int8_t* out = xb8 + m * ldu;
+    int64_t e = 0;
+    int8_segments(0, K, G, O, [&](int64_t ks, int64_t ke, int64_t) {
+      int32_t sum = 0;
+      for (int64_t k = ks; k < ke; ++k) {
+        out[k] = static_cast<int8_t>(in[k]);
+        sum += in[k];
+      }
+      xsum[m * segs + e++] = sum;
+    });
+    std::memset(out + K, 0, ldu - K);
+  }
+}
+
 // x: [..., K] bf16/fp32   qpacked: [ceil(N/64), ceil(K/2), 128] int8   spacked: [ceil(N/64), ceil(K/G), 64] fp32
-// y: [..., N] = x (Q * S)^T + bias with x as int16 per segment (spec in kernel_table.h); any ISA's table.
+// y: [..., N] = x (Q * S)^T + bias with x as int16 per segment, or int8 with activation_bits = 8
+// (spec in kernel_table.h); any ISA's table.
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at::Tensor& spacked,
                        const std::optional<at::Tensor>& bias, int64_t N, int64_t group_size, int64_t group_offset,
-                       std::optional<at::ScalarType> out_dtype, const std::string& isa) {
+                       std::optional<at::ScalarType> out_dtype, const std::string& isa, int64_t activation_bits) {
+  TORCH_CHECK(activation_bits == 16 || activation_bits == 8,
+              "autotp::linear_int8: activation_bits must be 16 or 8 (Runtime int8_activations \"int16\" or "
+              "\"int8\"), got ", activation_bits);
+  const int16_t x_max = activation_bits == 8 ? kInt8XMax8 : kInt8XMax;
   LinearCall call = begin_linear(x, bias, N, out_dtype, isa, "autotp::linear_int8");
   const int64_t K = call.K, M = call.M;
   check_int8_packed(qpacked, spacked, N, K, group_size, group_offset, "autotp::linear_int8");
@@ -239,20 +265,28 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
     const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
     const auto* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
     int8_activations(table.int8_x_bf16, xb, M, K, group_size, group_offset, xq.data_ptr<int16_t>(),
-                     ldq, xs.data_ptr<float>(), segs);
+                     ldq, xs.data_ptr<float>(), segs, x_max);
   } else {
     const at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
     int8_activations(table.int8_x_f32, xf.data_ptr<float>(), M, K, group_size, group_offset,
-                     xq.data_ptr<int16_t>(), ldq, xs.data_ptr<float>(), segs);
+                     xq.data_ptr<int16_t>(), ldq, xs.data_ptr<float>(), segs, x_max);
   }
+  const bool bytes = activation_bits == 8 && table.int8_u8_tile != nullptr;
+  const int64_t ldu = bytes ? ceil_div(K, 4) * 4 : 0;
+  const at::Tensor xb8 = at::empty({bytes ? M : 0, ldu}, x.options().dtype(at::kChar));
+  const at::Tensor xsum = at::empty({bytes ? M : 0, segs}, x.options().dtype(at::kInt));
+  if (bytes)
+    int8_bytes(xq.data_ptr<int16_t>(), ldq, M, K, group_size, group_offset, xb8.data_ptr<int8_t>(), ldu,
+               xsum.data_ptr<int32_t>(), segs);
   Int8GemmArgs args{nullptr, xq.data_ptr<int16_t>(), xs.data_ptr<float>(), qpacked.data_ptr<int8_t>(), nullptr,
                     nullptr, nullptr, spacked.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
                     out.data_ptr(), M, N, K, group_size, group_offset, spacked.size(1), N,
-                    out.scalar_type() == at::kBFloat16, ldq, segs};
+                    out.scalar_type() == at::kBFloat16, ldq, segs, bytes ? xb8.data_ptr<int8_t>() : nullptr,
+                    bytes ? xsum.data_ptr<int32_t>() : nullptr, ldu};
   const int64_t rows = M <= kInt8DirectM
       ? M  // few rows: one tile, so each weight row is read once
       : std::min(kInt8BlockM, ceil_div(ceil_div(M, ceil_div(M, kInt8BlockM)), kRowTile) * kRowTile);
-  const auto tile = table.int8_tile;
+  const auto tile = bytes ? table.int8_u8_tile : table.int8_tile;
   for_each_unit(M, rows, qpacked.size(0), kInt8MaxItemGroups, 1,
                 [&](int64_t m0, int64_t m1, int64_t g0, int64_t g1) { tile(args, m0, m1, g0, g1); });
   return out;
@@ -292,7 +326,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qpacked, const at:
                     zeros ? zpacked->data_ptr<uint8_t>() : nullptr,
                     int4x ? reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>()) : nullptr,
                     spacked.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), M, N, K,
-                    G, O, KG, N, out.scalar_type() == at::kBFloat16, 0, 0};
+                    G, O, KG, N, out.scalar_type() == at::kBFloat16, 0, 0, nullptr, nullptr, 0};
   const int64_t rows = M <= kInt8DirectM
       ? M  // few rows: one tile, so each weight row is widened once
       : std::min(kInt8BlockM, ceil_div(ceil_div(M, ceil_div(M, kInt8BlockM)), kRowTile) * kRowTile);
@@ -358,7 +392,7 @@ TORCH_LIBRARY(autotp, m) {
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features, ScalarType? out_dtype=None, "
         "str isa=\"\") -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qpacked, Tensor spacked, Tensor? bias, int out_features, int group_size, "
-        "int group_offset=0, ScalarType? out_dtype=None, str isa=\"\") -> Tensor");
+        "int group_offset=0, ScalarType? out_dtype=None, str isa=\"\", int activation_bits=16) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor qpacked, Tensor spacked, Tensor? zpacked, Tensor? bias, int out_features, "
         "int group_size, int group_offset=0, ScalarType? out_dtype=None, str isa=\"\") -> Tensor");
   m.def("read_probe(Tensor buffer, str isa=\"\") -> int");
