@@ -195,3 +195,27 @@ def test_the_prefetch_tool_times_every_kind_both_ways():
         assert on > 0 and off > 0 and ratio > 0, r
     default = "on" if kernels.weight_prefetch() else "off"
     assert f"default prefetch here: {default}" in done.stdout
+
+
+def test_the_int8_activations_tool_times_both_widths():
+    """tools/bench_int8_activations.py on a tiny model, one rank: a row per row count with both
+    times, their ratio and the outputs' difference, which is nonzero (the switch reached the
+    kernels) and within what 8-bit rounding of the activations allows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from autotp import kernels
+
+    if not kernels.extension_loaded():
+        pytest.skip(f"native kernels unavailable: {kernels.status()[1]}")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_int8_activations.py"
+    done = subprocess.run([sys.executable, str(tool), "--model", "llama-test", "--rows", "1", "3", "--rounds", "2"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["1"], ["3"])]
+    assert sorted(r[0] for r in rows) == ["1", "3"], done.stdout
+    for r in rows:
+        int16_ms, int8_ms, ratio, diff = float(r[3]), float(r[5]), float(r[7]), float(r[8])
+        assert int16_ms > 0 and int8_ms > 0 and ratio > 0, r
+        assert 0 < diff < 0.05, r

@@ -142,6 +142,32 @@ def test_each_model_compiles_its_own_step():
     assert counters["stats"]["unique_graphs"] - before == 3
 
 
+def test_the_compiled_step_is_cached_under_the_extensions_build(monkeypatch):
+    """inductor keys its caches by a graph's text, where an op's defaulted arguments do not show:
+    a step cached by an older extension would call changed ops with old arguments. Each
+    compiled call runs with the build's name (a hash of the C++ sources) in the cache key tag,
+    the user's own tag kept in front, and the tag restored after. (torch.compile replaced by a
+    recorder that runs the step eagerly.)"""
+    seen = []
+
+    def recorder(fn, **options):
+        def step(*args, **kwargs):
+            seen.append(torch.compiler.config.cache_key_tag)
+            return fn(*args, **kwargs)
+        return step
+
+    monkeypatch.setattr(torch, "compile", recorder)
+    inputs = zoo.batch()
+    model = zoo.build("llama")
+    with torch.compiler.config.patch(cache_key_tag="users-"):
+        prepare_decoding(model, autotp.Runtime(compile=True))
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.compiler.config.cache_key_tag == "users-"
+    assert seen and set(seen) == {f"users-autotp:{kernels.build_tag()}"}, seen
+    assert kernels.build_tag().startswith("autotp_kernels_") and kernels.build_tag(True) != kernels.build_tag()
+
+
 def test_the_routing_forward_keeps_the_signature_generate_reads():
     """generate reads the model's forward signature: with the compiled step's routing forward in
     place it still passes ``logits_to_keep=1`` to the prompt forward (the lm_head sees one

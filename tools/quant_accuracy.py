@@ -9,7 +9,8 @@ INT4 at each group size, on 1, 2 and 3 ranks.
 The held-out text (heldout.txt beside the model, written by train_tiny.py) is tokenized and cut
 into windows of --seq tokens. The reference is plain transformers in --dtype on one process.
 Each scheme (``bf16``: autotp unquantized; ``int8:G``, ``int4:G``, ``int4-asym:G``: weight-only
-with G input columns per scale, 0 per row) runs on N spawned ranks (gloo + the SHM all-reduce,
+with G input columns per scale, 0 per row; ``int8a8:G``: INT8 whose native GEMM rounds the
+activations to 8 bits, ``Runtime(int8_activations="int8")``) runs on N spawned ranks (gloo + the SHM all-reduce,
 one thread each, ``autotp.from_pretrained(MODEL_DIR, quantize=...)``: each rank quantizes its
 slices while loading), and rank 0's logits give: the perplexity of the held-out windows (exp of
 the mean next-token loss), its change against the reference's, the max relative logits error
@@ -52,14 +53,21 @@ def perplexity(logits: torch.Tensor, rows: torch.Tensor) -> float:
     return math.exp(loss.item())
 
 
+ACTIVATIONS = {"int8a8": ("int8", "int8")}  # scheme name -> (quantize, Runtime.int8_activations)
+
+
 def _rank(rank: int, world: int, port: int, path: str, scheme: str | None, group: int, rows: torch.Tensor,
           out: str, dtype: torch.dtype) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     autotp.init_distributed()
+    runtime = autotp.Runtime.from_env()
+    if scheme in ACTIVATIONS:
+        scheme, activations = ACTIVATIONS[scheme]
+        runtime = runtime.replace(int8_activations=activations)
     model = autotp.from_pretrained(path, dtype=dtype, quantize=scheme,
-                                   quant_group_size=group if scheme else None)
+                                   quant_group_size=group if scheme else None, runtime=runtime)
     got = logits_of(model, rows)
     if rank == 0:
         torch.save(got, out)
@@ -82,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="a directory written by tools/train_tiny.py")
     parser.add_argument("--schemes", nargs="+", default=["bf16", "int8:128", "int4:32", "int4:128"],
-                        help="bf16, or SCHEME:GROUP with SCHEME int8, int4, int4-asym (GROUP 0: per row)")
+                        help="bf16, or SCHEME:GROUP with SCHEME int8, int8a8, int4, int4-asym (GROUP 0: per row)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="activations and reference")

@@ -48,13 +48,15 @@ class RunConfig:
     compile: bool = True  # AUTOTP_COMPILE: static KV cache and a compiled decoding step
     cores: int | None = None  # physical cores the configuration may use (None: all)
     huge_pages: bool = True  # AUTOTP_HUGE_PAGES: weights on transparent huge pages
+    int8_activations: str = "int16"  # AUTOTP_INT8_ACTIVATIONS: how the INT8 GEMM rounds activations
 
     def label(self, cores: int) -> str:
         cores = min(cores, self.cores or cores)
         head = f"{self.ranks}x{cores // self.ranks}"
         tail = (f" {self.quantize}" if self.quantize else "") + \
             ("" if self.compile or self.impl == "transformers" else " eager") + \
-            ("" if self.huge_pages or self.impl == "transformers" else " 4k-pages")
+            ("" if self.huge_pages or self.impl == "transformers" else " 4k-pages") + \
+            (" a8" if self.quantize and self.int8_activations == "int8" else "")
         if self.impl == "transformers":
             return f"{head} transformers"
         if self.ranks == 1:
@@ -78,6 +80,8 @@ def all_configs(ranks: int) -> list[RunConfig]:
             RunConfig("int8-shm-eager", ranks, "autotp", quantize="int8", bf16_twin="native-shm-eager",
                       compile=False),
             RunConfig("int8-shm-4k", ranks, "autotp", quantize="int8", bf16_twin="native-shm-4k", huge_pages=False),
+            RunConfig("int8a8-shm", ranks, "autotp", quantize="int8", bf16_twin="native-shm",
+                      int8_activations="int8"),
             RunConfig("int4-1", 1, "autotp", quantize="int4", bf16_twin="autotp-1"),
             RunConfig("int4-shm", ranks, "autotp", quantize="int4", bf16_twin="native-shm")]
 
@@ -148,7 +152,8 @@ def launch(cfg: RunConfig, spec: dict[str, Any], spec_path: Path, log_path: Path
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            "-m", "autotp.bench.worker", str(spec_path)]
     env = dict(os.environ, **runtime.replace(kernels=cfg.kernels, comm=cfg.comm, compile=cfg.compile,
-                                                     huge_pages=cfg.huge_pages).as_env(),
+                                                     huge_pages=cfg.huge_pages,
+                                                     int8_activations=cfg.int8_activations).as_env(),
                PYTHONUNBUFFERED="1")
     cpus = None
     if cfg.cores:  # the first cfg.cores physical cores (with their hyperthreads), for the launcher to bind

@@ -18,6 +18,7 @@ has said.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import sys
@@ -71,6 +72,21 @@ def build_name(csrc: Path, cflags: list[str], portable: bool) -> str:
     return f"autotp_kernels{'_portable' if portable else ''}_{digest.hexdigest()[:12]}"
 
 
+CSRC = Path(__file__).parent / "csrc"
+
+
+def _cflags(portable: bool) -> list[str]:
+    return ["-O3", "-fopenmp", *([PORTABLE_FLAG] if portable else [])]
+
+
+@functools.lru_cache(maxsize=None)
+def build_tag(portable: bool = False) -> str:
+    """The name of the extension build these sources make (:func:`build_name`). Code compiled
+    against the extension's ops (the compiled decoding step, autotp.sharding.decode) is cached
+    under it, so that a cached step never calls ops whose signatures have changed since."""
+    return build_name(CSRC, _cflags(portable), portable)
+
+
 def _build(verbose: bool = False, portable: bool = False) -> list[str]:
     """Compile (or find cached) and load the extension; returns the ISAs it holds that this CPU
     runs, best first. ``portable`` builds the generic code only (what a CPU architecture without
@@ -79,10 +95,9 @@ def _build(verbose: bool = False, portable: bool = False) -> list[str]:
     from torch.utils.cpp_extension import load
 
     _ensure_ninja_on_path()
-    csrc = Path(__file__).parent / "csrc"
-    sources = sorted(csrc.glob("*.cpp"))
-    cflags = ["-O3", "-fopenmp", *([PORTABLE_FLAG] if portable else [])]
-    load(name=build_name(csrc, cflags, portable), sources=[str(p) for p in sources], extra_cflags=cflags,
+    sources = sorted(CSRC.glob("*.cpp"))
+    cflags = _cflags(portable)
+    load(name=build_tag(portable), sources=[str(p) for p in sources], extra_cflags=cflags,
          extra_ldflags=["-fopenmp", "-lrt"], is_python_module=False, verbose=verbose)
     return list(torch.ops.autotp.cpu_isas())
 

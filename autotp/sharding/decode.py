@@ -97,6 +97,10 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     forward = model.forward  # the class's, bound
     compiled = torch.compile(_own_step(forward), dynamic=None,
                              options={"guard_filter_fn": _inputs_only, "cpp_wrapper": True})
+    # inductor's caches key a graph by its text, in which an op's defaulted arguments do not
+    # appear: a step cached before the extension's op signatures changed would call them with
+    # the old arguments (a crash). The build's name, a hash of its sources, goes into the key.
+    tag = f"{torch.compiler.config.cache_key_tag}autotp:{kernels.build_tag(runtime.portable_build)}"
 
     # the forward's signature kept (functools.wraps): generate reads it, e.g. to pass
     # logits_to_keep=1 to the prompt forward (without it, the lm_head runs over every prompt
@@ -104,7 +108,8 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     @functools.wraps(forward)
     def decode_or_prompt(*args, **kwargs):
         if _decoding_step(args, kwargs) and not torch.compiler.is_compiling():
-            return compiled(*args, **kwargs)
+            with torch.compiler.config.patch(cache_key_tag=tag):
+                return compiled(*args, **kwargs)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if Lineage.ATTR in getattr(cache, "__dict__", {}):  # a prompt's rows share no past (but prompt_once's)
             delattr(cache, Lineage.ATTR)
