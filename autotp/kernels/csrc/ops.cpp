@@ -224,20 +224,22 @@ void int8_activations(Int8ActivationRows<T> rows, const T* x, int64_t M, int64_t
 // past K), and their sums per row and segment, xsum [M, segs]
 void int8_bytes(const int16_t* xq, int64_t ldq, int64_t M, int64_t K, int64_t G, int64_t O, int8_t* xb8,
                 int64_t ldu, int32_t* xsum, int64_t segs) {
-  for (int64_t m = 0; m < M; ++m) {
-    const int16_t* in = xq + m * ldq;
-    int8_t* out = xb8 + m * ldu;
-    int64_t e = 0;
-    int8_segments(0, K, G, O, [&](int64_t ks, int64_t ke, int64_t) {
-      int32_t sum = 0;
-      for (int64_t k = ks; k < ke; ++k) {
-        out[k] = static_cast<int8_t>(in[k]);
-        sum += in[k];
-      }
-      xsum[m * segs + e++] = sum;
-    });
-    std::memset(out + K, 0, ldu - K);
-  }
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const int16_t* in = xq + m * ldq;
+      int8_t* out = xb8 + m * ldu;
+      int64_t e = 0;
+      int8_segments(0, K, G, O, [&](int64_t ks, int64_t ke, int64_t) {
+        int32_t sum = 0;
+        for (int64_t k = ks; k < ke; ++k) {
+          out[k] = static_cast<int8_t>(in[k]);
+          sum += in[k];
+        }
+        xsum[m * segs + e++] = sum;
+      });
+      std::memset(out + K, 0, ldu - K);
+    }
+  });
 }
 
 // x: [..., K] bf16/fp32   qpacked: [ceil(N/64), ceil(K/2), 128] int8   spacked: [ceil(N/64), ceil(K/G), 64] fp32
