@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 import autotp
 from autotp import kernels
 from autotp.bench import shapes
-from bench_prefetch import barrier, local_gemms, one_pass
+from bench_prefetch import alternate, gather, local_gemms, one_pass
 
 BITS = {"int16": 16, "int8": 8}
 
@@ -75,20 +75,11 @@ def main() -> None:
                 outs[name] = layers[0].matmul(xs[layers[0].in_features], None).float()
             one_pass(layers, xs)  # warm-up
         error = ((outs["int8"] - outs["int16"]).abs().max() / outs["int16"].abs().max()).item()
-        times: dict[str, list[float]] = {name: [] for name in BITS}
-        for _ in range(args.rounds):
-            for name, bits in BITS.items():
-                set_activations(layers, bits)
-                barrier(world)
-                start = time.perf_counter()
-                one_pass(layers, xs)
-                times[name].append(time.perf_counter() - start)
+        times = alternate(layers, xs, world, args.rounds,
+                          {name: functools.partial(set_activations, layers, bits) for name, bits in BITS.items()})
         ratio = statistics.median(b / a for a, b in zip(times["int16"], times["int8"]))
         row = (m, nbytes, statistics.median(times["int16"]), statistics.median(times["int8"]), ratio, error)
-        gathered = [row] * world
-        if world > 1:
-            dist.all_gather_object(gathered, row)
-        rows_out.append(gathered)
+        rows_out.append(gather(row, world))
     set_activations(layers, BITS[runtime.int8_activations])
     if rank == 0:
         print(f"{args.model}, {world} rank(s) x {torch.get_num_threads()} thread(s), INT8 on "

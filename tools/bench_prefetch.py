@@ -19,9 +19,11 @@ near 1.00, up to the machine's noise).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -47,6 +49,29 @@ def one_pass(layers: list[PackableLinear], xs: dict[int, torch.Tensor]) -> None:
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+def alternate(layers: list, xs: dict[int, torch.Tensor], world: int, rounds: int,
+              settings: dict[Any, Callable[[], Any]]) -> dict[Any, list[float]]:
+    """``rounds`` rounds of one pass under each of ``settings`` (a key and what switches to it),
+    in turn, all ranks starting each pass together: each key's pass times."""
+    times: dict[Any, list[float]] = {key: [] for key in settings}
+    for _ in range(rounds):
+        for key, switch in settings.items():
+            switch()
+            barrier(world)
+            start = time.perf_counter()
+            one_pass(layers, xs)
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
+def gather(row: tuple, world: int) -> list[tuple]:
+    """Every rank's ``row``, in rank order (for rank 0 to print)."""
+    gathered = [row] * world
+    if world > 1:
+        dist.all_gather_object(gathered, row)
+    return gathered
 
 
 def main() -> None:
@@ -81,21 +106,12 @@ def main() -> None:
         for m in args.rows:
             xs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in {layer.in_features for layer in layers}}
             one_pass(layers, xs)  # warm-up
-            times: dict[bool, list[float]] = {True: [], False: []}
-            for _ in range(args.rounds):
-                for on in (True, False):
-                    kernels.weight_prefetch(on)
-                    barrier(world)
-                    start = time.perf_counter()
-                    one_pass(layers, xs)
-                    times[on].append(time.perf_counter() - start)
+            times = alternate(layers, xs, world, args.rounds,
+                              {on: functools.partial(kernels.weight_prefetch, on) for on in (True, False)})
             kernels.weight_prefetch(default)
             ratio = statistics.median(off / on for on, off in zip(times[True], times[False]))
             row = (kind, m, nbytes, statistics.median(times[True]), statistics.median(times[False]), ratio)
-            gathered = [row] * world
-            if world > 1:
-                dist.all_gather_object(gathered, row)
-            rows_out.append(gathered)
+            rows_out.append(gather(row, world))
         del model, layers
     if rank == 0:
         print(f"{args.model}, {world} rank(s) x {torch.get_num_threads()} thread(s), ISA {kernels.isa(runtime)}, "
