@@ -38,6 +38,9 @@ ENV_NAMES = {
     "huge_pages": "AUTOTP_HUGE_PAGES",
     "int8_activations": "AUTOTP_INT8_ACTIVATIONS",
 }
+# the Runtime fields that take one of a few words, with those words (the first is the default)
+CHOICE_FIELDS = (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES),
+                 ("attention", ATTENTION_MODES), ("int8_activations", INT8_ACTIVATION_MODES))
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -93,8 +96,7 @@ class Runtime:
     int8_activations: str = "int16"
 
     def __post_init__(self) -> None:
-        for name, choices in (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES),
-                              ("attention", ATTENTION_MODES), ("int8_activations", INT8_ACTIVATION_MODES)):
+        for name, choices in CHOICE_FIELDS:
             if getattr(self, name) not in choices:
                 raise ValueError(f"autotp: Runtime({name}={getattr(self, name)!r}) is not one of "
                                  f"{', '.join(choices)} (environment variable {ENV_NAMES[name]})")
@@ -110,8 +112,7 @@ class Runtime:
         env = os.environ if environ is None else environ
         raw = {field: env.get(var, "").strip() for field, var in ENV_NAMES.items()}
         values: dict[str, object] = {}
-        for field, choices in (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES),
-                               ("attention", ATTENTION_MODES), ("int8_activations", INT8_ACTIVATION_MODES)):
+        for field, choices in CHOICE_FIELDS:
             value = raw[field].lower() or choices[0]
             if value not in choices:
                 raise ValueError(f"autotp: {ENV_NAMES[field]}={value!r} is not one of {', '.join(choices)}")

@@ -1,5 +1,6 @@
-// INT8's activations (the spec in kernel_table.h: int16 X, at most 32767 or, for 8-bit
-// activations, 127, and its scales xs per row and segment), written once over the element type of x (bf16 as uint16_t, or float). Include it
+// INT8's activations (the spec in kernel_table.h: int16 X, |X| at most 32767 or, for 8-bit
+// activations, 127, and its scales xs per row and segment), written once over the element type
+// of x (bf16 as uint16_t, or float). Include it
 // inside an ISA file's `#pragma GCC target` region and anonymous namespace, as gemm_tiles.h:
 // each table then holds its own copy, compiled for its instruction set (the vector ones do 8 or
 // 16 divisions at once). Each loop is exact (an integer max, a division, adds, compares and
@@ -22,8 +23,8 @@ uint32_t abs_max_bits(const T* x, int64_t n) {
 // out[k] = round-half-even(x[k] / step) clamped to +-x_max: the quotient in double, rounded by
 // adding and subtracting 1.5 * 2^52
 template <typename T>
-void round_to_int16(const T* x, int64_t n, double step, int16_t* out, int16_t x_max_bits) {
-  const double round = 6755399441055744.0, x_max = x_max_bits;
+void round_to_int16(const T* x, int64_t n, double step, int16_t* out, int16_t limit) {
+  const double round = 6755399441055744.0, x_max = limit;
   for (int64_t k = 0; k < n; ++k) {
     double v;
     if constexpr (std::is_same_v<T, float>) v = x[k];

@@ -121,8 +121,8 @@ struct Int8GemmArgs {  // INT8 and INT4 calls
   int64_t ldu;
 };
 
-// INT8's activations (the spec above) of rows [m0, m1) of x [M, K] into xq [M, ldq] and xs [M, segs]
-// and xmax (32767, or 127 for 8-bit activations)
+// INT8's activations (the spec above) of rows [m0, m1) of x [M, K] into xq [M, ldq] and xs [M, segs],
+// |X| at most x_max (kInt8XMax, or kInt8XMax8 for 8-bit activations)
 template <typename T>
 using Int8ActivationRows = void (*)(const T* x, int64_t m0, int64_t m1, int64_t K, int64_t G, int64_t O,
                                     int16_t* xq, int64_t ldq, float* xs, int64_t segs, int16_t x_max);
@@ -166,8 +166,8 @@ struct KernelTable {
   // instruction set; every table with an int8_tile has them
   Int8ActivationRows<uint16_t> int8_x_bf16;
   Int8ActivationRows<float> int8_x_f32;
-  // INT8 with 8-bit activations as bytes (a.xu, the spec above), as int8_tile; null: int8_tile
-  // serves such calls from a.xq (the same integers)
+  // INT8 with 8-bit activations as bytes (a.xb8 and a.xsum, the spec above), as int8_tile; null:
+  // int8_tile serves such calls from a.xq (the same integers)
   void (*int8_u8_tile)(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
 };
 
