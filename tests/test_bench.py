@@ -219,3 +219,28 @@ def test_the_int8_activations_tool_times_both_widths():
         int16_ms, int8_ms, ratio, diff = float(r[3]), float(r[5]), float(r[7]), float(r[8])
         assert int16_ms > 0 and int8_ms > 0 and ratio > 0, r
         assert 0 < diff < 0.05, r
+
+
+def test_the_attention_tool_times_each_path_on_both_kinds_of_pages():
+    """tools/bench_attention.py on the tiny llama shape: a row per (path, pages) with the cache's
+    bytes of the shape asked for (2 layers x keys and values x 3 rows x 1 KV head of 2 x 40
+    positions x head dim 32 x 2 bytes), a time and a rate; the probe's line after them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from autotp import kernels
+
+    if not kernels.extension_loaded():
+        pytest.skip(f"native kernels unavailable: {kernels.status()[1]}")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_attention.py"
+    done = subprocess.run([sys.executable, str(tool), "--model", "llama-test", "--beams", "3", "--length", "40",
+                           "--isa", "auto", "generic", "--rounds", "2"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("llama-test ") and "probe" not in line]
+    assert {(r[1], r[2]) for r in rows} >= {(kernels.isa(), "4k"), ("generic", "4k")}, done.stdout
+    for r in rows:
+        assert float(r[3]) == round(2 * 2 * 3 * 1 * 40 * 32 * 2 / 1e6, 2), r
+        assert float(r[4]) > 0 and float(r[5]) > 0, r
+    assert "read probe" in done.stdout

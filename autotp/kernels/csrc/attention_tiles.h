@@ -35,25 +35,59 @@ inline void exp_nonpositive(float* x, int64_t n) {
   }
 }
 
+// Softmax's max and sum over a row of scores, in 16 partial lanes (x[l] goes to lane l % 16, the
+// lanes then folded in order): loops the compiler vectorizes for the file's instruction set,
+// where one running value is a chain of L dependent operations; the same order on every path.
+constexpr int kSoftmaxLanes = 16;
+
+inline float lanes_max(const float* x, int64_t n) {
+  float part[kSoftmaxLanes];
+  for (int i = 0; i < kSoftmaxLanes; ++i) part[i] = -INFINITY;
+  int64_t l = 0;
+  for (; l + kSoftmaxLanes <= n; l += kSoftmaxLanes)
+    for (int i = 0; i < kSoftmaxLanes; ++i) part[i] = x[l + i] > part[i] ? x[l + i] : part[i];
+  for (int i = 0; l < n; ++l, ++i) part[i] = x[l] > part[i] ? x[l] : part[i];
+  float top = part[0];
+  for (int i = 1; i < kSoftmaxLanes; ++i) top = part[i] > top ? part[i] : top;
+  return top;
+}
+
+inline float lanes_sum(const float* x, int64_t n) {
+  float part[kSoftmaxLanes] = {};
+  int64_t l = 0;
+  for (; l + kSoftmaxLanes <= n; l += kSoftmaxLanes)
+    for (int i = 0; i < kSoftmaxLanes; ++i) part[i] += x[l + i];
+  for (int i = 0; l < n; ++l, ++i) part[i] += x[l];
+  float total = 0.0f;
+  for (int i = 0; i < kSoftmaxLanes; ++i) total += part[i];
+  return total;
+}
+
 // The G heads' scores of kWidth positions from l0 on (all held), written to scores[g * L + l]:
-// kWidth sums kept in registers over the whole head dim, then reduced at once (V::hsums).
+// each key row read whole, in memory order, into a sum of its own (the rows' sums are
+// independent, so the CPU overlaps them), the kWidth sums then reduced at once (V::hsums). The
+// hardware prefetchers follow such a stream; reading a line of every row of the block in turn
+// (as this did before) they did not, and a software prefetch of the next block only partly
+// made up for it (AMD EPYC Zen 4, one thread, tools/bench_attention.py, one of 2 ranks' cache at
+// 4 beams over 288 positions: GPT-J-1B's 75 MB 4.65 -> 3.81 ms, Llama-1B's 9.4 MB 2.43 -> 2.03).
 template <class V>
 void score_block(const float* qs, const uint16_t* k, int64_t l0, int64_t G, int64_t L, int64_t D, int64_t Dv,
                  float scale, const float* const* bias, float* scores) {
   constexpr int W = V::kWidth, P = 2 * V::kWidth;
   const int64_t half = Dv / 2;
   for (int64_t g = 0; g < G; ++g) {
-    if (g == 0)  // the next block's key rows, from memory while this block computes (a cache too big to stay cached)
-      for (int64_t off = 0; off < W * D && (l0 + W) * D + off < L * D; off += 32) V::prefetch(k + (l0 + W) * D + off);
     const float* qg = qs + g * D;
     typename V::F sum[W];
-    for (int t = 0; t < W; ++t) sum[t] = V::zero();
-    for (int64_t j = 0; j < Dv; j += P) {
-      const typename V::F qe = V::load(qg + j / 2), qo = V::load(qg + half + j / 2);
-      for (int t = 0; t < W; ++t) {
-        const uint16_t* row = k + (l0 + t) * D + j;
-        sum[t] = V::fma(qo, V::odd(row), V::fma(qe, V::even(row), sum[t]));
+    constexpr int R = W % 4 == 0 ? 4 : 1;  // rows whose sums advance together: independent chains of FMAs
+    for (int t = 0; t < W; t += R) {
+      const uint16_t* row = k + (l0 + t) * D;
+      typename V::F acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = V::zero();
+      for (int64_t j = 0; j < Dv; j += P) {
+        const typename V::F qe = V::load(qg + j / 2), qo = V::load(qg + half + j / 2);
+        for (int r = 0; r < R; ++r) acc[r] = V::fma(qo, V::odd(row + r * D + j), V::fma(qe, V::even(row + r * D + j), acc[r]));
       }
+      for (int r = 0; r < R; ++r) sum[t + r] = acc[r];
     }
     alignas(64) float s[W];
     V::store(s, V::hsums(sum));
@@ -77,9 +111,7 @@ void value_chunks(const float* scores, const uint16_t* v, const uint8_t* skip, i
     for (int c = 0; c < C; ++c) ae[h][c] = ao[h][c] = V::zero();
   for (int64_t l = 0; l < L; ++l) {
     if (skip[l]) continue;
-    const uint16_t* row = v + l * D + j;
-    if (l + 8 < L)
-      for (int c = 0; c < C; ++c) V::prefetch(row + 8 * D + c * P);  // 8 rows ahead
+    const uint16_t* row = v + l * D + j;  // rows in memory order: the hardware prefetchers keep ahead
     typename V::F e[C], o[C];
     for (int c = 0; c < C; ++c) {
       e[c] = V::even(row + c * P);
@@ -175,12 +207,10 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
   }
   for (int64_t g = 0; g < G; ++g) {
     float* sg = scores + g * L;
-    float top = -INFINITY, total = 0.0f;
-    for (int64_t l = 0; l < L; ++l) top = std::max(top, sg[l]);
+    const float top = lanes_max(sg, L);
     for (int64_t l = 0; l < L; ++l) sg[l] -= top;
     exp_nonpositive(sg, L);
-    for (int64_t l = 0; l < L; ++l) total += sg[l];
-    const float inv = 1.0f / total;
+    const float inv = 1.0f / lanes_sum(sg, L);
     for (int64_t l = 0; l < L; ++l) sg[l] *= inv;
   }
   for (int64_t l = 0; l < L; ++l) {
