@@ -75,3 +75,38 @@ def test_without_huge_pages_nothing_moves(monkeypatch):
     monkeypatch.setattr(pages, "huge_page_size", lambda: None)
     model = zoo.build("llama")
     assert pages.empty(1 << 22) is None and pages.place_on_huge_pages(model, min_bytes=1) == 0
+
+
+@needs_huge_pages
+def test_a_static_cache_moves_once_with_its_values_and_decoding_goes_on_alike():
+    """place_cache_on_huge_pages on a StaticCache after its first forward: every layer's keys and
+    values move (new memory, huge pages, same values), a second call moves nothing, and the next
+    step's logits equal those over a cache left in place (negative control: a cache whose keys
+    were changed gives other logits)."""
+    import copy
+
+    from transformers import StaticCache
+
+    model = zoo.build("llama")
+    inputs = zoo.batch()
+    rows, length = inputs["input_ids"].shape
+    caches = [StaticCache(config=model.config, max_cache_len=length + 4) for _ in range(3)]
+    with torch.no_grad():
+        for cache in caches:
+            model(**inputs, past_key_values=cache, use_cache=True)
+    kept, moved, spoiled = caches
+    before = [(layer.keys.data_ptr(), layer.keys.clone(), layer.values.clone()) for layer in moved.layers]
+    nbytes = pages.place_cache_on_huge_pages(moved)
+    assert nbytes >= sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in moved.layers)
+    for layer, (ptr, keys, values) in zip(moved.layers, before):
+        assert layer.keys.data_ptr() != ptr and torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    assert pages.place_cache_on_huge_pages(moved) == 0
+    assert pages.huge_bytes(moved.layers[0].keys) > 0 or nbytes < SIZE  # a cache below a huge page may stay small
+    spoiled.layers[0].keys.mul_(2)
+    step = dict(input_ids=inputs["input_ids"][:, -1:], attention_mask=torch.cat(
+        [inputs["attention_mask"], torch.ones(rows, 1, dtype=inputs["attention_mask"].dtype)], 1),
+        cache_position=torch.tensor([length]), use_cache=True)
+    with torch.no_grad():
+        logits = [model(**copy.copy(step), past_key_values=c).logits for c in (kept, moved, spoiled)]
+    assert torch.equal(logits[0], logits[1])
+    assert not torch.allclose(logits[0], logits[2])

@@ -117,6 +117,39 @@ def place_on_huge_pages(model: nn.Module, min_bytes: int = 1 << 20) -> int:
     return offset
 
 
+def place_cache_on_huge_pages(cache) -> int:
+    """Move the keys and values a KV cache's layers have allocated (transformers' static cache
+    does so at its first forward, with ``torch.zeros``) onto huge pages, as
+    :func:`place_on_huge_pages` does for weights: one arena, one tensor at a time, values
+    unchanged, each new tensor marked as a static address as the cache marks its own. A
+    decoding step reads the whole filled cache (measured on an AMD EPYC Zen 4, one thread,
+    GPT-J-1B's shape, 75 MB per rank at 4 beams over 288 positions: decode attention 3.81 ms on
+    4 KiB pages, 3.56 on huge pages; tools/bench_attention.py). Tensors already in an arena
+    stay. Returns the bytes moved; 0 where the system has no huge pages."""
+    if huge_page_size() is None:
+        return 0
+    chosen = []
+    for layer in getattr(cache, "layers", None) or []:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if (getattr(layer, "is_initialized", False) and isinstance(t, torch.Tensor) and t.device.type == "cpu"
+                    and t.is_contiguous() and t.untyped_storage().data_ptr() not in _ARENAS):
+                chosen.append((layer, name, t))
+    spans = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for _, _, t in chosen]
+    arena = empty(sum(spans))
+    if arena is None:
+        return 0
+    _ARENAS.add(arena.untyped_storage().data_ptr())
+    offset = 0
+    for (layer, name, t), span in zip(chosen, spans):
+        place = arena[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        place.copy_(t)
+        setattr(layer, name, place)
+        torch._dynamo.mark_static_address(place)
+        offset += span
+    return offset
+
+
 def huge_bytes(tensor: torch.Tensor) -> int:
     """How many bytes of the mappings holding ``tensor``'s first and last bytes the kernel
     backs with huge pages (``AnonHugePages`` in /proc/self/smaps; 0 where it cannot be read)."""

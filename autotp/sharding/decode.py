@@ -105,6 +105,8 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     # the forward's signature kept (functools.wraps): generate reads it, e.g. to pass
     # logits_to_keep=1 to the prompt forward (without it, the lm_head runs over every prompt
     # position and the ranks gather all of their logits)
+    from transformers import StaticCache
+
     @functools.wraps(forward)
     def decode_or_prompt(*args, **kwargs):
         if _decoding_step(args, kwargs) and not torch.compiler.is_compiling():
@@ -113,11 +115,12 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if Lineage.ATTR in getattr(cache, "__dict__", {}):  # a prompt's rows share no past (but prompt_once's)
             delattr(cache, Lineage.ATTR)
-        if not args and not torch.compiler.is_compiling():
-            out = prompt_once(forward, kwargs)
-            if out is not None:
-                return out
-        return forward(*args, **kwargs)
+        out = prompt_once(forward, kwargs) if not args and not torch.compiler.is_compiling() else None
+        if out is None:
+            out = forward(*args, **kwargs)
+        if runtime.huge_pages and isinstance(cache, StaticCache) and not torch.compiler.is_compiling():
+            pages.place_cache_on_huge_pages(cache)  # allocated by its first forward; every step reads it
+        return out
 
     model.forward = decode_or_prompt  # an instance attribute: nn.Module.__call__ finds it first
     model._autotp_compiled_step = compiled
