@@ -172,9 +172,9 @@ def test_the_decode_profile_accounts_for_the_whole_step(beams):
     assert f"beam {beams}" in done.stdout if beams > 1 else "greedy" in done.stdout
 
 
-def test_the_prefetch_tool_times_every_kind_both_ways():
-    """tools/bench_prefetch.py on a tiny model, one rank: a row per weight kind and row count,
-    with both times and their ratio, and the default it found named."""
+def run_native_tool(name: str, *args: str):
+    """tools/<name> run with ``args`` on one thread (skipped, with the reason, where the native
+    kernels are not built); its finished process, which must have succeeded."""
     import subprocess
     import sys
     from pathlib import Path
@@ -183,11 +183,20 @@ def test_the_prefetch_tool_times_every_kind_both_ways():
 
     if not kernels.extension_loaded():
         pytest.skip(f"native kernels unavailable: {kernels.status()[1]}")
-    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_prefetch.py"
-    done = subprocess.run([sys.executable, str(tool), "--model", "llama-test", "--kinds", "bf16", "int8", "int4",
-                           "--rows", "1", "3", "--rounds", "2"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    tool = Path(__file__).resolve().parents[1] / "tools" / name
+    done = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_the_prefetch_tool_times_every_kind_both_ways():
+    """tools/bench_prefetch.py on a tiny model, one rank: a row per weight kind and row count,
+    with both times and their ratio, and the default it found named."""
+    from autotp import kernels
+
+    done = run_native_tool("bench_prefetch.py", "--model", "llama-test", "--kinds", "bf16", "int8", "int4",
+                           "--rows", "1", "3", "--rounds", "2")
     rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["bf16"], ["int8"], ["int4"])]
     assert sorted((r[0], r[1]) for r in rows) == sorted((k, m) for k in ("bf16", "int8", "int4") for m in ("1", "3"))
     for r in rows:
@@ -201,18 +210,7 @@ def test_the_int8_activations_tool_times_both_widths():
     """tools/bench_int8_activations.py on a tiny model, one rank: a row per row count with both
     times, their ratio and the outputs' difference, which is nonzero (the switch reached the
     kernels) and within what 8-bit rounding of the activations allows."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from autotp import kernels
-
-    if not kernels.extension_loaded():
-        pytest.skip(f"native kernels unavailable: {kernels.status()[1]}")
-    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_int8_activations.py"
-    done = subprocess.run([sys.executable, str(tool), "--model", "llama-test", "--rows", "1", "3", "--rounds", "2"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_native_tool("bench_int8_activations.py", "--model", "llama-test", "--rows", "1", "3", "--rounds", "2")
     rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["1"], ["3"])]
     assert sorted(r[0] for r in rows) == ["1", "3"], done.stdout
     for r in rows:
@@ -225,19 +223,10 @@ def test_the_attention_tool_times_each_path_on_both_kinds_of_pages():
     """tools/bench_attention.py on the tiny llama shape: a row per (path, pages) with the cache's
     bytes of the shape asked for (2 layers x keys and values x 3 rows x 1 KV head of 2 x 40
     positions x head dim 32 x 2 bytes), a time and a rate; the probe's line after them."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from autotp import kernels
 
-    if not kernels.extension_loaded():
-        pytest.skip(f"native kernels unavailable: {kernels.status()[1]}")
-    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_attention.py"
-    done = subprocess.run([sys.executable, str(tool), "--model", "llama-test", "--beams", "3", "--length", "40",
-                           "--isa", "auto", "generic", "--rounds", "2"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_native_tool("bench_attention.py", "--model", "llama-test", "--beams", "3", "--length", "40",
+                           "--isa", "auto", "generic", "--rounds", "2")
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("llama-test ") and "probe" not in line]
     assert {(r[1], r[2]) for r in rows} >= {(kernels.isa(), "4k"), ("generic", "4k")}, done.stdout
     for r in rows:
