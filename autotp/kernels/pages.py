@@ -19,6 +19,7 @@ import functools
 import mmap
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -103,16 +104,23 @@ def place_on_huge_pages(model: nn.Module, min_bytes: int = 1 << 20) -> int:
         by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(t)
     chosen = [t for ptr, group in by_storage.items() if ptr not in _ARENAS for t in _independent(group)
               if t.numel() * t.element_size() >= min_bytes]
-    spans = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in chosen]
+    return _into_one_arena(chosen, lambda i, place: setattr(chosen[i], "data", place))
+
+
+def _into_one_arena(tensors: list[torch.Tensor], put: Callable[[int, torch.Tensor], None]) -> int:
+    """Copies of ``tensors`` in one new huge-page arena, each handed to ``put(i, copy)`` as soon
+    as it is made (so that the caller can drop tensor i before the next is copied). Returns the
+    arena's bytes; 0 (and no call) where there are no huge pages."""
+    spans = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in tensors]
     arena = empty(sum(spans))
     if arena is None:
         return 0
     _ARENAS.add(arena.untyped_storage().data_ptr())
     offset = 0
-    for t, span in zip(chosen, spans):
+    for i, (t, span) in enumerate(zip(tensors, spans)):
         place = arena[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
         place.copy_(t.detach())
-        t.data = place
+        put(i, place)
         offset += span
     return offset
 
@@ -135,19 +143,13 @@ def place_cache_on_huge_pages(cache) -> int:
             if (getattr(layer, "is_initialized", False) and isinstance(t, torch.Tensor) and t.device.type == "cpu"
                     and t.is_contiguous() and t.untyped_storage().data_ptr() not in _ARENAS):
                 chosen.append((layer, name, t))
-    spans = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for _, _, t in chosen]
-    arena = empty(sum(spans))
-    if arena is None:
-        return 0
-    _ARENAS.add(arena.untyped_storage().data_ptr())
-    offset = 0
-    for (layer, name, t), span in zip(chosen, spans):
-        place = arena[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-        place.copy_(t)
+
+    def put(i: int, place: torch.Tensor) -> None:
+        layer, name, _ = chosen[i]
         setattr(layer, name, place)
         torch._dynamo.mark_static_address(place)
-        offset += span
-    return offset
+
+    return _into_one_arena([t for _, _, t in chosen], put)
 
 
 def huge_bytes(tensor: torch.Tensor) -> int:
