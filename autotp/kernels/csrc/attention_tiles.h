@@ -89,6 +89,15 @@ void score_block(const float* qs, const uint16_t* k, int64_t l0, int64_t G, int6
       }
       for (int r = 0; r < R; ++r) sum[t + r] = acc[r];
     }
+    // no scalar tail: the W scores scaled and biased at once, in one fma each (the loop of
+    // scalar stores this replaces took a quarter of the block's time: AMD EPYC Zen 4, one thread,
+    // 16 layers of a 4-beam Llama-1B cache in cache, 8 query heads per KV head, 1.78-1.96 -> 1.34
+    // ms with AVX-512, 2.60-2.75 -> 2.33-2.40 with AVX2)
+    if (Dv == D) {
+      const typename V::F b = bias[g] ? V::load(bias[g] + l0) : V::zero();
+      V::store(scores + g * L + l0, V::fma(V::hsums(sum), V::set1(scale), b));
+      continue;
+    }
     alignas(64) float s[W];
     V::store(s, V::hsums(sum));
     for (int t = 0; t < W; ++t) {
