@@ -266,6 +266,35 @@ def test_native_decode_attention_against_float64(isa, shape, bias_kind):
 
 
 @needs_extension
+@pytest.mark.parametrize("isa", kernels.available_isas(autotp.Runtime.from_env()) or ["generic"])
+@pytest.mark.parametrize("bias_kind", ["shared", "per_head"])
+def test_native_decode_attention_stops_at_the_last_position_read(isa, bias_kind):
+    """A static cache is allocated for the whole generation and a step's mask hides the rows not
+    written yet: the op over 200 positions of which the first 37 are read (garbage, NaN and
+    huge values, behind the mask) gives the same bits as over those 37 alone (so the compiled
+    step over a static cache and the plain one over a cache of the tokens so far agree) and
+    matches float64; the negative control, the first 36 alone, differs."""
+    batch, kv_heads, group, length, live, dim = 2, 2, 3, 200, 37, 64
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(batch, kv_heads, group, dim, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, length, dim, generator=gen).bfloat16() for _ in range(2))
+    k[:, :, live::2], v[:, :, live + 1::2] = float("nan"), 3e38
+    bias = torch.zeros(batch, 1 if bias_kind == "shared" else kv_heads * group, length)
+    bias[..., live:] = float("-inf")
+    if bias_kind == "per_head":  # head 0 stops earlier: the last position any head reads counts
+        bias[:, 0, live - 5:] = float("-inf")
+    got = kernels.decode_attention(q, k, v, bias, 0.3, isa)
+    prefix = kernels.decode_attention(q, k[:, :, :live].contiguous(), v[:, :, :live].contiguous(),
+                                      bias[..., :live].contiguous(), 0.3, isa)
+    assert torch.equal(got, prefix)
+    want = attention_reference(q, k[:, :, :live], v[:, :, :live], bias[..., :live], 0.3)
+    assert (got.double() - want).abs().max().item() < 1e-5
+    shorter = kernels.decode_attention(q, k[:, :, :live - 1].contiguous(), v[:, :, :live - 1].contiguous(),
+                                       bias[..., :live - 1].contiguous(), 0.3, isa)
+    assert (shorter - got).abs().max().item() > 1e-4
+
+
+@needs_extension
 @pytest.mark.parametrize("case", ["float_key", "shape", "bias_shape", "float_query"])
 def test_native_decode_attention_refuses_bad_input(case):
     q = torch.randn(1, 2, 2, 8)

@@ -162,12 +162,27 @@ int64_t chunks_per_pass(int64_t heads, int64_t left) {
   return c;
 }
 
+// The positions [0, n) past which every head's bias is -inf: a static cache's rows not written
+// yet (it is allocated for the whole generation, and a step attends over all of it, masked).
+// Nothing after n is read, so the step's work follows the tokens so far, not the cache's size.
+// L when a head has no bias or no position is read at all (the full computation then says what
+// such a row gives).
+inline int64_t live_positions(const float* const* bias, int64_t G, int64_t L) {
+  for (int64_t g = 0; g < G; ++g)
+    if (!bias[g]) return L;
+  int64_t n = L;
+  for (bool masked = true; n > 0 && masked; n -= masked)
+    for (int64_t g = 0; g < G && masked; ++g) masked = bias[g][n - 1] == -INFINITY;
+  return n > 0 ? n : L;
+}
+
 // q [G, D] fp32, k / v [L, D] bf16 (row stride D), bias[g] a row of L fp32 or null,
 // out [G, D] fp32; scratch: G * L + G * D + L floats.
 template <class V>
 void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, const float* const* bias, float scale,
                       float* out, float* scratch, int64_t G, int64_t L, int64_t D) {
   constexpr int64_t W = V::kWidth, P = 2 * V::kWidth;  // bf16 values per even / odd load pair
+  L = live_positions(bias, G, L);  // (scores and skip below then have this row stride and size)
   const int64_t Dv = D / P * P, half = Dv / 2;
   float* scores = scratch;      // [G, L]
   float* acc = scratch + G * L; // [G, D]: even K values of the vector part in [0, half), odd in [half, Dv), tail after
