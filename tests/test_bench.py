@@ -84,6 +84,21 @@ def test_x_floor_sets_each_run_against_the_floor_sampled_before_it():
     assert row["next_over_floor"] == pytest.approx(37.5 / 32.5)
 
 
+def test_the_chart_plots_x_floor_where_no_1_rank_configuration_ran(tmp_path):
+    """Speedups need a 1-rank configuration; a run of 2-rank configurations only charts next token
+    over the floor instead (it drew empty axes before), and a run with neither draws nothing."""
+    pytest.importorskip("matplotlib", reason="the chart needs matplotlib (pip install -e '.[bench]')")
+    row = {"model": "m", "case": "greedy 32", "label": "2 ranks", "next_over_floor": 1.2, "speedup_next": None}
+    doc = {"machine": {"cpu": "cpu"}, "settings": {"dtype": "bfloat16"}, "models": {"m": {}}, "latency": [row]}
+    assert report.chart_panels(doc) == [("next_over_floor", "next token time / bandwidth floor")]
+    assert report.chart(doc, tmp_path / "floor.png") is None and (tmp_path / "floor.png").stat().st_size > 0
+    with_speedups = {**doc, "latency": [{**row, "speedup_next": 1.8, "speedup_first": 1.9}]}
+    assert [m for m, _ in report.chart_panels(with_speedups)] == ["speedup_next", "speedup_first"]
+    bare = {**doc, "latency": [{**row, "next_over_floor": None}]}
+    assert report.chart_panels(bare) == []
+    assert "no row has" in report.chart(bare, tmp_path / "bare.png") and not (tmp_path / "bare.png").exists()
+
+
 def test_bad_arguments_are_refused_with_the_fix(tmp_path, capsys):
     cores = len(physical_cores(os.sched_getaffinity(0)))
     with pytest.raises(SystemExit, match="--ranks 9 needs 2 to"):
@@ -114,7 +129,10 @@ def test_a_run_on_a_tiny_model_reports_every_number(tmp_path, isa):
     assert out.with_suffix(".png").stat().st_size > 10_000 and out.with_suffix(".md").is_file()
     rows = {(r["config"], r["beams"]): r for r in doc["latency"]}
     assert set(rows) == {(c, beams) for c in ("transformers", bf16, int8)}
-    layers = shapes.shape_config("llama-test").num_hidden_layers
+    shape = shapes.shape_config("llama-test")
+    layers = shape.num_hidden_layers
+    # keys and values of every layer, bf16, over prompt + half the new tokens, per rank
+    per_position = layers * 2 * shape.num_key_value_heads * (shape.hidden_size // shape.num_attention_heads) * 2
     results = [json.loads(p.read_text()) for p in (tmp_path / "work" / "raw").glob("*.json")
                if not p.name.endswith(".spec.json")]
     assert results and all(len(c["floors"]) == 1 for r in results for c in r["cases"])  # each run's own floor
@@ -124,6 +142,11 @@ def test_a_run_on_a_tiny_model_reports_every_number(tmp_path, isa):
         assert row["floor_ms"] > 0 and row["next_over_floor"] == pytest.approx(
             row["next"]["median_ms"] / row["floor_ms"])  # one run: its own floor
 
+        ranks = 1 if config == "transformers" else 2
+        assert row["cache_mb"] == pytest.approx(per_position // ranks * beams * (8 + 5 // 2) / 1e6)
+        assert row["next_over_floor_with_cache"] == pytest.approx(
+            row["next_over_floor"] / (1 + row["cache_mb"] * 1e6 / row["bytes_per_rank"]))
+        assert row["next_over_floor_with_cache"] < row["next_over_floor"]
         if config == "transformers":
             assert row["collectives_per_token"] == 0 and row["packed_layers"] == 0
         else:  # attention and MLP reduce once each per layer; the vocabulary-parallel embedding

@@ -1,6 +1,7 @@
 """What the benchmark found, as rows: latency medians and spreads per case and configuration,
 speedups against 1 rank, the bandwidth floor, logits errors against float32, float32 token
-identity. Printed as Markdown tables, written as JSON and as a PNG bar chart of speedups."""
+identity. Printed as Markdown tables, written as JSON and as a PNG bar chart (speedups against 1
+rank, or next token over the floor where no 1-rank configuration ran)."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,10 @@ def latency_rows(model: str, timed: dict[str, list[dict]], labels: dict[str, str
             if paired and len(paired) == row["runs"]:  # each run over the floor sampled right before it
                 row["floor_ms"] = statistics.median(f for _, f in paired) * 1e3
                 row["next_over_floor"] = statistics.median(n / f for n, f in paired)
+            cache = case.get("cache_bytes")  # (results written before runs carried it have none)
+            row["cache_mb"] = cache / 1e6 if cache is not None else None
+            if cache is not None and row["next_over_floor"] is not None:  # the floor with the cache read too
+                row["next_over_floor_with_cache"] = row["next_over_floor"] / (1 + cache / row["bytes_per_rank"])
             if base:
                 ref = _merged(base, i)
                 row["speedup_next"] = statistics.median(ref["next"]) * 1e3 / row["next"]["median_ms"]
@@ -125,12 +130,14 @@ def markdown(doc: dict) -> str:
              f"{doc['settings']['rounds']} rounds x {doc['settings']['runs']} runs (min-max in brackets)", ""]
     for model, facts in doc["models"].items():
         lines += [f"### {model} ({facts['model_type']}, {facts['parameters'] / 1e9:.2f} B parameters)", "",
-                  "| case | configuration | next token ms | floor ms | x floor | speedup | first token ms | speedup "
-                  "| collectives/token |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| case | configuration | next token ms | floor ms | x floor | cache MB/step | x floor with cache "
+                  "| speedup | first token ms | speedup | collectives/token |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in (r for r in doc["latency"] if r["model"] == model):
             n, f = r["next"], r["first"]
             lines.append(f"| {r['case']} | {r['label']} | {n['median_ms']:.1f} ({n['min_ms']:.1f}-{n['max_ms']:.1f}) "
                          f"| {_fmt(r['floor_ms'])} | {_fmt(r['next_over_floor'], '.2f')} "
+                         f"| {_fmt(r.get('cache_mb'))} | {_fmt(r.get('next_over_floor_with_cache'), '.2f')} "
                          f"| {_fmt(r.get('speedup_next'), '.2f', 'x')} | {f['median_ms']:.1f} "
                          f"({f['min_ms']:.1f}-{f['max_ms']:.1f}) | {_fmt(r.get('speedup_first'), '.2f', 'x')} "
                          f"| {r['collectives_per_token']} |")
@@ -155,37 +162,56 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def chart(doc: dict, path: Path) -> bool:
-    """Bar chart of next- and first-token speedups against 1 rank, one column per model."""
+# What the chart plots, first that the run measured: speedups against 1 rank (a run with a
+# 1-rank configuration), else each configuration's next token over the bandwidth floor.
+CHART_PANELS = ([("speedup_next", "next token speedup vs 1 rank"), ("speedup_first", "first token speedup vs 1 rank")],
+                [("next_over_floor", "next token time / bandwidth floor")])
+
+
+def chart_panels(doc: dict) -> list[tuple[str, str]]:
+    """The (metric, axis title) panels :func:`chart` draws for ``doc``; empty when no row has any."""
+    for panels in CHART_PANELS:
+        if any(r.get(panels[0][0]) is not None for r in doc["latency"]):
+            return panels
+    return []
+
+
+def chart(doc: dict, path: Path) -> str | None:
+    """Bar chart, one column per model, of :func:`chart_panels`. Returns why there is none (None: written)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return "matplotlib is not installed (pip install -e '.[bench]')"
+    panels = chart_panels(doc)
+    if not panels:
+        return "no row has a speedup against 1 rank or a bandwidth floor"
     models = list(doc["models"])
-    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 7), squeeze=False)
+    fig, axes = plt.subplots(len(panels), len(models), figsize=(6 * len(models), 3.5 * len(panels)), squeeze=False)
     for col, model in enumerate(models):
-        rows = [r for r in doc["latency"] if r["model"] == model and r.get("speedup_next") is not None]
+        rows = [r for r in doc["latency"] if r["model"] == model and r.get(panels[0][0]) is not None]
         cases = list(dict.fromkeys(r["case"] for r in rows))
         configs = list(dict.fromkeys(r["label"] for r in rows))
         width = 0.8 / max(1, len(configs))
-        for line, (metric, title) in enumerate((("speedup_next", "next token"), ("speedup_first", "first token"))):
+        for line, (metric, title) in enumerate(panels):
             ax = axes[line][col]
             for j, label in enumerate(configs):
-                values = [next((r[metric] for r in rows if r["case"] == c and r["label"] == label), 0) for c in cases]
+                values = [next((r.get(metric) or 0 for r in rows if r["case"] == c and r["label"] == label), 0)
+                          for c in cases]
                 ax.bar([i + (j - (len(configs) - 1) / 2) * width for i in range(len(cases))], values, width,
                        label=label)
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_xticks(range(len(cases)), cases, fontsize=8)
-            ax.set_ylabel(f"{title} speedup vs 1 rank")
+            ax.set_ylabel(title)
             ax.set_title(f"{model}: {title}")
-        axes[0][col].legend(fontsize=7)
+        if configs:
+            axes[0][col].legend(fontsize=7)
     fig.suptitle(f"autotp, {doc['machine']['cpu']}, {doc['settings']['dtype']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return None
 
 
 def write(doc: dict, out: Path, log) -> None:
@@ -195,8 +221,8 @@ def write(doc: dict, out: Path, log) -> None:
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     out.with_suffix(".md").write_text(text + "\n")
     png = out.with_suffix(".png")
-    if chart(doc, png):
+    why = chart(doc, png)
+    if why is None:
         log(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')} and {png}")
     else:
-        log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}; no chart: matplotlib is not "
-            "installed (pip install -e '.[bench]')")
+        log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}; no chart: {why}")

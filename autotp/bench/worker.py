@@ -77,6 +77,28 @@ def streamed_bytes(model: nn.Module) -> int:
     return total
 
 
+CACHE_PROBE_POSITIONS = 8
+
+
+def cache_bytes_per_position(model: nn.Module, vocab: int) -> int:
+    """Bytes of KV cache this rank holds per position of one sequence (its share of every
+    layer's keys and values, as the model's own cache stores them), from a forward over
+    CACHE_PROBE_POSITIONS positions. A decoding step reads that much per position of each row
+    on top of the weights, which the floor does not count."""
+    with torch.no_grad():
+        cache = model(input_ids=case_ids(vocab, 1, CACHE_PROBE_POSITIONS), use_cache=True).past_key_values
+    total = 0
+    for layer in getattr(cache, "layers", None) or []:
+        total += sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor))
+    return total // CACHE_PROBE_POSITIONS
+
+
+def step_cache_bytes(per_position: int, rows: int, prompt: int, new_tokens: int) -> int:
+    """Cache bytes a decoding step reads at the middle of ``new_tokens``: ``rows`` sequences
+    (batch x beams) over the prompt and half the new tokens."""
+    return per_position * rows * (prompt + new_tokens // 2)
+
+
 class BandwidthProbe:
     """Bytes per second this rank reads while every rank reads at once (the extension's
     streaming probe: AVX-512 loads where the CPU has them, portable ones elsewhere). The buffer
@@ -216,9 +238,10 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         logits = model(input_ids=probe).logits[0].float()
     collectives = collectives_per_forward(model, probe)
+    per_position = cache_bytes_per_position(model, vocab)
     cases, warmup = run_cases(model, spec, vocab, world, reader)
     facts = {"bytes": streamed_bytes(model), "bandwidth": reader.bandwidth(), "samples": reader.samples,
-             "case_bandwidth": [c.pop("bandwidth") for c in cases]}
+             "case_bandwidth": [c.pop("bandwidth") for c in cases], "cache_per_position": per_position}
     per_rank = [facts] * world
     if world > 1:
         dist.all_gather_object(per_rank, facts)
@@ -227,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         torch.save(logits, spec["logits_path"])
         floors = [f["bytes"] / f["bandwidth"] for f in per_rank if f["bandwidth"]]
+        for case in cases:
+            case["cache_bytes"] = max(step_cache_bytes(f["cache_per_position"], spec["batch"] * case["beams"],
+                                                       case["input"], spec["new_tokens"]) for f in per_rank)
         if len(floors) == world:
             for i, case in enumerate(cases):  # each run against the floor of its own samples (run_cases)
                 if all(f["case_bandwidth"][i][run] for f in per_rank for run in range(len(case["next"]))):
