@@ -95,7 +95,8 @@ def cache_bytes_per_position(model: nn.Module, vocab: int) -> int:
 
 def step_cache_bytes(per_position: int, rows: int, prompt: int, new_tokens: int) -> int:
     """Cache bytes a decoding step reads at the middle of ``new_tokens``: ``rows`` sequences
-    (batch x beams) over the prompt and half the new tokens."""
+    (batch x beams) over the prompt and half the new tokens (every layer over every position:
+    a sliding-window layer, which keeps and reads only its window, is over-counted past it)."""
     return per_position * rows * (prompt + new_tokens // 2)
 
 
