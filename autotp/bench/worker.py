@@ -86,7 +86,8 @@ def cache_bytes_per_position(model: nn.Module, vocab: int) -> int:
     CACHE_PROBE_POSITIONS positions. A decoding step reads that much per position of each row
     on top of the weights, which the floor does not count."""
     with torch.no_grad():
-        cache = model(input_ids=case_ids(vocab, 1, CACHE_PROBE_POSITIONS), use_cache=True).past_key_values
+        out = model(input_ids=case_ids(vocab, 1, CACHE_PROBE_POSITIONS), use_cache=True)
+    cache = out["cache"] if "cache" in out else out.past_key_values  # (older transformers: past_key_values)
     total = 0
     for layer in getattr(cache, "layers", None) or []:
         total += sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor))
