@@ -252,9 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         torch.save(logits, spec["logits_path"])
         floors = [f["bytes"] / f["bandwidth"] for f in per_rank if f["bandwidth"]]
+        per_position = max(f["cache_per_position"] for f in per_rank)  # the rank that holds the most
         for case in cases:
-            case["cache_bytes"] = max(step_cache_bytes(f["cache_per_position"], spec["batch"] * case["beams"],
-                                                       case["input"], spec["new_tokens"]) for f in per_rank)
+            case["cache_bytes"] = step_cache_bytes(per_position, spec["batch"] * case["beams"], case["input"],
+                                                   spec["new_tokens"])
         if len(floors) == world:
             for i, case in enumerate(cases):  # each run against the floor of its own samples (run_cases)
                 if all(f["case_bandwidth"][i][run] for f in per_rank for run in range(len(case["next"]))):
