@@ -89,8 +89,10 @@ def main() -> None:
         probe_rate = PROBE_BYTES / statistics.median(probe_times)
         for (isa, where), ts in times.items():
             t = statistics.median(ts)
-            print(f"{model:10} {isa:12} {where:6} {nbytes / 1e6:7.2f} {t * 1e3:7.2f} {nbytes / t / 1e9:6.1f} "
-                  f"{nbytes / t / probe_rate:8.0%}")
+            # three significant digits: a tiny shape's few microseconds, or a stalled pass's rate,
+            # must not print as 0
+            print(f"{model:10} {isa:12} {where:6} {nbytes / 1e6:7.2f} {t * 1e3:7.3g} {nbytes / t / 1e9:6.3g} "
+                  f"{nbytes / t / probe_rate:8.1%}")
         print(f"{model:10} read probe {probe_rate / 1e9:.1f} GB/s (KV heads {kv_heads}, {group} query heads each, "
               f"head dim {dim})")
 
