@@ -314,7 +314,8 @@ def compare_fast_decoding(rank: int, world_size: int, family: str) -> dict:
         with torch.no_grad():  # one eager step over a dynamic cache: the decode path itself
             out = model(**inputs, use_cache=True)
             mask = torch.cat([inputs["attention_mask"], torch.ones_like(inputs["attention_mask"][:, :1])], 1)
-            model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=out.past_key_values)
+            model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask,
+                  **{decode.cache_keyword(model): decode.returned_cache(out)})
     finally:
         attention.decode_attention, decode.reorder_cache = own, own_reorder
     return {"greedy_equal": torch.equal(greedy, ref_greedy), "beam_equal": torch.equal(beam, ref_beam),

@@ -14,7 +14,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import autotp
 from autotp import kernels
 from autotp.sharding import attention
-from autotp.sharding.decode import _NAMES_SDPA, _takes_attention_functions, compiled_decoding, prepare_decoding
+from autotp.sharding.decode import (_NAMES_SDPA, _takes_attention_functions, cache_keyword, compiled_decoding,
+                                    prepare_decoding, returned_cache)
 from dist_helper import RankChecks
 import zoo
 
@@ -99,6 +100,33 @@ def test_the_name_check_finds_code_that_branches_on_sdpa():
     assert _NAMES_SDPA.search('        if self.config._attn_implementation == "sdpa" and not output_attentions:')
     assert _NAMES_SDPA.search("if self.config._attn_implementation in ('eager', 'sdpa'):")
     assert not _NAMES_SDPA.search("fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, e)")
+
+
+@pytest.mark.parametrize("family", ["llama", "gptj"])
+def test_the_cache_keyword_continues_the_cache_without_a_warning(family):
+    """cache_keyword names the argument the installed transformers takes the KV cache by, and
+    returned_cache finds it in the output: a step fed that way continues the prompt as one
+    forward over the whole does, with no deprecation warning. Negative control: a step without
+    the cache sees only its own position and differs."""
+    import warnings
+
+    model, inputs = zoo.build(family), zoo.batch()
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        whole = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True,
+                     **{cache_keyword(model): returned_cache(out)}).logits[:, -1]
+        alone = model(input_ids=ids[:, -1:]).logits[:, -1]
+    assert (step - whole).abs().max() <= 1e-4
+    assert (alone - whole).abs().max() > 1e-2
+
+    class Older(torch.nn.Module):  # a forward of transformers before 5.25
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return {"past_key_values": "kv"}
+
+    assert cache_keyword(Older()) == "past_key_values" and returned_cache(Older()(None)) == "kv"
 
 
 @pytest.mark.parametrize("family", ["falcon", "falcon_40b", "bloom", "llama"])

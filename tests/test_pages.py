@@ -87,13 +87,16 @@ def test_a_static_cache_moves_once_with_its_values_and_decoding_goes_on_alike():
 
     from transformers import StaticCache
 
+    from autotp.sharding.decode import cache_keyword
+
     model = zoo.build("llama")
     inputs = zoo.batch()
     rows, length = inputs["input_ids"].shape
     caches = [StaticCache(config=model.config, max_cache_len=length + 4) for _ in range(3)]
+    key = cache_keyword(model)
     with torch.no_grad():
         for cache in caches:
-            model(**inputs, past_key_values=cache, use_cache=True)
+            model(**inputs, **{key: cache}, use_cache=True)
     kept, moved, spoiled = caches
     before = [(layer.keys.data_ptr(), layer.keys.clone(), layer.values.clone()) for layer in moved.layers]
     nbytes = pages.place_cache_on_huge_pages(moved)
@@ -107,6 +110,6 @@ def test_a_static_cache_moves_once_with_its_values_and_decoding_goes_on_alike():
         [inputs["attention_mask"], torch.ones(rows, 1, dtype=inputs["attention_mask"].dtype)], 1),
         cache_position=torch.tensor([length]), use_cache=True)
     with torch.no_grad():
-        logits = [model(**copy.copy(step), past_key_values=c).logits for c in (kept, moved, spoiled)]
+        logits = [model(**copy.copy(step), **{key: c}).logits for c in (kept, moved, spoiled)]
     assert torch.equal(logits[0], logits[1])
     assert not torch.allclose(logits[0], logits[2])

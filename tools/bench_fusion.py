@@ -16,6 +16,8 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import autotp
+from autotp.comm.group import TPGroup
+from autotp.sharding.decode import cache_keyword, returned_cache
 
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
@@ -31,13 +33,14 @@ def one_generation(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tup
     dist.barrier()
     with torch.no_grad():
         start = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+        key = cache_keyword(model)
+        out = model(input_ids=ids, **{key: DynamicCache()}, use_cache=True)
         first = time.perf_counter() - start
         token = out.logits[:, -1:].argmax(-1)
         steps_s = []
         for _ in range(steps):
             start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=token, **{key: returned_cache(out)}, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             steps_s.append(time.perf_counter() - start)
     return first, steps_s
@@ -60,13 +63,16 @@ def alternate(variants: dict[str, torch.nn.Module], ids: torch.Tensor, rounds: i
 
 
 def allreduce_latency(hidden: int, repeats: int = 200) -> float:
-    """Median seconds of one gloo all-reduce of one token's hidden state (bf16)."""
+    """Median seconds of one gloo all-reduce of one token's hidden state (bf16), through a TPGroup
+    (which holds the tensor until gloo's worker lets go of it: a plain dist.all_reduce here made a
+    rank abort at exit now and then, "terminate called without an active exception")."""
+    group = TPGroup.from_torch(dist.get_world_size(), runtime=autotp.Runtime.from_env().replace(comm="torch"))
     x = torch.randn(1, 1, hidden, dtype=torch.bfloat16)
     times = []
     for _ in range(repeats):
         dist.barrier()
         start = time.perf_counter()
-        dist.all_reduce(x)
+        group.all_reduce(x)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 import autotp
 from autotp.bench import shapes
 from autotp.comm.group import TPGroup
+from autotp.sharding.decode import cache_keyword, returned_cache
 
 CATEGORIES = ["GEMMs", "attention", "norms / rotary / elementwise", "all-reduce", "KV cache", "lm_head",
               "beam search", "rest"]
@@ -130,9 +131,15 @@ def instrument(model: torch.nn.Module) -> None:
     head.forward = head_forward
 
 
-def step(forward, token, cache, position):
-    out = forward(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position)
-    return out.logits[:, -1:].argmax(-1), out.past_key_values, position[-1:] + 1
+class GreedyStep:
+    """One greedy step: the forward, the best token of each row."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.key = cache_keyword(model)
+
+    def __call__(self, forward, token, cache, position):
+        out = forward(input_ids=token, **{self.key: cache}, use_cache=True, cache_position=position)
+        return out.logits[:, -1:].argmax(-1), returned_cache(out), position[-1:] + 1
 
 
 class BeamStep:
@@ -140,11 +147,11 @@ class BeamStep:
     beam's continuations and the best ``beams`` of them, the cache reordered to the chosen beams."""
 
     def __init__(self, model: torch.nn.Module, beams: int) -> None:
-        self.model, self.scores = model, torch.zeros(beams)
+        self.model, self.scores, self.key = model, torch.zeros(beams), cache_keyword(model)
         self.scores[1:] = -1e9  # the rows start equal: only the first one's continuations count
 
     def __call__(self, forward, token, cache, position):
-        out = forward(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position)
+        out = forward(input_ids=token, **{self.key: cache}, use_cache=True, cache_position=position)
         with record_function("autotp::beam_search"):
             logits = out.logits[:, -1].float()
             scores = torch.log_softmax(logits, dim=-1) + self.scores[:, None]
@@ -152,7 +159,7 @@ class BeamStep:
             self.scores, beam_idx, token = best.values, best.indices // logits.shape[-1], best.indices % logits.shape[-1]
         with record_function("autotp::kv_cache"):
             reorder = getattr(self.model, "_reorder_cache", None)
-            cache = reorder(out.past_key_values, beam_idx) if reorder else out.past_key_values
+            cache = reorder(returned_cache(out), beam_idx) if reorder else returned_cache(out)
             if not reorder:
                 cache.reorder_cache(beam_idx)
         return token[:, None], cache, position[-1:] + 1
@@ -195,15 +202,16 @@ def main() -> None:
         parser.error("--beams must be at least 1")
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     ids = ids.expand(args.beams, -1)
-    decode = step if args.beams == 1 else BeamStep(model, args.beams)
+    decode = GreedyStep(model) if args.beams == 1 else BeamStep(model, args.beams)
     forward = model  # with --compile its forward sends one-position steps over a static cache to the compiled step
     if args.compile:  # what generate does with AUTOTP_COMPILE=1
         cache = StaticCache(config=model.config, max_cache_len=args.prompt + 8 + args.timed + args.steps)
     else:
         cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(args.prompt))
-        token, cache, position = out.logits[:, -1:].argmax(-1), out.past_key_values, torch.tensor([args.prompt])
+        out = model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True,
+                    cache_position=torch.arange(args.prompt))
+        token, cache, position = out.logits[:, -1:].argmax(-1), returned_cache(out), torch.tensor([args.prompt])
         start = time.perf_counter()
         for _ in range(4):  # warm-up (compiling, with --compile)
             token, cache, position = decode(forward, token, cache, position)

@@ -25,7 +25,7 @@ from autotp import kernels
 from autotp.kernels import pages
 from autotp.comm.group import TPGroup
 from autotp.runtime import Runtime
-from autotp.sharding.decode import compiled_decoding
+from autotp.sharding.decode import compiled_decoding, returned_cache
 
 PROBE_BYTES = 512 << 20  # per rank: far beyond any last-level cache
 
@@ -87,7 +87,7 @@ def cache_bytes_per_position(model: nn.Module, vocab: int) -> int:
     on top of the weights, which the floor does not count."""
     with torch.no_grad():
         out = model(input_ids=case_ids(vocab, 1, CACHE_PROBE_POSITIONS), use_cache=True)
-    cache = out["cache"] if "cache" in out else out.past_key_values  # (older transformers: past_key_values)
+    cache = returned_cache(out)
     total = 0
     for layer in getattr(cache, "layers", None) or []:
         total += sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor))

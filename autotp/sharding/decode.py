@@ -47,6 +47,22 @@ from autotp.sharding import attention
 _NO_RUNTIME_ASSERTS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword ``model``'s forward takes its KV cache by: ``cache`` from transformers 5.25 on
+    (where ``past_key_values`` still works but warns that it goes in 5.40), ``past_key_values``
+    in the 5.x releases before."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward returned (its ``cache`` field, ``past_key_values`` before
+    transformers 5.25), or None."""
+    if "cache" in out:
+        return out["cache"]
+    return out.get("past_key_values")
+
+
 def compiled_decoding(model: nn.Module) -> bool:
     """Whether ``generate`` on ``model`` decodes with a static cache and a compiled step."""
     gen = getattr(model, "generation_config", None)
