@@ -316,3 +316,24 @@ def test_int8_ops_pass_opcheck(isa):
     qp, sp = kernels.prepack_int8(q, s)
     torch.library.opcheck(torch.ops.autotp.linear_int8.default,
                           (bf16(3, 40, seed=8), qp, sp, bf16(70, seed=9), 70, 8, 3, torch.float32, isa))
+
+
+@paths
+@pytest.mark.parametrize("bits", [16, 8])
+def test_int8_gemm_reuses_its_scratch_across_sizes(bits, isa):
+    """linear_int8 keeps its activations' buffers on the calling thread from call to call (up to
+    1 MB; a larger call gets its own): calls that grow and shrink, an odd K after a longer even
+    one (stale values past the new rows' ends), a call over 1 MB between small ones, each against
+    the spec. Negative control: one changed input moves a result past the bound."""
+    for m, n, k in [(2, 70, 1001), (3, 70, 301), (130, 70, 4100), (1, 70, 9), (4, 70, 4099), (3, 70, 301)]:
+        w = bf16(n, k, seed=k)
+        q, s = kernels.quantize_int8(w, 128)
+        qp, sp = kernels.prepack_int8(q, s)
+        x = bf16(m, k, seed=m + k)
+        expect, bound = deq_reference(x, q, s, 128, None, bits=bits)
+        y = kernels.linear_int8(x, qp, sp, None, n, 128, out_dtype=torch.float32, isa=isa, activation_bits=bits)
+        err = (y.double() - expect).abs()
+        assert (err <= bound).all(), f"{isa} M={m} K={k}: max err {err.max():.3g}, bound {bound.max():.3g}"
+    x[-1, 0] += 8
+    moved = kernels.linear_int8(x, qp, sp, None, n, 128, out_dtype=torch.float32, isa=isa, activation_bits=bits)
+    assert ((moved.double() - expect).abs() > bound).any()

@@ -96,6 +96,26 @@ def test_gemm_shape_sweep_against_float64(n, k, bias, isa):
 
 
 @paths
+def test_gemm_reuses_its_scratch_across_sizes(isa):
+    """linear_bf16 keeps the padded copy of a few bf16 rows on the calling thread from call to call:
+    calls that grow and shrink, a short K after a long one (the padding past K must be zero again,
+    not the last call's values: a call over infinities before each leaves them there), each
+    against float64. Negative control: one changed input moves a result past the bound."""
+    poison, poison_packed = torch.full((6, 4200), float("inf")).bfloat16(), kernels.prepack(bf16(16, 4200, seed=1))
+    for m, n, k in [(2, 40, 1000), (3, 40, 31), (1, 40, 4200), (4, 40, 17), (200, 40, 3000), (2, 40, 33)]:
+        kernels.linear(poison[:m], poison_packed, None, 16, torch.float32, isa)
+        w = bf16(n, k, seed=k)
+        packed = kernels.prepack(w)
+        x = bf16(m, k, seed=m + k)
+        expect, bound = reference(x, w, None)
+        y = kernels.linear(x, packed, None, n, torch.float32, isa)
+        err = (y.double() - expect).abs()
+        assert (err <= bound).all(), f"{isa} M={m} K={k}: max err {err.max():.3g}, bound {bound.max():.3g}"
+    x[-1, 0] += 8
+    assert ((kernels.linear(x, packed, None, n, torch.float32, isa).double() - expect).abs() > bound).any()
+
+
+@paths
 def test_weight_prefetch_switch_changes_no_value(isa):
     """The weights' software prefetch (kernels.weight_prefetch) on or off: every bf16 (bf16 and
     fp32 activations), INT8 and INT4 product the same bits, at the row counts whose tiles the

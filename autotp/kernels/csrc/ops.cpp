@@ -24,12 +24,14 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "kernel_table.h"
 #include "shm_comm.h"
@@ -38,6 +40,53 @@ namespace autotp {
 namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Scratch for an op's temporary buffers, kept by the calling thread from call to call: a decode
+// step makes each linear op a few hundred times, and at::empty's aligned allocation of its
+// temporaries (glibc's memalign) and their tensor objects cost more than the small GEMMs' own
+// work around them. Up to kMaxBytes are kept (decode sizes: a few rows); a larger request is
+// served by at::empty and not kept, so that a long prompt does not pin its buffers. Regions are
+// 64-byte aligned. An op takes the thread's scratch once (the parallel workers only read it)
+// and calls no other op that takes it while it holds its pointers.
+class Scratch {
+ public:
+  static constexpr size_t kMaxBytes = size_t{1} << 20;
+
+  // A region for each of `sizes` (bytes), valid until this thread's next take()
+  template <size_t N>
+  std::array<char*, N> take(const std::array<size_t, N>& sizes) {
+    size_t total = 0;
+    std::array<size_t, N> offsets{};
+    for (size_t i = 0; i < N; ++i) {
+      offsets[i] = total;
+      total += (sizes[i] + 63) / 64 * 64;
+    }
+    char* base;
+    if (total > kMaxBytes) {
+      large_ = at::empty({static_cast<int64_t>(total) + 64}, at::TensorOptions().dtype(at::kByte));
+      base = align(static_cast<char*>(large_.data_ptr()));
+    } else {
+      large_.reset();
+      if (kept_.size() < kMaxBytes + 64) kept_.resize(kMaxBytes + 64);
+      base = align(kept_.data());
+    }
+    std::array<char*, N> regions{};
+    for (size_t i = 0; i < N; ++i) regions[i] = base + offsets[i];
+    return regions;
+  }
+
+  static Scratch& of_this_thread() {
+    thread_local Scratch scratch;
+    return scratch;
+  }
+
+ private:
+  static char* align(char* p) {
+    return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 63) / 64 * 64);
+  }
+  std::vector<char> kept_;
+  at::Tensor large_;
+};
 
 // Runs tile(m0, m1, c0, c1) over the units of work of an [M, columns] output, in parallel:
 // blocks of `rows` rows x runs of column units. Runs are long (better reuse of x) unless that
@@ -154,6 +203,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   const bool blocks = bf16x && table.bf16x_unit_rows > 0;  // activations in 16-row blocks (kernel_table.h)
   // the activations as the tile reads them (kernel_table.h): fp32 [M, 2 * K2], or bf16 padded
   at::Tensor xs;
+  const uint16_t* xb = nullptr;  // bf16 activations as the tile reads them
   int64_t ldx = 2 * K2;
   if (bf16x) {
     ldx = ceil_div(2 * K2, kXbPadCols) * kXbPadCols;
@@ -161,12 +211,14 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
     const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();  // read as [M, K]
     if (blocks) {
       xs = at::empty({ceil_div(M, 32) * 32, ldx}, x.options());
-      pack_row_blocks(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, ldx,
-                      reinterpret_cast<uint16_t*>(xs.data_ptr<at::BFloat16>()));
-    } else {  // rows copied and padded in plain loops: at decode sizes the aten calls cost more
-      xs = at::empty({M, ldx}, x.options());
-      const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
       auto* dst = reinterpret_cast<uint16_t*>(xs.data_ptr<at::BFloat16>());
+      pack_row_blocks(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, ldx, dst);
+      xb = dst;
+    } else {  // rows copied and padded in plain loops: at decode sizes the aten calls cost more
+      auto* dst = reinterpret_cast<uint16_t*>(
+          Scratch::of_this_thread().take<1>({static_cast<size_t>(M * ldx) * sizeof(uint16_t)})[0]);
+      xb = dst;
+      const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
       for (int64_t m = 0; m < M; ++m) {
         std::memcpy(dst + m * ldx, src + m * K, K * sizeof(uint16_t));
         std::memset(dst + m * ldx + K, 0, (ldx - K) * sizeof(uint16_t));
@@ -178,8 +230,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
     xs = at::zeros({M, 2 * K2}, x.options().dtype(at::kFloat));
     xs.narrow(1, 0, K).copy_(x.reshape({M, K}));
   }
-  GemmArgs args{bf16x ? nullptr : xs.data_ptr<float>(),
-                bf16x ? reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>()) : nullptr,
+  GemmArgs args{bf16x ? nullptr : xs.data_ptr<float>(), xb,
                 reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()),
                 b.defined() ? b.data_ptr<float>() : nullptr,
                 out.data_ptr(), M, N, K2, N, to_bf16, ldx};
@@ -260,31 +311,31 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   int64_t segs = 0;
   int8_segments(0, K, group_size, group_offset, [&](int64_t, int64_t, int64_t) { ++segs; });
   const int64_t ldq = K + 2;  // even, and X[m, K] (an odd tail's unused partner) readable
-  const at::Tensor xq = at::empty({M, ldq}, x.options().dtype(at::kShort));
-  const at::Tensor xs = at::empty({M, segs}, x.options().dtype(at::kFloat));
   const KernelTable& table = serving_table(*call.table, CallKind::kInt8, M);
+  const bool bytes = activation_bits == 8 && table.int8_u8_tile != nullptr;
+  const int64_t ldu = bytes ? ceil_div(K, 4) * 4 : 0;
+  const auto [xq_, xs_, xb8_, xsum_] = Scratch::of_this_thread().take<4>(
+      {static_cast<size_t>(M * ldq) * sizeof(int16_t), static_cast<size_t>(M * segs) * sizeof(float),
+       static_cast<size_t>(bytes ? M * ldu : 0), static_cast<size_t>(bytes ? M * segs : 0) * sizeof(int32_t)});
+  auto* xq = reinterpret_cast<int16_t*>(xq_);
+  auto* xs = reinterpret_cast<float*>(xs_);
+  auto* xb8 = reinterpret_cast<int8_t*>(xb8_);
+  auto* xsum = reinterpret_cast<int32_t*>(xsum_);
   if (x.scalar_type() == at::kBFloat16) {
     const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
     const auto* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-    int8_activations(table.int8_x_bf16, xb, M, K, group_size, group_offset, xq.data_ptr<int16_t>(),
-                     ldq, xs.data_ptr<float>(), segs, x_max);
+    int8_activations(table.int8_x_bf16, xb, M, K, group_size, group_offset, xq, ldq, xs, segs, x_max);
   } else {
     const at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
-    int8_activations(table.int8_x_f32, xf.data_ptr<float>(), M, K, group_size, group_offset,
-                     xq.data_ptr<int16_t>(), ldq, xs.data_ptr<float>(), segs, x_max);
+    int8_activations(table.int8_x_f32, xf.data_ptr<float>(), M, K, group_size, group_offset, xq, ldq, xs, segs,
+                     x_max);
   }
-  const bool bytes = activation_bits == 8 && table.int8_u8_tile != nullptr;
-  const int64_t ldu = bytes ? ceil_div(K, 4) * 4 : 0;
-  const at::Tensor xb8 = at::empty({bytes ? M : 0, ldu}, x.options().dtype(at::kChar));
-  const at::Tensor xsum = at::empty({bytes ? M : 0, segs}, x.options().dtype(at::kInt));
-  if (bytes)
-    int8_bytes(xq.data_ptr<int16_t>(), ldq, M, K, group_size, group_offset, xb8.data_ptr<int8_t>(), ldu,
-               xsum.data_ptr<int32_t>(), segs);
-  Int8GemmArgs args{nullptr, xq.data_ptr<int16_t>(), xs.data_ptr<float>(), qpacked.data_ptr<int8_t>(), nullptr,
+  if (bytes) int8_bytes(xq, ldq, M, K, group_size, group_offset, xb8, ldu, xsum, segs);
+  Int8GemmArgs args{nullptr, xq, xs, qpacked.data_ptr<int8_t>(), nullptr,
                     nullptr, nullptr, spacked.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
                     out.data_ptr(), M, N, K, group_size, group_offset, spacked.size(1), N,
-                    out.scalar_type() == at::kBFloat16, ldq, segs, bytes ? xb8.data_ptr<int8_t>() : nullptr,
-                    bytes ? xsum.data_ptr<int32_t>() : nullptr, ldu};
+                    out.scalar_type() == at::kBFloat16, ldq, segs, bytes ? xb8 : nullptr,
+                    bytes ? xsum : nullptr, ldu};
   const int64_t rows = M <= kInt8DirectM
       ? M  // few rows: one tile, so each weight row is read once
       : std::min(kInt8BlockM, ceil_div(ceil_div(M, ceil_div(M, kInt8BlockM)), kRowTile) * kRowTile);
