@@ -179,6 +179,9 @@ def main() -> None:
     parser.add_argument("--timed", type=int, default=16, help="decode steps timed without the profiler")
     parser.add_argument("--beams", type=int, default=1, help="beam search over this many beams (1: greedy)")
     parser.add_argument("--ops", type=int, default=0, help="also list the N ops of most self time (profiled)")
+    parser.add_argument("--every-rank", action="store_true",
+                        help="every rank prints its table, in rank order (a rank that waits in the all-reduce "
+                             "waits for a slower one: the tables show which, and where it spends the time)")
     args = parser.parse_args()
 
     if "WORLD_SIZE" in os.environ:
@@ -241,21 +244,26 @@ def main() -> None:
     totals = category_times(prof.profiler.function_events, tuple(head.shape), args.compile)
     per_step = {k: v / args.steps / 1e6 for k, v in totals.items()}
     per_step["rest"] = max(0.0, profiled - sum(per_step.values()))
-    if rank == 0:
+    for turn in range(world if args.every_rank else 1):
+        if args.every_rank and dist.is_initialized():
+            dist.barrier()
+        if rank != turn:
+            continue
         plain = statistics.median(times)
         kind = "plain transformers, bf16" if args.plain else "autotp, INT8 (group 128)" if args.int8 else "autotp, bf16"
         if not args.plain:
             kind += (", compiled step" if args.compile else ", eager") + f", attention {args.attention}"
         mode = "greedy" if args.beams == 1 else f"beam {args.beams}"
-        print(f"{args.model}, {kind}, {world} rank(s) x {torch.get_num_threads()} thread(s), prompt {args.prompt}, {mode}: "
+        who = f"rank {rank}: " if args.every_rank else ""
+        print(f"{who}{args.model}, {kind}, {world} rank(s) x {torch.get_num_threads()} thread(s), prompt {args.prompt}, {mode}: "
               f"decode step {plain * 1e3:.1f} ms median unprofiled, {profiled * 1e3:.1f} ms profiled; "
               f"warm-up {warmup:.1f} s")
         print(f"{'category':<30} {'share':>6} {'ms / step':>10}")
         for name in CATEGORIES:
             share = per_step.get(name, 0.0) / profiled
-            print(f"{name:<30} {share:>6.1%} {share * plain * 1e3:>10.2f}")
+            print(f"{name:<30} {share:>6.1%} {share * plain * 1e3:>10.2f}", flush=True)
         if args.ops:
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 
