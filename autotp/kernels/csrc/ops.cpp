@@ -44,35 +44,41 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Scratch for an op's temporary buffers, kept by the calling thread from call to call: a decode
 // step makes each linear op a few hundred times, and at::empty's aligned allocation of its
 // temporaries (glibc's memalign) and their tensor objects cost more than the small GEMMs' own
-// work around them. Up to kMaxBytes are kept (decode sizes: a few rows); a larger request is
-// served by at::empty and not kept, so that a long prompt does not pin its buffers. Regions are
-// 64-byte aligned. An op takes the thread's scratch once (the parallel workers only read it)
-// and calls no other op that takes it while it holds its pointers.
+// work around them. Up to kMaxBytes are kept (decode sizes: a few rows); a larger request gets
+// a buffer of its own, freed with the Regions that hold it, so that a long prompt does not pin
+// its buffers. Regions are 64-byte aligned. An op takes the thread's scratch once (the parallel
+// workers only read it) and calls no other op that takes it while it holds its pointers.
+template <size_t N>
+struct Regions {
+  std::array<char*, N> ptr;
+  at::Tensor owner;  // a larger request's own buffer; undefined: the thread's kept scratch
+};
+
 class Scratch {
  public:
   static constexpr size_t kMaxBytes = size_t{1} << 20;
 
-  // A region for each of `sizes` (bytes), valid until this thread's next take()
+  // A region for each of `sizes` (bytes), valid until this thread's next take() (or, for a
+  // request over kMaxBytes, while the returned owner lives)
   template <size_t N>
-  std::array<char*, N> take(const std::array<size_t, N>& sizes) {
+  Regions<N> take(const std::array<size_t, N>& sizes) {
     size_t total = 0;
     std::array<size_t, N> offsets{};
     for (size_t i = 0; i < N; ++i) {
       offsets[i] = total;
       total += (sizes[i] + 63) / 64 * 64;
     }
+    Regions<N> out;
     char* base;
     if (total > kMaxBytes) {
-      large_ = at::empty({static_cast<int64_t>(total) + 64}, at::TensorOptions().dtype(at::kByte));
-      base = align(static_cast<char*>(large_.data_ptr()));
+      out.owner = at::empty({static_cast<int64_t>(total) + 64}, at::TensorOptions().dtype(at::kByte));
+      base = align(static_cast<char*>(out.owner.data_ptr()));
     } else {
-      large_.reset();
       if (kept_.size() < kMaxBytes + 64) kept_.resize(kMaxBytes + 64);
       base = align(kept_.data());
     }
-    std::array<char*, N> regions{};
-    for (size_t i = 0; i < N; ++i) regions[i] = base + offsets[i];
-    return regions;
+    for (size_t i = 0; i < N; ++i) out.ptr[i] = base + offsets[i];
+    return out;
   }
 
   static Scratch& of_this_thread() {
@@ -85,7 +91,6 @@ class Scratch {
     return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 63) / 64 * 64);
   }
   std::vector<char> kept_;
-  at::Tensor large_;
 };
 
 // Runs tile(m0, m1, c0, c1) over the units of work of an [M, columns] output, in parallel:
@@ -203,6 +208,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   const bool blocks = bf16x && table.bf16x_unit_rows > 0;  // activations in 16-row blocks (kernel_table.h)
   // the activations as the tile reads them (kernel_table.h): fp32 [M, 2 * K2], or bf16 padded
   at::Tensor xs;
+  Regions<1> rows_copy;  // a few bf16 rows' padded copy (the non-blocked bf16 tiles)
   const uint16_t* xb = nullptr;  // bf16 activations as the tile reads them
   int64_t ldx = 2 * K2;
   if (bf16x) {
@@ -215,8 +221,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
       pack_row_blocks(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, ldx, dst);
       xb = dst;
     } else {  // rows copied and padded in plain loops: at decode sizes the aten calls cost more
-      auto* dst = reinterpret_cast<uint16_t*>(
-          Scratch::of_this_thread().take<1>({static_cast<size_t>(M * ldx) * sizeof(uint16_t)})[0]);
+      rows_copy = Scratch::of_this_thread().take<1>({static_cast<size_t>(M * ldx) * sizeof(uint16_t)});
+      auto* dst = reinterpret_cast<uint16_t*>(rows_copy.ptr[0]);
       xb = dst;
       const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
       for (int64_t m = 0; m < M; ++m) {
@@ -314,13 +320,13 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at:
   const KernelTable& table = serving_table(*call.table, CallKind::kInt8, M);
   const bool bytes = activation_bits == 8 && table.int8_u8_tile != nullptr;
   const int64_t ldu = bytes ? ceil_div(K, 4) * 4 : 0;
-  const auto [xq_, xs_, xb8_, xsum_] = Scratch::of_this_thread().take<4>(
+  const Regions<4> temps = Scratch::of_this_thread().take<4>(
       {static_cast<size_t>(M * ldq) * sizeof(int16_t), static_cast<size_t>(M * segs) * sizeof(float),
        static_cast<size_t>(bytes ? M * ldu : 0), static_cast<size_t>(bytes ? M * segs : 0) * sizeof(int32_t)});
-  auto* xq = reinterpret_cast<int16_t*>(xq_);
-  auto* xs = reinterpret_cast<float*>(xs_);
-  auto* xb8 = reinterpret_cast<int8_t*>(xb8_);
-  auto* xsum = reinterpret_cast<int32_t*>(xsum_);
+  auto* xq = reinterpret_cast<int16_t*>(temps.ptr[0]);
+  auto* xs = reinterpret_cast<float*>(temps.ptr[1]);
+  auto* xb8 = reinterpret_cast<int8_t*>(temps.ptr[2]);
+  auto* xsum = reinterpret_cast<int32_t*>(temps.ptr[3]);
   if (x.scalar_type() == at::kBFloat16) {
     const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
     const auto* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
