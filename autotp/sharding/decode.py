@@ -55,6 +55,12 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
 
 
+def given_cache(kwargs: dict):
+    """The KV cache a forward call was given (``cache``, or ``past_key_values`` before
+    transformers 5.25), or None."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
 def returned_cache(out):
     """The KV cache a forward returned (its ``cache`` field, ``past_key_values`` before
     transformers 5.25), or None."""
@@ -138,7 +144,7 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
         if _decoding_step(args, kwargs) and not torch.compiler.is_compiling():
             with torch.compiler.config.patch(cache_key_tag=tag):
                 return compiled(*args, **kwargs)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = given_cache(kwargs)
         if Lineage.ATTR in getattr(cache, "__dict__", {}):  # a prompt's rows share no past (but prompt_once's)
             delattr(cache, Lineage.ATTR)
         out = prompt_once(forward, kwargs) if not args and not torch.compiler.is_compiling() else None
@@ -243,7 +249,7 @@ def prompt_once(forward: Callable, kwargs: dict):
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = given_cache(kwargs)
     ids = kwargs.get("input_ids")
     if (not isinstance(cache, StaticCache) or not isinstance(ids, torch.Tensor) or ids.dim() != 2
             or ids.shape[0] < 2 or any(k not in _ROW_INPUTS + _OTHER_INPUTS for k in kwargs)
@@ -310,7 +316,7 @@ def _decoding_step(args: tuple, kwargs: dict) -> bool:
     from transformers import StaticCache
 
     ids = kwargs.get("input_ids", args[0] if args else None)
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = given_cache(kwargs)
     return isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 1 and isinstance(cache, StaticCache)
 
 
