@@ -257,14 +257,16 @@ def attention_reference(q, k, v, bias, scale):
 @needs_extension
 @pytest.mark.parametrize("isa", kernels.available_isas(autotp.Runtime.from_env()) or ["generic"])
 @pytest.mark.parametrize("shape", [(2, 3, 1, 17, 8), (1, 2, 8, 40, 64), (3, 1, 4, 9, 50), (2, 2, 1, 33, 128),
-                                   (1, 1, 1, 1, 2), (2, 2, 2, 5, 3), (1, 2, 5, 64, 64), (1, 1, 3, 20, 32)])
+                                   (1, 1, 1, 1, 2), (2, 2, 2, 5, 3), (1, 2, 5, 64, 64), (1, 1, 3, 20, 32),
+                                   (1, 1, 12, 35, 72), (2, 2, 4, 50, 96), (1, 1, 8, 16, 32)])
 @pytest.mark.parametrize("bias_kind", ["none", "shared", "per_head"])
 def test_native_decode_attention_against_float64(isa, shape, bias_kind):
     """Each ISA path of autotp.kernels.decode_attention (head dims that fill the vector lanes and
     ones that leave a tail) against float64, with no mask, a mask shared by the heads (left
     padding, an unfilled end; NaN in the positions it hides stays unread) and one per head; the
     negative control, another scale, differs. Lengths and head counts cover every blocking of
-    positions and heads (blocks of a vector's width, wholly masked ones, tails)."""
+    positions and heads (blocks of a vector's width, wholly masked ones, tails; up to 12 query
+    heads per KV head, the value pass's blocks of 4 and the rest)."""
     batch, kv_heads, group, length, dim = shape
     gen = torch.Generator().manual_seed(sum(shape))
     q = torch.randn(batch, kv_heads, group, dim, generator=gen)

@@ -366,6 +366,14 @@ def test_negative_control_self_check_switches_off_a_wrong_kernel(monkeypatch):
     failed = kernels.selfcheck.check_paths(["avx2"], linear_bf16=right, linear_int8=right_int8,
                                            linear_int4=right_int4, decode_attention=wrong_attention)
     assert set(failed) == {"avx2"} and "decode attention differs" in failed["avx2"]
+
+    def wrong_for_many_heads(q, k, v, bias, scale, isa):  # off only with many heads per KV head
+        return wrong_attention(q, k, v, bias, scale, isa) if q.shape[2] >= 4 else \
+            torch.ops.autotp.decode_attention(q, k, v, bias, scale, "generic")
+
+    failed = kernels.selfcheck.check_paths(["avx2"], linear_bf16=right, linear_int8=right_int8,
+                                           linear_int4=right_int4, decode_attention=wrong_for_many_heads)
+    assert set(failed) == {"avx2"} and "(9 heads per KV head" in failed["avx2"]
     handle = kernels.Extension(build=lambda verbose, portable: ["avx2", "generic"],
                                check=lambda isas: kernels.selfcheck.check_paths(isas, linear_bf16=wrong))
     monkeypatch.setattr(kernels, "_EXTENSION", handle)

@@ -64,23 +64,32 @@ def check_paths(isas: list[str], linear_bf16: Bf16Op | None = None, linear_int8:
                           torch.ops.autotp.linear_int4(x, q4, s4, z4, b, n, INT8_GROUP, INT8_OFFSET, torch.float32,
                                                        "generic"), x, w4):
                 failed[isa] = f"its INT4 GEMM differs from the generic one at M={m} N={n} K={k}"
-    q, k, v, bias = _attention_inputs()
-    want = torch.ops.autotp.decode_attention(q, k, v, bias, 0.3, "generic")
-    for isa in [i for i in isas if i != "generic" and i not in failed]:
-        got = attend(q, k, v, bias, 0.3, isa)
-        if got.shape != want.shape or bool(((got - want).abs() > RELATIVE * v.float().abs().max() + 1e-6).any()):
-            failed[isa] = "its decode attention differs from the generic one (3 heads per KV head, dim 40, 21 positions)"
+    for heads, length in ATTENTION_CASES:
+        q, k, v, bias = _attention_inputs(heads, length)
+        want = torch.ops.autotp.decode_attention(q, k, v, bias, 0.3, "generic")
+        for isa in [i for i in isas if i != "generic" and i not in failed]:
+            got = attend(q, k, v, bias, 0.3, isa)
+            if got.shape != want.shape or bool(((got - want).abs() > RELATIVE * v.float().abs().max() + 1e-6).any()):
+                failed[isa] = (f"its decode attention differs from the generic one ({heads} heads per KV head, "
+                               f"dim 40, {length} positions)")
     return failed
 
 
-def _attention_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decode attention case: 2 rows, 2 KV heads of 3 query heads, head dim 40 (vector lanes
-    and a tail), 21 positions, a mask per head with left padding and an unfilled end."""
-    gen = torch.Generator().manual_seed(40)
-    q = torch.randn(2, 2, 3, 40, generator=gen)
-    k, v = (torch.randn(2, 2, 21, 40, generator=gen).bfloat16() for _ in range(2))
-    bias = torch.randn(2, 6, 21, generator=gen)
-    bias[..., 17:] = float("-inf")
+# (query heads per KV head, positions): few heads, and many (9: the value pass's blocks of 4 heads
+# and one more, as Llama-style models with grouped KV heads have), both with whole blocks of
+# positions and a tail
+ATTENTION_CASES = ((3, 21), (9, 37))
+
+
+def _attention_inputs(heads: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode attention case: 2 rows, 2 KV heads of ``heads`` query heads, head dim 40 (vector
+    lanes and a tail), ``length`` positions, a mask per head with left padding and an unfilled
+    end."""
+    gen = torch.Generator().manual_seed(40 + heads)
+    q = torch.randn(2, 2, heads, 40, generator=gen)
+    k, v = (torch.randn(2, 2, length, 40, generator=gen).bfloat16() for _ in range(2))
+    bias = torch.randn(2, 2 * heads, length, generator=gen)
+    bias[..., length - 4:] = float("-inf")
     bias[1, :, :2] = float("-inf")
     return q, k, v, bias
 

@@ -162,17 +162,37 @@ int64_t chunks_per_pass(int64_t heads, int64_t left) {
   return c;
 }
 
-// The positions [0, n) past which every head's bias is -inf: a static cache's rows not written
-// yet (it is allocated for the whole generation, and a step attends over all of it, masked).
-// Nothing after n is read, so the step's work follows the tokens so far, not the cache's size.
-// L when a head has no bias or no position is read at all (the full computation then says what
-// such a row gives).
-inline int64_t live_positions(const float* const* bias, int64_t G, int64_t L) {
-  for (int64_t g = 0; g < G; ++g)
-    if (!bias[g]) return L;
+// skip[l] = 1 where every head's bias is -inf at l (no head reads position l), else 0; all 0
+// when a head has no bias. Loops over whole rows of positions (vectorised), a mask that heads
+// share (the same row) taken once.
+inline void unread_positions(const float* const* bias, int64_t G, int64_t L, uint8_t* skip) {
+  for (int64_t l = 0; l < L; ++l) skip[l] = 1;
+  for (int64_t g = 0; g < G; ++g) {
+    if (!bias[g]) {
+      for (int64_t l = 0; l < L; ++l) skip[l] = 0;
+      return;
+    }
+    if (g > 0 && bias[g] == bias[g - 1]) continue;
+    const float* b = bias[g];
+    for (int64_t l = 0; l < L; ++l) skip[l] &= b[l] == -INFINITY;
+  }
+}
+
+// The positions [0, n) past which no head reads (skip, unread_positions): a static cache's rows
+// not written yet (it is allocated for the whole generation, and a step attends over all of
+// it, masked). Nothing after n is read, so the step's work follows the tokens so far, not the
+// cache's size. L when no position is read at all (the full computation then says what such
+// a row gives). Eight positions at a time while they are all unread.
+inline int64_t live_positions(const uint8_t* skip, int64_t L) {
   int64_t n = L;
-  for (bool masked = true; n > 0 && masked; n -= masked)
-    for (int64_t g = 0; g < G && masked; ++g) masked = bias[g][n - 1] == -INFINITY;
+  constexpr uint64_t kAllUnread = 0x0101010101010101ull;
+  while (n >= 8) {
+    uint64_t word;
+    __builtin_memcpy(&word, skip + n - 8, sizeof(word));
+    if (word != kAllUnread) break;
+    n -= 8;
+  }
+  while (n > 0 && skip[n - 1]) --n;
   return n > 0 ? n : L;
 }
 
@@ -182,11 +202,12 @@ template <class V>
 void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, const float* const* bias, float scale,
                       float* out, float* scratch, int64_t G, int64_t L, int64_t D) {
   constexpr int64_t W = V::kWidth, P = 2 * V::kWidth;  // bf16 values per even / odd load pair
-  L = live_positions(bias, G, L);  // (scores and skip below then have this row stride and size)
+  uint8_t* skip = reinterpret_cast<uint8_t*>(scratch + G * L + G * D);  // [L]: a position no head reads
+  unread_positions(bias, G, L, skip);
+  L = live_positions(skip, L);  // (scores below then have this row stride)
   const int64_t Dv = D / P * P, half = Dv / 2;
   float* scores = scratch;      // [G, L]
   float* acc = scratch + G * L; // [G, D]: even K values of the vector part in [0, half), odd in [half, Dv), tail after
-  uint8_t* skip = reinterpret_cast<uint8_t*>(scratch + G * L + G * D);  // [L]: a position no head reads
   float* qs = out;              // the query deinterleaved the same way (out is written last)
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t i = 0; i < half; ++i) {
@@ -194,11 +215,6 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
       qs[g * D + half + i] = q[g * D + 2 * i + 1];
     }
     for (int64_t d = Dv; d < D; ++d) qs[g * D + d] = q[g * D + d];
-  }
-  for (int64_t l = 0; l < L; ++l) {
-    bool masked = true;
-    for (int64_t g = 0; g < G && masked; ++g) masked = bias[g] && bias[g][l] == -INFINITY;
-    skip[l] = masked;
   }
   for (int64_t l0 = 0; l0 < L;) {
     bool any = false;  // a block of kWidth positions at once where one of them is read, else one
@@ -237,11 +253,9 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
     const float inv = 1.0f / lanes_sum(sg, L);
     for (int64_t l = 0; l < L; ++l) sg[l] *= inv;
   }
-  for (int64_t l = 0; l < L; ++l) {
-    bool zero = true;
-    for (int64_t g = 0; g < G && zero; ++g) zero = scores[g * L + l] == 0.0f;
-    skip[l] = zero;  // masked (or too small to matter at all): the row is not read
-  }
+  for (int64_t l = 0; l < L; ++l) skip[l] = 1;  // masked (or too small to matter at all): the row is not read
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t l = 0; l < L; ++l) skip[l] &= scores[g * L + l] == 0.0f;
   for (int64_t g0 = 0; g0 < G; g0 += 4) {  // blocks of up to 4 heads, passes over up to 8 chunks of dims
     const int64_t heads = std::min<int64_t>(4, G - g0);
     for (int64_t j = 0; j < Dv;) {
