@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import sys
 
 import pytest
@@ -297,6 +298,65 @@ def test_native_decode_attention_against_float64(isa, shape, bias_kind):
 
 @needs_extension
 @pytest.mark.parametrize("isa", kernels.available_isas(autotp.Runtime.from_env()) or ["generic"])
+@pytest.mark.parametrize("shape", [(2, 2, 8, 40, 64), (1, 1, 12, 50, 128), (2, 1, 4, 33, 72), (1, 2, 5, 64, 40),
+                                   (1, 1, 16, 16, 32)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_native_decode_attention_of_a_bf16_query_against_float64(isa, shape, masked):
+    """A bf16 model's query (exactly bf16) with 4 to 16 query heads per KV head, which AVX512-BF16
+    scores with the keys across lanes (vdpbf16ps on transposed key pairs, 8 heads at a time),
+    against float64 on every ISA: head dims of whole vectors and with a tail, blocks of
+    positions and a tail, with a per-head mask (left padding, an unfilled end; NaN in the
+    positions it hides stays unread) and without; the query given as bf16 gives the same bits; the
+    negative control, another scale, differs."""
+    batch, kv_heads, group, length, dim = shape
+    gen = torch.Generator().manual_seed(sum(shape) + masked)
+    q = torch.randn(batch, kv_heads, group, dim, generator=gen).bfloat16().float()
+    k, v = (torch.randn(batch, kv_heads, length, dim, generator=gen).bfloat16() for _ in range(2))
+    bias = None
+    if masked:
+        bias = torch.randn(batch, kv_heads * group, length, generator=gen)
+        bias[..., length - length // 4:] = float("-inf")
+        bias[0, :, :3] = float("-inf")
+    want = attention_reference(q, k, v, bias, 0.3)
+    if masked:  # positions no head reads: NaN there changes nothing (a block's scores are read whole)
+        unread = (bias[0] == float("-inf")).all(0)
+        k[0, :, unread], v[0, :, unread] = float("nan"), float("nan")
+    got = kernels.decode_attention(q, k, v, bias, 0.3, isa)
+    assert (got.double() - want).abs().max().item() < 1e-5
+    assert torch.equal(kernels.decode_attention(q.bfloat16(), k, v, bias, 0.3, isa), got)  # given as bf16: the same
+    wrong = kernels.decode_attention(q, k, v, bias, 0.6, isa)
+    assert (wrong.double() - want).abs().max().item() > 1e-3
+
+
+@needs_extension
+@pytest.mark.skipif("avx512_bf16" not in kernels.available_isas(autotp.Runtime.from_env()),
+                    reason="this CPU has no AVX512-BF16 (vdpbf16ps): the keys-across-lanes scores do not run here")
+def test_a_bf16_query_of_many_heads_takes_the_bf16_pair_products():
+    """Which path scored is seen from what only vdpbf16ps does: it reads bf16 denormals as 0.
+    One position's keys are the bf16 denormal 2^-130 in every dim, the query 2^126: a score of
+    64 * 2^-4 = 4 by the FMAs (fp32 keeps the denormal), 0 by vdpbf16ps, so that position's
+    weight (its value row of ones, the others 0) is e^4 / (e^4 + 31) or 1/32. With 4 query heads
+    per KV head and the query exactly bf16, avx512_bf16 gives 1/32 (the pair products ran);
+    with 3 heads, or the query an fp32 ulp away from bf16, it gives what the generic path gives."""
+    def case(group, query):
+        q = torch.full((1, 1, group, 64), query)
+        k = torch.zeros(1, 1, 32, 64, dtype=torch.bfloat16)
+        v = torch.zeros(1, 1, 32, 64, dtype=torch.bfloat16)
+        k[0, 0, 5], v[0, 0, 5] = 2.0 ** -130, 1.0
+        assert k[0, 0, 5, 0].item() == 2.0 ** -130  # a bf16 denormal, kept exactly
+        return [kernels.decode_attention(q, k, v, None, 1.0, isa)[0, 0, :, 0] for isa in ("avx512_bf16", "generic")]
+
+    fmas = math.exp(4) / (math.exp(4) + 31)
+    pairs, generic = case(4, 2.0 ** 126)
+    assert torch.allclose(generic, torch.full_like(generic, fmas), rtol=1e-5)
+    assert torch.allclose(pairs, torch.full_like(pairs, 1 / 32), rtol=1e-5)
+    for group, query in [(3, 2.0 ** 126), (4, 2.0 ** 126 * (1 + 2.0 ** -23))]:
+        fast, generic = case(group, query)
+        assert torch.allclose(fast, generic, rtol=1e-5) and abs(generic[0].item() - fmas) < 1e-4
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", kernels.available_isas(autotp.Runtime.from_env()) or ["generic"])
 @pytest.mark.parametrize("bias_kind", ["shared", "per_head"])
 def test_native_decode_attention_stops_at_the_last_position_read(isa, bias_kind):
     """A static cache is allocated for the whole generation and a step's mask hides the rows not
@@ -325,7 +385,7 @@ def test_native_decode_attention_stops_at_the_last_position_read(isa, bias_kind)
 
 
 @needs_extension
-@pytest.mark.parametrize("case", ["float_key", "shape", "bias_shape", "float_query"])
+@pytest.mark.parametrize("case", ["float_key", "shape", "bias_shape", "half_query"])
 def test_native_decode_attention_refuses_bad_input(case):
     q = torch.randn(1, 2, 2, 8)
     k, v, bias = torch.randn(1, 2, 5, 8).bfloat16(), torch.randn(1, 2, 5, 8).bfloat16(), torch.zeros(1, 1, 5)
@@ -335,8 +395,8 @@ def test_native_decode_attention_refuses_bad_input(case):
         v = torch.randn(1, 2, 6, 8).bfloat16()
     elif case == "bias_shape":
         bias = torch.zeros(1, 3, 5)
-    elif case == "float_query":
-        q = q.bfloat16()
+    elif case == "half_query":
+        q = q.half()
     with pytest.raises(RuntimeError, match="autotp::decode_attention"):
         kernels.decode_attention(q, k, v, bias, 0.5)
 

@@ -72,7 +72,9 @@ def main() -> None:
         huge = [tuple(pages.copy_to_huge_pages(t) for t in kv) for kv in layers]
         if all(t is not None for kv in huge for t in kv):
             copies["huge"] = huge
-        q = torch.randn(args.beams, kv_heads, group, dim, generator=torch.Generator().manual_seed(1))
+        # a bf16 model's query: bf16 values, which the op takes as float32 (AVX512-BF16 scores such
+        # a query of several heads per KV head with vdpbf16ps)
+        q = torch.randn(args.beams, kv_heads, group, dim, generator=torch.Generator().manual_seed(1)).bfloat16().float()
         nbytes = sum(t.numel() * t.element_size() for kv in layers for t in kv)
         times = {(isa, where): [] for isa in isas for where in copies}
         probe_times = []

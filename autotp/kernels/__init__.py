@@ -249,8 +249,9 @@ def reorder_rows_(tensors: list[torch.Tensor], sources: torch.Tensor, length: in
 def decode_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
                      scale: float, isa: str = "") -> torch.Tensor:
     """Attention of one query position over a bfloat16 KV cache in float32 math, without a
-    float32 copy of the cache: ``q`` float32 [batch, kv_heads, group, dim] (the group of query
-    heads sharing a KV head), ``key`` / ``value`` bfloat16 [batch, kv_heads, length, dim],
+    float32 copy of the cache: ``q`` float32 or bfloat16 [batch, kv_heads, group, dim] (the group
+    of query heads sharing a KV head; a bf16 model's query is best given as it is: AVX512-BF16
+    then multiplies its bf16 pairs directly where a KV head serves 4 or more query heads), ``key`` / ``value`` bfloat16 [batch, kv_heads, length, dim],
     ``bias`` float32 [batch, 1 or kv_heads * group, length] added to the scores (0 / -inf for a
     boolean mask; positions at -inf for every head are not read) or None; returns float32
     [batch, kv_heads, group, dim]. Needs the extension built (:func:`extension_loaded`)."""
@@ -417,7 +418,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("autotp::decode_attention")
     def _(q, key, value, bias, scale, isa=""):
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
+        return torch.empty_like(q, dtype=torch.float32, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("autotp::shm_all_reduce")
     def _(tensor, comm):

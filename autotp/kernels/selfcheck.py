@@ -75,9 +75,11 @@ def check_paths(isas: list[str], linear_bf16: Bf16Op | None = None, linear_int8:
     return failed
 
 
-# (query heads per KV head, positions): few heads, and many (9: the value pass's blocks of 4 heads
-# and one more, as Llama-style models with grouped KV heads have), both with whole blocks of
-# positions and a tail
+# (query heads per KV head, positions): few heads, and many (9: a block of 8 and one more, as
+# Llama-style models with grouped KV heads have), both with whole blocks of positions and a
+# tail. The many heads' query is exactly bf16 (a bf16 model's), which AVX512-BF16 scores with
+# the keys across lanes (attention_tiles.h, score_block_across); every other path scores it as
+# any query.
 ATTENTION_CASES = ((3, 21), (9, 37))
 
 
@@ -87,6 +89,8 @@ def _attention_inputs(heads: int, length: int) -> tuple[torch.Tensor, torch.Tens
     end."""
     gen = torch.Generator().manual_seed(40 + heads)
     q = torch.randn(2, 2, heads, 40, generator=gen)
+    if heads >= 4:
+        q = q.bfloat16().float()
     k, v = (torch.randn(2, 2, length, 40, generator=gen).bfloat16() for _ in range(2))
     bias = torch.randn(2, 2 * heads, length, generator=gen)
     bias[..., length - 4:] = float("-inf")

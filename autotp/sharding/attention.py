@@ -43,15 +43,19 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                                       is_causal=is_causal, **kwargs)
     group = heads // kv_heads
     scale = dim ** -0.5 if scaling is None else scaling
-    q = query.float().reshape(batch, kv_heads, group, dim)
     if _native_isa is not None and key.dtype == value.dtype == torch.bfloat16:
         bias = None
         if attention_mask is not None:
             mask = attention_mask[:, :, -1, :length]  # [batch, 1 or heads, length]
             bias = (torch.zeros(mask.shape).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
                     else mask.float())
+        # a bf16 query as it is: a compiled step's would otherwise be its rotary embedding in
+        # float32, never rounded to bf16 (an eager step's is), and the op multiplies a bf16
+        # query's pairs directly (AVX512-BF16)
+        q = (query if query.dtype == torch.bfloat16 else query.float()).reshape(batch, kv_heads, group, dim)
         out = torch.ops.autotp.decode_attention(q, key, value, bias, scale, _native_isa)
         return out.reshape(batch, 1, heads, dim).to(query.dtype), None
+    q = query.float().reshape(batch, kv_heads, group, dim)
     scores = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # [batch, kv_heads, group, length]
     if attention_mask is not None:
         mask = attention_mask[:, :, -1, :length]  # [batch, 1 or heads, length]

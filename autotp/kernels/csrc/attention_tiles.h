@@ -108,6 +108,118 @@ void score_block(const float* qs, const uint16_t* k, int64_t l0, int64_t G, int6
   }
 }
 
+// Whether V can score keys across lanes (score_block_across): it transposes 32-bit words in
+// registers (V::transpose_words) and multiplies bf16 pairs (V::dot_pairs(acc, keys, pair): acc
+// plus the two products of each lane's key pair with the query pair; AVX512-BF16's vdpbf16ps)
+template <class V, class = void>
+struct ScoresAcross : std::false_type {};
+template <class V>
+struct ScoresAcross<V, std::void_t<decltype(V::transpose_words(static_cast<typename V::I*>(nullptr))),
+                                   decltype((void)V::dot_pairs(V::zero(), typename V::I(), 0u))>>
+    : std::true_type {};
+
+// Query heads per KV head from which score_block_across serves the blocks of positions (its
+// transposes are shared by the heads), and the blocks ahead whose keys it prefetches
+constexpr int64_t kAcrossHeads = 4;
+constexpr int64_t kAcrossAhead = 2;
+
+// score_block's scores for the heads [g0, g0 + NH) (NH <= 8) of a query that is exactly bf16
+// (a bf16 model's; exact_normal_bf16), with the keys across lanes: the kWidth key rows, 2 *
+// kWidth dims at a time, transposed as bf16 pairs (V::transpose_words: register p then holds
+// pair p of every position), and head h's kWidth scores accumulated in one register, one
+// V::dot_pairs per pair of dims with the query's pair broadcast. Where score_block widens each
+// key row and issues two FMAs per pair and head, then reduces kWidth sums across lanes for
+// every head, this issues one instruction per pair and head, widens nothing and reduces
+// nothing. The products are exact and summed in fp32 as the FMAs would, pair after pair (only
+// a bf16 denormal key, read as 0, can differ). The query comes as qt, its pairs laid out by
+// across_query so that each broadcast is at a fixed offset; 8 heads take 8 accumulators and the
+// 16 transposed words. The rows are read a line apart and then the lines between, which the
+// hardware prefetchers do not follow: each chunk of dims of the block kAcrossAhead ahead is
+// prefetched into L2 as the same chunk of this block is read.
+template <class V, int NH>
+void score_block_across(const uint32_t* qt, const float* q, const uint16_t* k, int64_t l0, int64_t g0, int64_t L,
+                        int64_t D, int64_t Dv, float scale, const float* const* bias, float* scores) {
+  constexpr int W = V::kWidth, P = 2 * V::kWidth;
+  typename V::F acc[NH];
+  for (int h = 0; h < NH; ++h) acc[h] = V::zero();
+  const bool fetch = g0 == 0 && l0 + (kAcrossAhead + 1) * W <= L;
+  for (int64_t j = 0; j < Dv; j += P) {
+    if (fetch)
+      for (int r = 0; r < W; ++r) __builtin_prefetch(k + (l0 + kAcrossAhead * W + r) * D + j, 0, 2);
+    typename V::I t[W];
+    for (int r = 0; r < W; ++r) t[r] = V::load_words(reinterpret_cast<const uint8_t*>(k + (l0 + r) * D + j));
+    V::transpose_words(t);
+    const uint32_t* qp = qt + g0 * Dv / 2 + j / 2 * NH;
+#pragma GCC unroll 16
+    for (int p = 0; p < W; ++p)
+      for (int h = 0; h < NH; ++h) acc[h] = V::dot_pairs(acc[h], t[p], qp[p * NH + h]);
+  }
+  for (int h = 0; h < NH; ++h) {
+    const int64_t g = g0 + h;
+    if (Dv == D) {
+      const typename V::F b = bias[g] ? V::load(bias[g] + l0) : V::zero();
+      V::store(scores + g * L + l0, V::fma(acc[h], V::set1(scale), b));
+      continue;
+    }
+    alignas(64) float s[W];
+    V::store(s, acc[h]);
+    for (int t = 0; t < W; ++t) {
+      const uint16_t* row = k + (l0 + t) * D;
+      for (int64_t d = Dv; d < D; ++d) s[t] += q[g * D + d] * bf16_to_float(row[d]);
+      scores[g * L + l0 + t] = s[t] * scale + (bias[g] ? bias[g][l0 + t] : 0.0f);
+    }
+  }
+}
+
+// Whether each of the n values is exactly a bf16 value and none a bf16 denormal (which
+// vdpbf16ps would read as 0): then the bf16 pairs of across_query are the query itself
+inline bool exact_normal_bf16(const float* x, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, x + i, sizeof(bits));
+    ok &= (bits & 0xFFFFu) == 0 && ((bits & 0x7F800000u) != 0 || (bits & 0x7FFFFFFFu) == 0);
+  }
+  return ok;
+}
+
+// The query [G, D] for score_block_across: for each group of 8 heads from g0 (nh of them), the
+// bf16 pairs of the first Dv dims as 32-bit words, word g0 * Dv / 2 + i * nh + h holding
+// (q[g0 + h, 2i], q[g0 + h, 2i + 1]) as the keys' words hold a pair (the even dim in the low half)
+inline void across_query(const float* q, int64_t G, int64_t D, int64_t Dv, uint32_t* qt) {
+  for (int64_t g0 = 0; g0 < G; g0 += 8) {
+    const int64_t nh = std::min<int64_t>(8, G - g0);
+    for (int64_t h = 0; h < nh; ++h)
+      for (int64_t i = 0; i < Dv / 2; ++i) {
+        uint32_t even, odd;
+        __builtin_memcpy(&even, q + (g0 + h) * D + 2 * i, sizeof(even));
+        __builtin_memcpy(&odd, q + (g0 + h) * D + 2 * i + 1, sizeof(odd));
+        qt[g0 * Dv / 2 + i * nh + h] = (even >> 16) | (odd & 0xFFFF0000u);
+      }
+  }
+}
+
+// score_block_across for all G heads, 8 at a time
+template <class V>
+void score_heads_across(const uint32_t* qt, const float* q, const uint16_t* k, int64_t l0, int64_t G, int64_t L,
+                        int64_t D, int64_t Dv, float scale, const float* const* bias, float* scores) {
+  for (int64_t g0 = 0; g0 < G; g0 += 8) {
+    const auto block = [&](auto nh) {
+      score_block_across<V, decltype(nh)::value>(qt, q, k, l0, g0, L, D, Dv, scale, bias, scores);
+    };
+    switch (std::min<int64_t>(8, G - g0)) {
+      case 1: block(std::integral_constant<int, 1>()); break;
+      case 2: block(std::integral_constant<int, 2>()); break;
+      case 3: block(std::integral_constant<int, 3>()); break;
+      case 4: block(std::integral_constant<int, 4>()); break;
+      case 5: block(std::integral_constant<int, 5>()); break;
+      case 6: block(std::integral_constant<int, 6>()); break;
+      case 7: block(std::integral_constant<int, 7>()); break;
+      default: block(std::integral_constant<int, 8>()); break;
+    }
+  }
+}
+
 // acc[g0 + h, chunks c] = sum over the positions read of scores[g0 + h, l] * v[l, chunk c], for
 // HB heads and C chunks of 2 * kWidth dims from j: 2 * HB * C accumulators in registers, each
 // value row's C chunks (contiguous) widened once for all HB heads.
@@ -197,17 +309,22 @@ inline int64_t live_positions(const uint8_t* skip, int64_t L) {
 }
 
 // q [G, D] fp32, k / v [L, D] bf16 (row stride D), bias[g] a row of L fp32 or null,
-// out [G, D] fp32; scratch: G * L + G * D + L floats.
+// out [G, D] fp32; scratch: G * L + 2 * G * D + L floats.
 template <class V>
 void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, const float* const* bias, float scale,
                       float* out, float* scratch, int64_t G, int64_t L, int64_t D) {
   constexpr int64_t W = V::kWidth, P = 2 * V::kWidth;  // bf16 values per even / odd load pair
-  uint8_t* skip = reinterpret_cast<uint8_t*>(scratch + G * L + G * D);  // [L]: a position no head reads
+  uint8_t* skip = reinterpret_cast<uint8_t*>(scratch + G * L + 2 * G * D);  // [L]: a position no head reads
   unread_positions(bias, G, L, skip);
-  L = live_positions(skip, L);  // (scores below then have this row stride)
+  L = live_positions(skip, L);  // (scores and acc below then have this row stride)
   const int64_t Dv = D / P * P, half = Dv / 2;
   float* scores = scratch;      // [G, L]
-  float* acc = scratch + G * L; // [G, D]: even K values of the vector part in [0, half), odd in [half, Dv), tail after
+  uint32_t* qt = reinterpret_cast<uint32_t*>(scratch + G * L);  // [G, D / 2]: score_block_across's query
+  float* acc = scratch + G * L + G * D; // [G, D]: even K values of the vector part in [0, half), odd in [half, Dv), tail after
+  bool across = false;  // scores with the keys across lanes (score_block_across)
+  if constexpr (ScoresAcross<V>::value)
+    across = G >= kAcrossHeads && exact_normal_bf16(q, G * D);
+  if (across) across_query(q, G, D, Dv, qt);
   float* qs = out;              // the query deinterleaved the same way (out is written last)
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t i = 0; i < half; ++i) {
@@ -220,7 +337,9 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
     bool any = false;  // a block of kWidth positions at once where one of them is read, else one
     for (int64_t l = l0; l < std::min(L, l0 + W) && !any; ++l) any = !skip[l];
     if (any && l0 + W <= L) {
-      score_block<V>(qs, k, l0, G, L, D, Dv, scale, bias, scores);
+      if constexpr (ScoresAcross<V>::value)
+        if (across) score_heads_across<V>(qt, q, k, l0, G, L, D, Dv, scale, bias, scores);
+      if (!across) score_block<V>(qs, k, l0, G, L, D, Dv, scale, bias, scores);
       for (int64_t l = l0; l < l0 + W; ++l)
         if (skip[l])
           for (int64_t g = 0; g < G; ++g) scores[g * L + l] = -INFINITY;  // not read: whatever its row holds

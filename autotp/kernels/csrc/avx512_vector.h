@@ -84,4 +84,30 @@ struct Avx512 {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), g);
   }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  // decode attention's keys across lanes (attention_tiles.h, score_block_across, with the
+  // AVX512-BF16 table's dot_pairs): the bf16 pairs of 16 registers transposed as 32-bit words
+  // (afterwards lane t of register p holds what lane p of register t held), in 64 shuffles:
+  // pairs of words, of quadwords, then the 4 x 4 128-bit lanes in two steps
+  static void transpose_words(I* r) {
+    I t[16];
+    for (int i = 0; i < 16; i += 2) {  // t[i], t[i + 1]: rows i, i + 1 interleaved by word
+      t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    I s[16];  // s[4b + c], 128-bit lane L: column 4L + c of rows 4b .. 4b + 3
+    for (int b = 0; b < 16; b += 4) {
+      s[b] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
+      s[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
+      s[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
+      s[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {  // column 4L + c wants 128-bit lane b from s[4b + c]'s lane L
+      const I x0 = _mm512_shuffle_i32x4(s[c], s[4 + c], 0x88), x1 = _mm512_shuffle_i32x4(s[c], s[4 + c], 0xDD);
+      const I y0 = _mm512_shuffle_i32x4(s[8 + c], s[12 + c], 0x88), y1 = _mm512_shuffle_i32x4(s[8 + c], s[12 + c], 0xDD);
+      r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+      r[4 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+      r[8 + c] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+      r[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+    }
+  }
 };

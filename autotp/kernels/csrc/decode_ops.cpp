@@ -106,13 +106,17 @@ void reorder_rows_(at::TensorList tensors, const at::Tensor& sources, int64_t le
 }
 
 // Decode attention (one query position) over a bf16 KV cache, fp32 math (attention_tiles.h):
-// q [B, KVH, G, D] fp32, key / value [B, KVH, L, D] bf16 contiguous, bias [B, 1 or KVH * G, L]
-// fp32 (additive) or empty; -> [B, KVH, G, D] fp32. Threads over (batch row, KV head).
+// q [B, KVH, G, D] fp32 or bf16 (a bf16 model's, taken as it is: a compiled step would
+// otherwise hand over its rotary embedding's fp32 values, never rounded to the model's bf16),
+// key / value [B, KVH, L, D] bf16 contiguous, bias [B, 1 or KVH * G, L] fp32 (additive) or
+// empty; -> [B, KVH, G, D] fp32. Threads over (batch row, KV head).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key, const at::Tensor& value,
                             const std::optional<at::Tensor>& bias, double scale, const std::string& isa) {
   const char* op = "autotp::decode_attention";
-  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 4, op,
-              ": q must be a float32 CPU tensor [batch, kv_heads, group, dim], got ", q.scalar_type(), " ", q.sizes());
+  TORCH_CHECK(q.device().is_cpu() && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
+                  q.dim() == 4,
+              op, ": q must be a float32 or bfloat16 CPU tensor [batch, kv_heads, group, dim], got ", q.scalar_type(),
+              " ", q.sizes());
   const int64_t B = q.size(0), KVH = q.size(1), G = q.size(2), D = q.size(3);
   for (const at::Tensor* t : {&key, &value})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4 && t->size(0) == B &&
@@ -126,8 +130,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key, const at
     TORCH_CHECK(b.dim() == 3 && b.size(0) == B && (b.size(1) == 1 || b.size(1) == KVH * G) && b.size(2) == L, op,
                 ": bias must be [", B, ", 1 or ", KVH * G, ", ", L, "], got ", b.sizes());
   }
-  const at::Tensor qc = q.contiguous(), kc = key.contiguous(), vc = value.contiguous();
-  at::Tensor out = at::empty({B, KVH, G, D}, q.options());
+  const at::Tensor qc = q.to(at::kFloat).contiguous(), kc = key.contiguous(), vc = value.contiguous();
+  at::Tensor out = at::empty({B, KVH, G, D}, qc.options());
   if (out.numel() == 0) return out;
   const auto attend = serving_table(kernel_table(isa), CallKind::kAttention, 0).attend_bf16;
   const float* qp = qc.data_ptr<float>();
@@ -136,7 +140,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key, const at
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* op_out = out.data_ptr<float>();
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(G * L + G * D + L);  // attend_bf16_rows: scores, sums, a byte per position
+    std::vector<float> scratch(G * L + 2 * G * D + L);  // attend_bf16_rows: scores, query, sums, a byte per position
     std::vector<const float*> rows(G);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bi = i / KVH, h = i % KVH;
