@@ -332,17 +332,17 @@ def test_packing_in_row_chunks_with_release_equals_whole():
 
 @pytest.mark.skipif(not PATHS, reason="extension unavailable")
 def test_each_call_goes_to_the_first_table_down_the_list_that_serves_it():
-    """AVX512-BF16 and AMX add only bf16-activation tiles (AMX from 5 rows), AVX512-VNNI only an
+    """AVX512-BF16 and AMX add only bf16-activation tiles (AMX from 2 rows), AVX512-VNNI only an
     INT8 tile: fp32 activations go to AVX-512, INT8 to AVX512-VNNI where the CPU has it,
-    decoding rows under AMX to AVX512-BF16; the other tables serve all."""
+    one bf16 row under AMX to AVX512-BF16; the other tables serve all."""
     int8_top = "avx512_vnni" if "avx512_vnni" in PATHS else "avx512"
     above_avx512 = ("amx", "avx512_bf16", "avx512_vnni")
     for isa in PATHS:
         for dtype in (torch.bfloat16, torch.float32):
-            for rows in (1, 4, 5, 64):
+            for rows in (1, 2, 4, 16, 17, 64):
                 got = kernels.serving_isa(isa, "bf16", dtype, rows)
                 if isa == "amx" and dtype == torch.bfloat16:
-                    want = "amx" if rows >= 5 else "avx512_bf16"
+                    want = "amx" if rows >= 2 else "avx512_bf16"
                 elif isa in ("amx", "avx512_bf16"):
                     want = "avx512_bf16" if dtype == torch.bfloat16 else "avx512"
                 elif isa == "avx512_vnni":

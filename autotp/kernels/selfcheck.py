@@ -14,7 +14,7 @@ import torch
 from autotp.kernels.int4 import group_major, pair_major, prepack_int4  # torch only, as this module
 
 # (M, N, K): odd sizes (ragged groups and K pairs), the register path (M <= 4), the panel one,
-# enough rows for the prefill tiles (AMX serves from 16 rows), and K over one pass of a tile
+# AMX's streaming tile (2-16 rows) and its prefill tile (17 rows and more), and K over one pass of a tile
 # that walks K in passes (AVX512-BF16: 2048 K pairs)
 SHAPES = [(1, 70, 33), (3, 130, 64), (13, 64, 257), (40, 100, 130), (7, 20, 4200)]
 INT8_GROUP, INT8_OFFSET = 16, 5

@@ -6,8 +6,8 @@
 // stride of 256. Units are 96 rows x 256 columns; K is walked in chunks of 128 pairs so that a
 // chunk of both stays in L2 (two weight blocks' chunk in L1 across the row passes); partial
 // sums wait in an fp32 buffer. It reaches 0.7-0.9x oneDNN's own AMX matmul (see the README).
-// Decoding shapes (fewer than kMinRows rows) and fp32 activations go to the tables below
-// (AVX512-BF16, then AVX-512), which stream the weight with less set-up.
+// Calls of up to 16 rows stream the weights instead (stream_tile). One row and fp32
+// activations go to the tables below (AVX512-BF16, then AVX-512).
 #include "kernel_table.h"
 
 #if AUTOTP_X86_TABLES
@@ -23,12 +23,17 @@
 namespace autotp {
 namespace {
 
-constexpr int64_t kMinRows = 5;      // tools/bench_paths.py on a Xeon with AMX: at M=4 the streaming tiles are as fast, at 16 AMX is 2.5x
+// One row stays on AVX512-BF16's vdpbf16ps tile (as fast from memory: tools/bench_prefetch.py);
+// from 2 rows the streaming tile below (4 rows of llama-1b's per-rank weights from memory, 2
+// ranks: 59.7-63.0 ms against 71.7-75.3 on AVX512-BF16; in L2 2.5x faster at 4 rows, 6.7x at 16)
+constexpr int64_t kMinRows = 2;
 constexpr int64_t kChunkSteps = 8;     // steps of 16 K pairs per chunk: 8 KB of weights per column block
 constexpr int64_t kStepPairs = 16;   // K pairs per tile multiply
 constexpr int64_t kUnitRows = 96;   // rows and 16-column blocks per unit: larger units measured no faster at M=1024
 constexpr int64_t kUnitBlocks = 16;  // (256 columns) and slower at M=16 (fewer units to split)
 constexpr int64_t kSubRows = 32;     // rows per pass of the four accumulators
+constexpr int64_t kAmxStreamRows = 16;  // calls of at most this many rows: x row-major, one tile of it
+constexpr int64_t kStreamAhead = 1;  // steps of weights prefetched ahead (2, or into L2 only: 3-10% slower)
 
 // Linux hands out the tile state only to a process that asks (arch_prctl, since 5.16).
 bool os_grants_tiles() {
@@ -93,7 +98,66 @@ void pass(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t steps, floa
   _tile_stored(3, c + 16 * ldc + kBlockN, sc);
 }
 
+// One step of the streaming tile: 16 K pairs of the activation rows (tile 4) by the four column
+// blocks of a group (4 KB of weights at ws, rows 256 bytes apart) into accumulators 0..3.
+inline void stream_step(const uint16_t* xs, int64_t sx, const uint16_t* ws) {
+  const int64_t sw = kGroupRow * 2;
+  _tile_loadd(4, xs, sx);
+  _tile_loadd(5, ws, sw);
+  _tile_dpbf16ps(0, 4, 5);
+  _tile_loadd(6, ws + kRowElems, sw);
+  _tile_dpbf16ps(1, 4, 6);
+  _tile_loadd(7, ws + 2 * kRowElems, sw);
+  _tile_dpbf16ps(2, 4, 7);
+  _tile_loadd(5, ws + 3 * kRowElems, sw);
+  _tile_dpbf16ps(3, 4, 5);
+}
+
+// Calls of 2..16 rows (beams, small batches; x row-major, padded): each group's 64 columns stream
+// once over the whole K, 16 K pairs a step into four accumulators of `rows` rows x 16 columns,
+// the next step's 4 KB prefetched into L1 (the L2 streamer stops at each 4 KiB page). The
+// vdpbf16ps tile spends one instruction per row per 32 products and falls behind memory from 4
+// rows; here a step costs the same for 2 rows as for 16.
+void stream_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
+  const int64_t rows = m1 - m0;
+  alignas(64) float c[kAmxStreamRows * kUnitBlocks * kBlockN];
+  const int64_t ldc = (b1 - b0 + kGroupBlocks - 1) / kGroupBlocks * kGroupBlocks * kBlockN;
+  TileConfig config;
+  for (int t = 0; t < 5; ++t) config.rows[t] = static_cast<uint8_t>(rows), config.colsb[t] = 64;
+  for (int t = 5; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = 64;
+  _tile_loadconfig(&config);
+  const int64_t full = a.K2 / kStepPairs, tail = a.K2 - full * kStepPairs, sx = a.ldx * 2;
+  const uint16_t* x = a.xb + m0 * a.ldx;
+  alignas(64) uint16_t tail_w[kStepPairs * kGroupRow];
+  if (tail) std::memset(tail_w + tail * kGroupRow, 0, (kStepPairs - tail) * kGroupRow * sizeof(uint16_t));
+  for (int64_t g = b0; g < b1; g += kGroupBlocks) {
+    const uint16_t* w = a.w + g / kGroupBlocks * a.K2 * kGroupRow;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t s = 0; s < full; ++s) {
+      const uint16_t* ws = w + s * kStepPairs * kGroupRow;
+      const char* ahead = reinterpret_cast<const char*>(ws + kStreamAhead * kStepPairs * kGroupRow);
+      for (int l = 0; l < 64; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+      stream_step(x + s * 2 * kStepPairs, sx, ws);
+    }
+    if (tail) {
+      std::memcpy(tail_w, w + full * kStepPairs * kGroupRow, tail * kGroupRow * sizeof(uint16_t));
+      stream_step(x + full * 2 * kStepPairs, sx, tail_w);
+    }
+    float* cg = c + (g - b0) * kBlockN;
+    _tile_stored(0, cg, ldc * 4);
+    _tile_stored(1, cg + kBlockN, ldc * 4);
+    _tile_stored(2, cg + 2 * kBlockN, ldc * 4);
+    _tile_stored(3, cg + 3 * kBlockN, ldc * 4);
+  }
+  _tile_release();
+  store_rows(c, ldc, m0, m1, b0 * kBlockN, std::min(a.N, b1 * kBlockN), a.bias, a.out, a.ldo, a.out_bf16);
+}
+
 void bf16x_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
+  if (a.M <= kAmxStreamRows) return stream_tile(a, m0, m1, b0, b1);
   thread_local std::vector<float> buffer;  // the unit's fp32 sums: up to 256 KB, so not on the stack
   buffer.resize(kUnitRows * kUnitBlocks * kBlockN);
   float* c = buffer.data();
@@ -139,7 +203,7 @@ void bf16x_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b
 
 const KernelTable& amx_table() {
   const KernelTable& below = avx512_bf16_table();
-  static const KernelTable table{"amx", supported, nullptr, bf16x_tile, kMinRows, kUnitRows, kUnitBlocks, nullptr, nullptr, nullptr, below.sum_bf16,
+  static const KernelTable table{"amx", supported, nullptr, bf16x_tile, kMinRows, kUnitRows, kAmxStreamRows, kUnitBlocks, nullptr, nullptr, nullptr, below.sum_bf16,
                                  below.sum_f32, below.stream_read};
   return table;
 }

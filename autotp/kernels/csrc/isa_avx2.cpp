@@ -122,7 +122,7 @@ struct Avx2 {
 }  // namespace
 
 const KernelTable& avx2_table() {
-  static const KernelTable table{"avx2", supported, bf16_tile<Avx2>, nullptr, 0, 0, 0, int8_tile<Avx2>, int4_tile<Avx2>, nullptr, generic_table().sum_bf16,
+  static const KernelTable table{"avx2", supported, bf16_tile<Avx2>, nullptr, 0, 0, 0, 0, int8_tile<Avx2>, int4_tile<Avx2>, nullptr, generic_table().sum_bf16,
                                  generic_table().sum_f32, generic_table().stream_read, attend_bf16_rows<Avx2>,
                                  int8_activation_rows<uint16_t>, int8_activation_rows<float>};
   return table;

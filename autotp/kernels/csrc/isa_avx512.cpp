@@ -81,7 +81,7 @@ uint64_t stream_read(const uint8_t* data, int64_t bytes) {
 }  // namespace
 
 const KernelTable& avx512_table() {
-  static const KernelTable table{"avx512", supported, bf16_tile<Avx512>, nullptr, 0, 0, 0, int8_tile<Avx512>, int4_tile<Avx512>, nullptr, sum_bf16, sum_f32,
+  static const KernelTable table{"avx512", supported, bf16_tile<Avx512>, nullptr, 0, 0, 0, 0, int8_tile<Avx512>, int4_tile<Avx512>, nullptr, sum_bf16, sum_f32,
                                  stream_read, attend_bf16_rows<Avx512>, int8_activation_rows<uint16_t>,
                                  int8_activation_rows<float>};
   return table;

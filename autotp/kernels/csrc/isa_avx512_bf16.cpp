@@ -199,7 +199,7 @@ void int4x_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64
 
 const KernelTable& avx512_bf16_table() {
   const KernelTable& below = avx512_table();
-  static const KernelTable table{"avx512_bf16", supported, nullptr, bf16x_tile, 1, 0, 0, nullptr, nullptr, int4x_tile,
+  static const KernelTable table{"avx512_bf16", supported, nullptr, bf16x_tile, 1, 0, 0, 0, nullptr, nullptr, int4x_tile,
                                  below.sum_bf16,
                                  below.sum_f32, below.stream_read, attend_bf16_rows<Avx512Bf16Attention>};
   return table;

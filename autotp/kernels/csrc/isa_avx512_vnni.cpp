@@ -172,7 +172,7 @@ void int8_u8_tile(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int
 
 const KernelTable& avx512_vnni_table() {
   const KernelTable& below = avx512_table();
-  static const KernelTable table{"avx512_vnni", supported, nullptr, nullptr, 0, 0, 0, int8_tile<Avx512Vnni>, nullptr,
+  static const KernelTable table{"avx512_vnni", supported, nullptr, nullptr, 0, 0, 0, 0, int8_tile<Avx512Vnni>, nullptr,
                                  nullptr, below.sum_bf16, below.sum_f32, below.stream_read, nullptr, below.int8_x_bf16,
                                  below.int8_x_f32, int8_u8_tile};
   return table;

@@ -110,7 +110,7 @@ bool always() { return true; }
 }  // namespace
 
 const KernelTable& generic_table() {
-  static const KernelTable table{"generic", always, bf16_tile<Scalar>, nullptr, 0, 0, 0, int8_tile<Scalar>, int4_tile, nullptr, sum_bf16, sum_f32,
+  static const KernelTable table{"generic", always, bf16_tile<Scalar>, nullptr, 0, 0, 0, 0, int8_tile<Scalar>, int4_tile, nullptr, sum_bf16, sum_f32,
                                  stream_read, attend_bf16_rows<Scalar>,
                                  int8_activation_rows<uint16_t>, int8_activation_rows<float>};
   return table;

@@ -147,6 +147,9 @@ struct KernelTable {
   // other: each AMX tile of activations is 1 KB in one piece), rows zero past M up to a
   // multiple of 32, in units of at most this many rows (a multiple of 32), cut at multiples of 32
   int64_t bf16x_unit_rows;
+  // with bf16x_unit_rows: calls of at most this many rows get xb row-major instead (as a table
+  // without blocks reads it)
+  int64_t bf16x_stream_rows;
   int64_t bf16x_unit_blocks;  // with bf16x_unit_rows: blocks of 16 columns per unit at most (a multiple of 4)
   void (*int8_tile)(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
   void (*int4_tile)(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1);  // as int8_tile

@@ -152,7 +152,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   const int64_t K2 = packed.size(1);
   const KernelTable& table = serving_table(*call.table, x_bf16 ? CallKind::kBf16Bf16X : CallKind::kBf16Fp32X, M);
   const bool bf16x = x_bf16 && takes_bf16x(table, M);
-  const bool blocks = bf16x && table.bf16x_unit_rows > 0;  // activations in 16-row blocks (kernel_table.h)
+  const bool blocks = bf16x && table.bf16x_unit_rows > 0 && M > table.bf16x_stream_rows;  // activations in 16-row blocks (kernel_table.h)
   // the activations as the tile reads them (kernel_table.h): fp32 [M, 2 * K2], or bf16 padded
   at::Tensor xs;
   Regions<1> rows_copy;  // a few bf16 rows' padded copy (the non-blocked bf16 tiles)
