@@ -170,9 +170,10 @@ def test_weight_prefetch_default_is_off_on_amd_only():
 def test_few_rows_give_each_row_the_one_row_result(n, k, isa):
     """Decoding with beams (2-4 rows) takes other tiles than one row (AVX2: 2 rows x 2 blocks
     over K chunks; the K order of each sum kept): every row of a few-row call equals, bit for
-    bit, that row computed alone, on the paths that widen bf16 to fp32 (a bf16 dot-product
-    path pairs K differently and is checked by the float64 sweep only)."""
-    if kernels.serving_isa(isa, "bf16", torch.bfloat16, 4) not in ("generic", "avx2", "avx512"):
+    bit, that row computed alone, on the paths that widen bf16 to fp32 and on AMX (one tile
+    serves 1-16 rows, each row's sums alike); AVX512-BF16 pairs K differently for 1 row and
+    for more, and is checked by the float64 sweep only."""
+    if kernels.serving_isa(isa, "bf16", torch.bfloat16, 4) not in ("generic", "avx2", "avx512", "amx"):
         pytest.skip(f"{isa} serves 4 bf16 rows with bf16 dot products: pairs are summed in another order")
     w = bf16(n, k, seed=11)
     packed = kernels.prepack(w)
@@ -332,9 +333,9 @@ def test_packing_in_row_chunks_with_release_equals_whole():
 
 @pytest.mark.skipif(not PATHS, reason="extension unavailable")
 def test_each_call_goes_to_the_first_table_down_the_list_that_serves_it():
-    """AVX512-BF16 and AMX add only bf16-activation tiles (AMX from 2 rows), AVX512-VNNI only an
-    INT8 tile: fp32 activations go to AVX-512, INT8 to AVX512-VNNI where the CPU has it,
-    one bf16 row under AMX to AVX512-BF16; the other tables serve all."""
+    """AVX512-BF16 and AMX add only bf16-activation tiles, AVX512-VNNI only an INT8 tile: fp32
+    activations go to AVX-512, INT8 to AVX512-VNNI where the CPU has it; the other tables
+    serve all."""
     int8_top = "avx512_vnni" if "avx512_vnni" in PATHS else "avx512"
     above_avx512 = ("amx", "avx512_bf16", "avx512_vnni")
     for isa in PATHS:
@@ -342,7 +343,7 @@ def test_each_call_goes_to_the_first_table_down_the_list_that_serves_it():
             for rows in (1, 2, 4, 16, 17, 64):
                 got = kernels.serving_isa(isa, "bf16", dtype, rows)
                 if isa == "amx" and dtype == torch.bfloat16:
-                    want = "amx" if rows >= 2 else "avx512_bf16"
+                    want = "amx"
                 elif isa in ("amx", "avx512_bf16"):
                     want = "avx512_bf16" if dtype == torch.bfloat16 else "avx512"
                 elif isa == "avx512_vnni":

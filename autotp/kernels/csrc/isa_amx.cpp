@@ -1,4 +1,4 @@
-// The AMX path (AMX-BF16 tiles: Sapphire Rapids and later Xeons), for prefill shapes. Eight tile
+// The AMX path (AMX-BF16 tiles: Sapphire Rapids and later Xeons), for bf16 activations. Eight tile
 // registers of 16 rows x 64 bytes: four fp32 accumulators (32 rows x 32 columns), two of
 // activations (16 rows x 16 K pairs each) and two of weights (16 K pairs x 16 columns each);
 // one tdpbf16ps is 16 x 16 x 32 multiply-adds. The packed group rows of kernel_table.h are the
@@ -6,8 +6,8 @@
 // stride of 256. Units are 96 rows x 256 columns; K is walked in chunks of 128 pairs so that a
 // chunk of both stays in L2 (two weight blocks' chunk in L1 across the row passes); partial
 // sums wait in an fp32 buffer. It reaches 0.7-0.9x oneDNN's own AMX matmul (see the README).
-// Calls of up to 16 rows stream the weights instead (stream_tile). One row and fp32
-// activations go to the tables below (AVX512-BF16, then AVX-512).
+// Calls of up to 16 rows stream the weights instead (stream_tile). fp32 activations go to the
+// tables below (AVX-512; AVX512-BF16 serves only bf16 ones).
 #include "kernel_table.h"
 
 #if AUTOTP_X86_TABLES
@@ -23,10 +23,12 @@
 namespace autotp {
 namespace {
 
-// One row stays on AVX512-BF16's vdpbf16ps tile (as fast from memory: tools/bench_prefetch.py);
-// from 2 rows the streaming tile below (4 rows of llama-1b's per-rank weights from memory, 2
-// ranks: 59.7-63.0 ms against 71.7-75.3 on AVX512-BF16; in L2 2.5x faster at 4 rows, 6.7x at 16)
-constexpr int64_t kMinRows = 2;
+// Every bf16-activation call: up to 16 rows the streaming tile below, more the prefill tile.
+// Measured on a Xeon with AMX (2 ranks at once, 1 thread each, 461 MB of 2816 x 2048 weights
+// per rank on huge pages, interleaved in one process, time / the read probe's): 1 row 1.09-1.12
+// against 1.14-1.15 on AVX512-BF16's vdpbf16ps tile, 4 rows 1.10-1.11 against 1.32-1.33; in L2
+// 2.5x faster at 4 rows, 6.7x at 16.
+constexpr int64_t kMinRows = 1;
 constexpr int64_t kChunkSteps = 8;     // steps of 16 K pairs per chunk: 8 KB of weights per column block
 constexpr int64_t kStepPairs = 16;   // K pairs per tile multiply
 constexpr int64_t kUnitRows = 96;   // rows and 16-column blocks per unit: larger units measured no faster at M=1024
@@ -113,11 +115,12 @@ inline void stream_step(const uint16_t* xs, int64_t sx, const uint16_t* ws) {
   _tile_dpbf16ps(3, 4, 5);
 }
 
-// Calls of 2..16 rows (beams, small batches; x row-major, padded): each group's 64 columns stream
+// Calls of 1..16 rows (decoding, beams, small batches; x row-major, padded): each group's 64 columns stream
 // once over the whole K, 16 K pairs a step into four accumulators of `rows` rows x 16 columns,
 // the next step's 4 KB prefetched into L1 (the L2 streamer stops at each 4 KiB page). The
 // vdpbf16ps tile spends one instruction per row per 32 products and falls behind memory from 4
-// rows; here a step costs the same for 2 rows as for 16.
+// rows; here a step costs about the same for 1 row as for 16. Each row's sums are the same
+// whatever the other rows of the call (a row of a beam equals that row computed alone).
 void stream_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
   const int64_t rows = m1 - m0;
   alignas(64) float c[kAmxStreamRows * kUnitBlocks * kBlockN];
