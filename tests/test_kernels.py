@@ -95,6 +95,28 @@ def test_gemm_shape_sweep_against_float64(n, k, bias, isa):
 
 
 @paths
+def test_a_groups_last_k_pairs_never_read_the_next_groups_weights(isa):
+    """In the packed layout a group's K pairs are followed by the next group's: a tile that
+    walks K in whole steps (AMX: 16 pairs) must not multiply past K2 there. Columns 64.. are
+    infinite; with K2 = 19 (a tail of 3 pairs after a step of 16) every path and row count (AMX's
+    streaming tile up to 16 rows, its prefill tile from 17) must still give columns 0..63 within
+    the float64 bound, where one infinity read would make them inf or NaN."""
+    k = 37
+    w = bf16(130, k, seed=5)
+    w[64:] = float("inf")
+    packed = kernels.prepack(w)
+    for m in (1, 4, 16, 17, 40):
+        x = bf16(m, k, seed=m)
+        expect, bound = reference(x, w[:64], None)
+        y = kernels.linear(x, packed, None, 130, torch.float32, isa)[:, :64]
+        err = (y.double() - expect).abs()
+        assert (err <= bound).all(), f"{isa} M={m}: max err {err.max():.3g}, bound {bound.max():.3g}"
+    # negative control: an infinity inside the group reaches its column
+    w[3, k - 1] = float("inf")
+    assert not kernels.linear(x, kernels.prepack(w), None, 130, torch.float32, isa)[:, 3].isfinite().all()
+
+
+@paths
 def test_gemm_reuses_its_scratch_across_sizes(isa):
     """linear_bf16 keeps the padded copy of a few bf16 rows on the calling thread from call to call:
     calls that grow and shrink, a short K after a long one (the padding past K must be zero again,

@@ -115,15 +115,16 @@ inline void stream_step(const uint16_t* xs, int64_t sx, const uint16_t* ws) {
   _tile_dpbf16ps(3, 4, 5);
 }
 
-// Calls of 1..16 rows (decoding, beams, small batches; x row-major, padded): each group's 64 columns stream
-// once over the whole K, 16 K pairs a step into four accumulators of `rows` rows x 16 columns,
-// the next step's 4 KB prefetched into L1 (the L2 streamer stops at each 4 KiB page). The
+// Calls of 1..16 rows (decoding, beams, small batches; x row-major, padded): each group's 64
+// columns stream once over the whole K, 16 K pairs a step into four accumulators of `rows` rows
+// x 16 columns, the next step's 4 KB prefetched into L1 (the L2 streamer stops at each 4 KiB
+// page). Units are at most kMaxItemBlocks wide, as ops.cpp splits the non-blocked tiles. The
 // vdpbf16ps tile spends one instruction per row per 32 products and falls behind memory from 4
 // rows; here a step costs about the same for 1 row as for 16. Each row's sums are the same
 // whatever the other rows of the call (a row of a beam equals that row computed alone).
 void stream_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
   const int64_t rows = m1 - m0;
-  alignas(64) float c[kAmxStreamRows * kUnitBlocks * kBlockN];
+  alignas(64) float c[kAmxStreamRows * kMaxItemBlocks * kBlockN];
   const int64_t ldc = (b1 - b0 + kGroupBlocks - 1) / kGroupBlocks * kGroupBlocks * kBlockN;
   TileConfig config;
   for (int t = 0; t < 5; ++t) config.rows[t] = static_cast<uint8_t>(rows), config.colsb[t] = 64;
