@@ -100,6 +100,13 @@ void pass(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t steps, floa
   _tile_stored(3, c + 16 * ldc + kBlockN, sc);
 }
 
+// A group's last, partial step (`tail` < 16 K pairs after `full` whole steps, at w) zero-padded
+// to a whole step in buf: past K2 lie the next group's weights, which the tiles must not multiply.
+inline void partial_step(uint16_t* buf, const uint16_t* w, int64_t full, int64_t tail) {
+  std::memcpy(buf, w + full * kStepPairs * kGroupRow, tail * kGroupRow * sizeof(uint16_t));
+  std::memset(buf + tail * kGroupRow, 0, (kStepPairs - tail) * kGroupRow * sizeof(uint16_t));
+}
+
 // One step of the streaming tile: 16 K pairs of the activation rows (tile 4) by the four column
 // blocks of a group (4 KB of weights at ws, rows 256 bytes apart) into accumulators 0..3.
 inline void stream_step(const uint16_t* xs, int64_t sx, const uint16_t* ws) {
@@ -133,7 +140,6 @@ void stream_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t 
   const int64_t full = a.K2 / kStepPairs, tail = a.K2 - full * kStepPairs, sx = a.ldx * 2;
   const uint16_t* x = a.xb + m0 * a.ldx;
   alignas(64) uint16_t tail_w[kStepPairs * kGroupRow];
-  if (tail) std::memset(tail_w + tail * kGroupRow, 0, (kStepPairs - tail) * kGroupRow * sizeof(uint16_t));
   for (int64_t g = b0; g < b1; g += kGroupBlocks) {
     const uint16_t* w = a.w + g / kGroupBlocks * a.K2 * kGroupRow;
     _tile_zero(0);
@@ -147,7 +153,7 @@ void stream_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t 
       stream_step(x + s * 2 * kStepPairs, sx, ws);
     }
     if (tail) {
-      std::memcpy(tail_w, w + full * kStepPairs * kGroupRow, tail * kGroupRow * sizeof(uint16_t));
+      partial_step(tail_w, w, full, tail);
       stream_step(x + full * 2 * kStepPairs, sx, tail_w);
     }
     float* cg = c + (g - b0) * kBlockN;
@@ -178,10 +184,7 @@ void bf16x_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b
     for (int64_t g = b0; g < b1; g += kGroupBlocks) {
       const uint16_t* w = a.w + g / kGroupBlocks * a.K2 * kGroupRow;
       const bool with_tail = tail && s0 + kChunkSteps > full_steps;
-      if (with_tail) {
-        std::memset(tail_w, 0, sizeof(tail_w));
-        std::memcpy(tail_w, w + full_steps * kStepPairs * kGroupRow, tail * kGroupRow * sizeof(uint16_t));
-      }
+      if (with_tail) partial_step(tail_w, w, full_steps, tail);
       auto one = [&](int64_t j, int64_t m) {
         float* cm = c + (m - m0) * ldc + (g - b0 + j) * kBlockN;
         const uint16_t* xm = a.xb + m * a.ldx;  // m is a multiple of 32: a block's start
