@@ -159,6 +159,37 @@ def test_vnni_byte_tile_equals_avx512_bit_for_bit(m, k, g, offset):
     assert not torch.equal(other, want) and torch.equal(other[:, :7], want[:, :7])
 
 
+@pytest.mark.skipif(not {"amx", "avx512_vnni"} <= set(kernels.available_isas()),
+                    reason="this CPU lacks AMX (or the extension is not built)")
+@pytest.mark.parametrize("bits", [16, 8])
+@pytest.mark.parametrize("m", [8, 9, 13, 40, 100])
+@pytest.mark.parametrize("k,g,offset", [(1000, 96, 17), (999, 96, 17), (2048, 128, 0), (301, 7, 3), (33, 2, 1),
+                                        (7, 7, 0)])
+def test_amx_int8_equals_vnni_bit_for_bit(m, k, g, offset, bits):
+    """From 8 rows AMX multiplies INT8 (tdpbssd on the high bytes of the int16 activations, tdpbusd
+    on the low ones, 256 H + L; with 8-bit activations tdpbssd alone), each tile row taking the
+    even or the odd columns of the packed pair rows: the same exact integers as AVX512-VNNI's,
+    so the same bits, on segments that start and end inside a 32-K step (group 96 at offset
+    17, group 7, group 2), K odd and below one step (the last step zero-padded, not the next
+    group's weights), passes of 8 rows and a ragged last one (9, 13, 100: two units); the
+    negative controls: one weight a step different changes its column and no other, and the
+    other activation bits change the result."""
+    assert kernels.serving_isa("amx", "int8", rows=m) == "amx"
+    w, x = bf16(200, k, seed=44), bf16(m, k, seed=45) * 30
+    q, s = kernels.quantize_int8(w, g, offset)
+    qp, sp = kernels.prepack_int8(q, s)
+    b = torch.randn(200)
+    got, want = (kernels.linear_int8(x, qp, sp, b, 200, g, offset, torch.float32, i, bits)
+                 for i in ("amx", "avx512_vnni"))
+    assert torch.equal(got, want)
+    assert not torch.equal(got, kernels.linear_int8(x, qp, sp, b, 200, g, offset, torch.float32, "amx", 24 - bits))
+    col = k // 2
+    q[70, col] = q[70, col] + (1 if q[70, col] < 127 else -1)
+    other = kernels.linear_int8(x, *kernels.prepack_int8(q, s), b, 200, g, offset, torch.float32, "amx", bits)
+    changed = (other != want).any(0)
+    assert changed[70] and changed.sum() == 1
+
+
 @paths
 @pytest.mark.parametrize("n,k,g,offset", [(15, 3, 2, 0), (100, 129, 32, 0), (257, 1000, 128, 0), (130, 300, 7, 3),
                                           (48, 4096, 4096, 0), (70, 100, 16, 5)])

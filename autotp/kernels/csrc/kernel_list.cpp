@@ -75,7 +75,7 @@ const KernelTable& serving_table(const KernelTable& start, CallKind kind, int64_
   for (; it != tables.end(); ++it) {
     const KernelTable& t = **it;
     const bool serves = kind == CallKind::kAttention ? t.attend_bf16 != nullptr
-                        : kind == CallKind::kInt8   ? t.int8_tile != nullptr
+                        : kind == CallKind::kInt8   ? t.int8_tile != nullptr && M >= t.int8_min_rows
                         : kind == CallKind::kInt4 ? t.int4_tile != nullptr
                         : kind == CallKind::kInt4Bf16X ? t.int4_tile != nullptr || t.int4x_tile != nullptr
                         : t.bf16_tile != nullptr || (kind == CallKind::kBf16Bf16X && takes_bf16x(t, M));

@@ -172,6 +172,9 @@ struct KernelTable {
   // INT8 with 8-bit activations as bytes (a.xb8 and a.xsum, the spec above), as int8_tile; null:
   // int8_tile serves such calls from a.xq (the same integers)
   void (*int8_u8_tile)(const Int8GemmArgs& a, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
+  // the table's INT8 tiles serve calls of at least this many rows (0: all); fewer go to the next
+  // table down that serves INT8 (AMX: isa_amx.cpp)
+  int64_t int8_min_rows;
 };
 
 // The x86 tables are compiled on x86-64 unless the build asks for portable code only
