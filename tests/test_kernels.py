@@ -355,9 +355,9 @@ def test_packing_in_row_chunks_with_release_equals_whole():
 
 @pytest.mark.skipif(not PATHS, reason="extension unavailable")
 def test_each_call_goes_to_the_first_table_down_the_list_that_serves_it():
-    """AVX512-BF16 adds only bf16-activation tiles, AMX those and an INT8 tile for 8 rows and
-    more, AVX512-VNNI only an INT8 tile: fp32 activations go to AVX-512, INT8 to AVX512-VNNI
-    where the CPU has it (AMX from 8 rows); the other tables serve all."""
+    """AVX512-BF16 adds only bf16-activation tiles, AMX those and an INT8 tile for more than
+    16 rows, AVX512-VNNI only an INT8 tile: fp32 activations go to AVX-512, INT8 to AVX512-VNNI
+    where the CPU has it (AMX from 17 rows); the other tables serve all."""
     int8_top = "avx512_vnni" if "avx512_vnni" in PATHS else "avx512"
     above_avx512 = ("amx", "avx512_bf16", "avx512_vnni")
     for isa in PATHS:
@@ -374,10 +374,10 @@ def test_each_call_goes_to_the_first_table_down_the_list_that_serves_it():
                     want = isa
                 assert got == want, (isa, dtype, rows, got)
         assert kernels.serving_isa(isa, "int8") == (int8_top if isa in above_avx512 else isa)
-        # AMX multiplies INT8 from 8 rows (prompts, batches); fewer rows stream on AVX512-VNNI
-        for rows in (4, 7, 8, 64):
+        # AMX multiplies INT8 from 17 rows (prompts, batches); fewer rows stream on AVX512-VNNI
+        for rows in (4, 16, 17, 64):
             got = kernels.serving_isa(isa, "int8", rows=rows)
-            assert got == ("amx" if isa == "amx" and rows >= 8 else int8_top if isa in above_avx512 else isa), (isa, rows)
+            assert got == ("amx" if isa == "amx" and rows > 16 else int8_top if isa in above_avx512 else isa), (isa, rows)
         # INT4: bf16 activations take AVX512-BF16's dot products, fp32 ones the AVX-512 tile
         assert kernels.serving_isa(isa, "int4", torch.bfloat16) == (
             "avx512_bf16" if isa == "amx" else "avx512" if isa == "avx512_vnni" else isa)

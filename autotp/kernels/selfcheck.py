@@ -14,8 +14,8 @@ import torch
 from autotp.kernels.int4 import group_major, pair_major, prepack_int4  # torch only, as this module
 
 # (M, N, K): odd sizes (ragged groups and K pairs), the register path (M <= 4), the panel one,
-# AMX's streaming tile (2-16 rows) and its prefill tile (17 rows and more), and K over one pass of a tile
-# that walks K in passes (AVX512-BF16: 2048 K pairs)
+# AMX's streaming tile (2-16 rows), its prefill tile and its INT8 tile (17 rows and more), and K over
+# one pass of a tile that walks K in passes (AVX512-BF16: 2048 K pairs)
 SHAPES = [(1, 70, 33), (3, 130, 64), (13, 64, 257), (40, 100, 130), (7, 20, 4200)]
 INT8_GROUP, INT8_OFFSET = 16, 5
 # fp32 sums in another association order differ by about K ulps of the magnitudes summed

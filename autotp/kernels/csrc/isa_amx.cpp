@@ -7,8 +7,8 @@
 // chunk of both stays in L2 (two weight blocks' chunk in L1 across the row passes); partial
 // sums wait in an fp32 buffer. It reaches 0.7-0.9x oneDNN's own AMX matmul (see the README).
 // Calls of up to 16 rows stream the weights instead (stream_tile). fp32 activations go to the
-// tables below (AVX-512; AVX512-BF16 serves only bf16 ones). INT8 calls of 8 rows and more
-// (prompts, batches) take AMX-INT8's tdpbssd / tdpbusd on the packed INT8 layout as it lies
+// tables below (AVX-512; AVX512-BF16 serves only bf16 ones). INT8 calls of more than 16
+// rows (prompts, batches) take AMX-INT8's tdpbssd / tdpbusd on the packed INT8 layout as it lies
 // (int8_amx_tile below); fewer rows go to AVX512-VNNI.
 #include "kernel_table.h"
 
@@ -227,12 +227,13 @@ constexpr int64_t kInt8StepBytes = kInt8StepK / 2 * kInt8PairRow;
 constexpr int64_t kInt8TileRows = 8;                    // activation rows per pass (two tile rows each)
 constexpr int64_t kInt8Ahead = 1;                       // steps of weights prefetched into L1 ahead (2 KB)
 constexpr int64_t kInt8AheadL2 = 8;                     // and into L2 (16 KB ahead)
-// Calls of fewer rows go to AVX512-VNNI: measured on a Xeon with AMX (1 thread, side by side),
-// with 92 MB of INT8 weights (one 45056 x 2048 GEMM) from memory this tile took 1.08-1.21x
-// vpdpwssd's time at 1 row and 1.06-1.24x at 4 (it streams 2 KB a step, half a bf16 step, and
-// no prefetch distance tried (2-16 KB, into L1 or L2) closed that), 0.90-0.99x at 8 rows, 0.93
-// at 16, 0.84 at 24; over a 2816 x 2048 weight, 0.59x at 64 rows and 0.56x at 256 (a prompt).
-constexpr int64_t kAmxInt8MinRows = 8;
+// Calls of 16 rows or fewer go to AVX512-VNNI. Measured on a Xeon with AMX, side by side: with
+// 2 ranks at once, each running its share of a llama-1b step's INT8 GEMMs (363 MB per rank;
+// tools/bench_tables.py), this tile took 1.10x vpdpwssd's time at 8 rows, 1.16x at 12, 1.00x
+// at 16, 0.86x at 24, 0.81x at 32 and 0.60x at 256 (a prompt); with 1 thread and one 45056 x
+// 2048 GEMM (92 MB) from memory, 1.08-1.21x at 1 row and 1.06-1.24x at 4 (it streams 2 KB a
+// step, half a bf16 step, and no prefetch distance tried, 2-16 KB into L1 or L2, closed that).
+constexpr int64_t kAmxInt8MinRows = 17;
 
 bool amx_int8() {
   static const bool yes = __builtin_cpu_supports("amx-int8");
