@@ -229,6 +229,32 @@ def test_the_prefetch_tool_times_every_kind_both_ways():
     assert f"default prefetch here: {default}" in done.stdout
 
 
+def test_the_tables_tool_times_two_tables_beside_the_probes():
+    """tools/bench_tables.py on a tiny model, one rank: the best table this CPU runs against the
+    generic one, a row per weight kind and row count with both times, both probes and the
+    ratios; a table this CPU does not run is refused by name."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from autotp import kernels
+
+    best = kernels.isa()
+    done = run_native_tool("bench_tables.py", "--model", "llama-test", "--kinds", "bf16", "int8",
+                           "--isas", best, "generic", "--rows", "1", "17", "--rounds", "2")
+    assert f"A = {best}, B = generic" in done.stdout
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["bf16"], ["int8"])]
+    assert sorted((r[0], r[1]) for r in rows) == sorted((k, m) for k in ("bf16", "int8") for m in ("1", "17"))
+    for r in rows:
+        a_ms, b_ms, probe_ms, arena_ms, b_over_a = (float(r[i]) for i in (5, 6, 7, 8, 11))
+        assert a_ms > 0 and b_ms > 0 and probe_ms > 0 and arena_ms > 0, r
+        assert b_over_a > 0, r
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_tables.py"
+    refused = subprocess.run([sys.executable, str(tool), "--model", "llama-test", "--isas", "no_such_isa", "generic"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "does not run the no_such_isa kernels" in refused.stderr
+
+
 def test_the_int8_activations_tool_times_both_widths():
     """tools/bench_int8_activations.py on a tiny model, one rank: a row per row count with both
     times, their ratio and the outputs' difference, which is nonzero (the switch reached the

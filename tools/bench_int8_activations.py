@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import statistics
 
 import torch
@@ -30,7 +29,7 @@ from transformers import AutoModelForCausalLM
 import autotp
 from autotp import kernels
 from autotp.bench import shapes
-from bench_prefetch import alternate, gather, local_gemms, one_pass
+from bench_prefetch import alternate, gather, local_gemms, start_ranks, one_pass
 
 BITS = {"int16": 16, "int8": 8}
 
@@ -49,12 +48,7 @@ def main() -> None:
     parser.add_argument("--isa", default="", help="kernel table to start from (default: the best this CPU runs)")
     args = parser.parse_args()
 
-    if "WORLD_SIZE" in os.environ:
-        autotp.init_distributed()
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if not kernels.extension_loaded():
-        raise SystemExit("bench_int8_activations: the native kernels are not built here; nothing to measure")
+    world, rank = start_ranks("bench_int8_activations")
     runtime = autotp.Runtime.from_env()
     if args.isa:
         runtime = runtime.replace(isa=args.isa)

@@ -74,6 +74,29 @@ def gather(row: tuple, world: int) -> list[tuple]:
     return gathered
 
 
+def start_ranks(tool: str) -> tuple[int, int]:
+    """(world size, this rank): joins the ranks torchrun started (one rank without it), and
+    stops with a message naming ``tool`` where the native kernels are not built."""
+    if "WORLD_SIZE" in os.environ:
+        autotp.init_distributed()
+    if not kernels.extension_loaded():
+        raise SystemExit(f"{tool}: the native kernels are not built here; nothing to measure")
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+def sharded_gemms(tool: str, model_name: str, kind: str, world: int, runtime: autotp.Runtime) -> list[PackableLinear]:
+    """A bench-shaped random model (seed 0) sharded over ``world`` ranks with ``kind`` weights
+    ("bf16", "int8", "int4"): its sharded Linear layers, lm_head left out; stops (naming
+    ``tool``) where they are not on the native kernels."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(shapes.shape_config(model_name), dtype=torch.bfloat16).eval()
+    model = autotp.shard(model, world, quantize=None if kind == "bf16" else kind, runtime=runtime)
+    layers = local_gemms(model)
+    if not all(layer.packed for layer in layers):
+        raise SystemExit(f"{tool}: {kind} layers are not on the native kernels here")
+    return layers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-1b", help=f"a bench shape: {', '.join(shapes.SHAPES)}")
@@ -84,24 +107,14 @@ def main() -> None:
     parser.add_argument("--isa", default="", help="kernel table to start from (default: the best this CPU runs)")
     args = parser.parse_args()
 
-    if "WORLD_SIZE" in os.environ:
-        autotp.init_distributed()
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if not kernels.extension_loaded():
-        raise SystemExit("bench_prefetch: the native kernels are not built here; nothing to measure")
+    world, rank = start_ranks("bench_prefetch")
     default = kernels.weight_prefetch()
     runtime = autotp.Runtime.from_env()
     if args.isa:
         runtime = runtime.replace(isa=args.isa)
     rows_out = []
     for kind in args.kinds:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(shapes.shape_config(args.model), dtype=torch.bfloat16).eval()
-        model = autotp.shard(model, world, quantize=None if kind == "bf16" else kind, runtime=runtime)
-        layers = local_gemms(model)
-        if not all(layer.packed for layer in layers):
-            raise SystemExit(f"bench_prefetch: {kind} layers are not on the native kernels here")
+        layers = sharded_gemms("bench_prefetch", args.model, kind, world, runtime)
         nbytes = sum(t.numel() * t.element_size() for layer in layers for t in layer.parameters())
         for m in args.rows:
             xs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in {layer.in_features for layer in layers}}
@@ -112,7 +125,7 @@ def main() -> None:
             ratio = statistics.median(off / on for on, off in zip(times[True], times[False]))
             row = (kind, m, nbytes, statistics.median(times[True]), statistics.median(times[False]), ratio)
             rows_out.append(gather(row, world))
-        del model, layers
+        del layers
     if rank == 0:
         print(f"{args.model}, {world} rank(s) x {torch.get_num_threads()} thread(s), ISA {kernels.isa(runtime)}, "
               f"default prefetch here: {'on' if default else 'off'}; {args.rounds} rounds")

@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM
 
 import autotp
 from autotp import kernels
 from autotp.bench import shapes
 from autotp.kernels import pages
-from bench_prefetch import alternate, gather, local_gemms
+from bench_prefetch import alternate, gather, sharded_gemms, start_ranks
 
 
 def main() -> None:
@@ -44,12 +42,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="rounds of (A, B, probe) passes per kind and rows")
     args = parser.parse_args()
 
-    if "WORLD_SIZE" in os.environ:
-        autotp.init_distributed()
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if not kernels.extension_loaded():
-        raise SystemExit("bench_tables: the native kernels are not built here; nothing to measure")
+    world, rank = start_ranks("bench_tables")
     have = kernels.available_isas()
     for name in args.isas:
         if name not in have:
@@ -58,12 +51,7 @@ def main() -> None:
                                                 int8_activations="int8" if args.bits == 8 else "int16")
     rows_out = []
     for kind in args.kinds:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(shapes.shape_config(args.model), dtype=torch.bfloat16).eval()
-        model = autotp.shard(model, world, quantize=None if kind == "bf16" else kind, runtime=runtime)
-        layers = local_gemms(model)
-        if not all(layer.packed for layer in layers):
-            raise SystemExit(f"bench_tables: {kind} layers are not on the native kernels here")
+        layers = sharded_gemms("bench_tables", args.model, kind, world, runtime)
         weights = [t for layer in layers for t in layer.parameters()]
         nbytes = sum(t.numel() * t.element_size() for t in weights)
         formats = {name: [dataclasses.replace(layer.weight_format, isa=name) for layer in layers]
@@ -108,7 +96,7 @@ def main() -> None:
                    statistics.median(probe_times), statistics.median(arena_times), on_huge, ratio(a), ratio(b),
                    statistics.median(y / x for x, y in zip(times[a], times[b])))
             rows_out.append(gather(row, world))
-        del model, layers, weights, formats, arena, raw
+        del layers, weights, formats, arena, raw
     if rank == 0:
         a, b = args.isas
         print(f"{args.model}, {world} rank(s) x {torch.get_num_threads()} thread(s), A = {a}, B = {b}"
