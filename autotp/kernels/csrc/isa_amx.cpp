@@ -214,8 +214,9 @@ void bf16x_tile(const GemmArgs& a, int64_t m0, int64_t m1, int64_t b0, int64_t b
 // bytes as they lie (stride 128): to tdpbssd, tile row r is a quad of K per 4 bytes, and 4
 // bytes here are columns 2n and 2n + 1 of K pair r. So each activation row takes two tile rows:
 // its "even" row holds (X[2p], X[2p + 1], 0, 0) for pair p and gives columns 2n, its "odd" row
-// (0, 0, X[2p], X[2p + 1]) gives columns 2n + 1. Half the multiplies are by zero; the tiles
-// still multiply ~8x faster than vpdpwssd, and no weight is moved. The int16 activations X are
+// (0, 0, X[2p], X[2p + 1]) gives columns 2n + 1. Half the multiplies are by zero, and no weight
+// is moved (a copy regrouped into K quads for whole 16-row tiles measured no faster at 256 rows:
+// the per-segment epilogue and the activations' bytes cost as much). The int16 activations X are
 // a signed high byte and an unsigned low byte, X = 256 H + L: tdpbssd (signed x signed) sums
 // H * Q, tdpbusd (unsigned x signed) L * Q, and 256 * the first + the second is the exact int32
 // sum of X * Q that every path computes (the spec; int32 arithmetic wraps, so the parts may
@@ -236,7 +237,10 @@ constexpr int64_t kInt8AheadL2 = 8;                     // and into L2 (16 KB ah
 constexpr int64_t kAmxInt8MinRows = 17;
 
 bool amx_int8() {
-  static const bool yes = __builtin_cpu_supports("amx-int8");
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("amx-int8") != 0;
+  }();
   return yes;
 }
 
