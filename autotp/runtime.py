@@ -37,6 +37,7 @@ ENV_NAMES = {
     "attention": "AUTOTP_ATTENTION",
     "huge_pages": "AUTOTP_HUGE_PAGES",
     "int8_activations": "AUTOTP_INT8_ACTIVATIONS",
+    "merge_siblings": "AUTOTP_MERGE_SIBLINGS",
 }
 # the Runtime fields that take one of a few words, with those words (the first is the default)
 CHOICE_FIELDS = (("kernels", KERNEL_MODES), ("isa", ISA_CHOICES), ("comm", COMM_MODES),
@@ -80,6 +81,9 @@ class Runtime:
                     coarser; AVX512-VNNI multiplies bytes, twice the products per instruction:
                     faster where a GEMM computes rather than streams, as beam search and
                     prompts do). Layers on torch kernels are not affected.
+    merge_siblings  column-parallel layers on the native kernels that read the same input
+                    (query, key and value; gate and up) multiply as one GEMM, their packed
+                    weights laid out in one buffer (autotp.sharding.siblings); off: each alone.
     """
 
     kernels: str = "auto"
@@ -94,6 +98,7 @@ class Runtime:
     attention: str = "auto"
     huge_pages: bool = True
     int8_activations: str = "int16"
+    merge_siblings: bool = True
 
     def __post_init__(self) -> None:
         for name, choices in CHOICE_FIELDS:
@@ -133,6 +138,9 @@ class Runtime:
         if raw["huge_pages"] not in ("", "0", "1"):
             raise ValueError(f"autotp: {ENV_NAMES['huge_pages']}={raw['huge_pages']!r} must be 0 or 1")
         values["huge_pages"] = raw["huge_pages"] != "0"
+        if raw["merge_siblings"] not in ("", "0", "1"):
+            raise ValueError(f"autotp: {ENV_NAMES['merge_siblings']}={raw['merge_siblings']!r} must be 0 or 1")
+        values["merge_siblings"] = raw["merge_siblings"] != "0"
         return cls(**values)  # type: ignore[arg-type]
 
     def replace(self, **changes: object) -> "Runtime":
@@ -148,7 +156,8 @@ class Runtime:
                ENV_NAMES["portable_build"]: "1" if self.portable_build else "0",
                ENV_NAMES["compile"]: "1" if self.compile else "0", ENV_NAMES["attention"]: self.attention,
                ENV_NAMES["huge_pages"]: "1" if self.huge_pages else "0",
-               ENV_NAMES["int8_activations"]: self.int8_activations}
+               ENV_NAMES["int8_activations"]: self.int8_activations,
+               ENV_NAMES["merge_siblings"]: "1" if self.merge_siblings else "0"}
         if self.host_id:
             env[ENV_NAMES["host_id"]] = self.host_id
         return env

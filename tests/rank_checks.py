@@ -1,6 +1,8 @@
 """Functions that run inside each spawned rank (importable, so spawn can find them)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 
@@ -345,3 +347,28 @@ def load_prequantized_and_compare(rank: int, world_size: int, cases: list[tuple[
                     "formats": formats, "dtype": str(next(model.parameters()).dtype),
                     "quantized_layers": sum(bool(getattr(m, "quantized", False)) for m in model.modules())})
     return out
+
+
+def compare_merged_siblings(rank: int, world_size: int, family: str, quantize: str | None) -> dict:
+    """The sharded bf16 (or quantized) model with its sibling layers merged (the default) against
+    the same model with each layer alone: logits of one forward, and greedy (6 rows) and 3-beam
+    tokens through a compiled decoding step; the merged groups by layer name."""
+    from autotp.sharding.layers import ColumnParallelLinear
+
+    base = zoo.build(family, torch.bfloat16)
+    inputs, wide = zoo.batch(), zoo.batch(copies=3)
+    out = {}
+    for merge in (False, True):
+        runtime = autotp.Runtime.from_env().replace(merge_siblings=merge, compile=True)
+        model = autotp.shard(copy.deepcopy(base), world_size, quantize=quantize, runtime=runtime)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        out[merge] = (logits, _generate(model, wide), _generate(model, inputs, num_beams=3))
+        names = {m: n for n, m in model.named_modules()}
+        groups = {id(m.siblings): m.siblings for m in model.modules()
+                  if isinstance(m, ColumnParallelLinear) and m.siblings is not None}
+        out[f"groups_{merge}"] = [[names[m] for m in g.called] for g in groups.values()]
+    return {"logits_equal": torch.equal(out[False][0], out[True][0]),
+            "greedy_equal": torch.equal(out[False][1], out[True][1]),
+            "beam_equal": torch.equal(out[False][2], out[True][2]),
+            "groups": out["groups_True"], "groups_when_off": out["groups_False"]}

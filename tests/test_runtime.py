@@ -20,22 +20,23 @@ def test_defaults_when_nothing_is_set():
                                                          comm_portable=False, verbose_build=False,
                                                          portable_build=False, compile=False,
                                                          attention="auto", huge_pages=True,
-                                                         int8_activations="int16")
+                                                         int8_activations="int16", merge_siblings=True)
 
 
 def test_every_variable_is_read():
     env = {"AUTOTP_KERNELS": "Torch", "AUTOTP_ISA": "generic", "AUTOTP_COMM": "shm", "AUTOTP_COMM_TIMEOUT": "2.5",
            "AUTOTP_HOST_ID": "box-7", "AUTOTP_COMM_PORTABLE": "1", "AUTOTP_VERBOSE_BUILD": "1",
            "AUTOTP_PORTABLE_BUILD": "1", "AUTOTP_COMPILE": "1", "AUTOTP_ATTENTION": "SDPA",
-           "AUTOTP_HUGE_PAGES": "0", "AUTOTP_INT8_ACTIVATIONS": "Int8"}
+           "AUTOTP_HUGE_PAGES": "0", "AUTOTP_INT8_ACTIVATIONS": "Int8", "AUTOTP_MERGE_SIBLINGS": "0"}
     assert set(env) == set(ENV_NAMES.values())
     assert Runtime.from_env(env) == Runtime("torch", "generic", "shm", 2.5, "box-7", True, True, True, True, "sdpa",
-                                           False, "int8")
+                                           False, "int8", False)
 
 
 def test_as_env_gives_the_same_runtime_to_a_child():
     rt = Runtime(kernels="native", isa="avx512", comm="torch", comm_timeout_s=7.0, host_id="h", comm_portable=True,
-                 portable_build=True, compile=True, attention="sdpa", huge_pages=False, int8_activations="int8")
+                 portable_build=True, compile=True, attention="sdpa", huge_pages=False, int8_activations="int8",
+                 merge_siblings=False)
     assert Runtime.from_env(rt.as_env()) == rt
     assert Runtime.from_env(Runtime().as_env()) == Runtime()
 
@@ -51,6 +52,7 @@ def test_as_env_gives_the_same_runtime_to_a_child():
     ("AUTOTP_ATTENTION", "flash", "AUTOTP_ATTENTION='flash' is not one of auto, sdpa"),
     ("AUTOTP_HUGE_PAGES", "yes", "AUTOTP_HUGE_PAGES='yes' must be 0 or 1"),
     ("AUTOTP_INT8_ACTIVATIONS", "int4", "AUTOTP_INT8_ACTIVATIONS='int4' is not one of int16, int8"),
+    ("AUTOTP_MERGE_SIBLINGS", "on", "AUTOTP_MERGE_SIBLINGS='on' must be 0 or 1"),
 ])
 def test_bad_values_name_the_variable(var, value, message):
     with pytest.raises(ValueError, match=message):

@@ -63,7 +63,7 @@ def main() -> None:
 
         raw = pages.empty(nbytes)  # the benchmark's floor reads one such buffer
         arena = (raw if raw is not None else torch.empty(nbytes, dtype=torch.uint8)).fill_(1)
-        on_huge = sum(pages.huge_bytes(t) > 0 for t in weights) / len(weights)
+        on_huge = sum(t.numel() * t.element_size() for t in weights if pages.huge_bytes(t) > 0) / nbytes
 
         def probe() -> None:
             for t in weights:
@@ -102,7 +102,7 @@ def main() -> None:
         print(f"{args.model}, {world} rank(s) x {torch.get_num_threads()} thread(s), A = {a}, B = {b}"
               f"{', 8-bit activations' if args.bits == 8 else ''}; {args.rounds} rounds (+ as many with the probe)")
         print("probe: read_probe over the weights themselves; arena: over one huge-page buffer of their size "
-              "(the benchmark's floor); huge: the share of weight tensors on huge pages")
+              "(the benchmark's floor); huge: the share of weight bytes on huge pages")
         print(f"{'weights':<8} {'rows':>4} {'rank':>4} {'MB':>6} {'huge':>5} {'A ms':>8} {'B ms':>8} {'probe ms':>9} "
               f"{'arena ms':>9} {'A/probe':>8} {'B/probe':>8} {'B / A':>6}")
         for gathered in rows_out:

@@ -83,7 +83,7 @@ def _independent(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t for i, t in enumerate(tensors) if i not in clash]
 
 
-_ARENAS: set[int] = set()  # storages place_on_huge_pages made: their tensors are in place already
+_ARENAS: set[int] = set()  # storages whose tensors stay where they are (arenas made here, keep_in_place)
 _ALIGN = 64  # bytes between two tensors of an arena (a cache line: the kernels' vector loads)
 
 
@@ -105,6 +105,12 @@ def place_on_huge_pages(model: nn.Module, min_bytes: int = 1 << 20) -> int:
     chosen = [t for ptr, group in by_storage.items() if ptr not in _ARENAS for t in _independent(group)
               if t.numel() * t.element_size() >= min_bytes]
     return _into_one_arena(chosen, lambda i, place: setattr(chosen[i], "data", place))
+
+
+def keep_in_place(tensor: torch.Tensor) -> None:
+    """Leave ``tensor``'s storage where it is: :func:`place_on_huge_pages` moves none of the
+    tensors in it (views of one buffer that must stay views of it, autotp.sharding.siblings)."""
+    _ARENAS.add(tensor.untyped_storage().data_ptr())
 
 
 def _into_one_arena(tensors: list[torch.Tensor], put: Callable[[int, torch.Tensor], None]) -> int:

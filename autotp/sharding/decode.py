@@ -101,8 +101,15 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     """Set ``model`` up for the decoding ``runtime`` asks for: autotp's attention function
     (``runtime.attention``, autotp.sharding.attention) where the model runs transformers' SDPA
     one, and the compiled step of the module docstring (``runtime.compile``) where the model
-    has a generation config and supports a static cache. First the weights move onto huge
-    pages (``runtime.huge_pages``, autotp.kernels.pages): a step streams them all."""
+    has a generation config and supports a static cache. First the column-parallel layers that
+    read one input are merged (``runtime.merge_siblings``, autotp.sharding.siblings) and the
+    weights move onto huge pages (``runtime.huge_pages``, autotp.kernels.pages): a step streams
+    them all."""
+    if runtime.merge_siblings:
+        from autotp.sharding.layers import ColumnParallelLinear
+        from autotp.sharding.siblings import merge_siblings
+
+        merge_siblings(model, ColumnParallelLinear, runtime)
     if runtime.huge_pages:
         pages.place_on_huge_pages(model)
     config = getattr(model, "config", None)

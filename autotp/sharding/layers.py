@@ -108,7 +108,11 @@ class PackableLinear(nn.Linear):
 
 
 class ColumnParallelLinear(PackableLinear, ParallelLayer):
-    """Output features split: Y_r = X A_r^T + b_r. The output is this rank's slice."""
+    """Output features split: Y_r = X A_r^T + b_r. The output is this rank's slice. Layers that
+    read the same input may be merged into one GEMM (``siblings``: autotp.sharding.siblings)."""
+
+    siblings = None  # a Siblings group once merged
+    sibling_index = 0  # this layer's place in the order the group's layers are called
 
     def __init__(self, source: nn.Linear, ranges: Ranges, group: TPGroup, copy: bool = True) -> None:
         nn.Module.__init__(self)
@@ -121,6 +125,8 @@ class ColumnParallelLinear(PackableLinear, ParallelLayer):
         self.out_features = self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.siblings is not None:
+            return self.siblings.output(self, x)
         return self.matmul(x, self.bias)
 
 
