@@ -286,3 +286,18 @@ def test_the_attention_tool_times_each_path_on_both_kinds_of_pages():
         # the rate is the bytes over the time (each printed to 3 significant digits), however slow the pass
         assert abs(rate * ms - mb) < 0.02 * mb, r
     assert "read probe" in done.stdout
+
+
+def test_the_siblings_tool_times_both_ways_and_compares_tokens():
+    """tools/bench_siblings.py on a tiny model, one rank, eager: both models' next- and first-token
+    medians, the ratios, the groups merged and the same tokens either way."""
+    done = run_native_tool("bench_siblings.py", "--model", "llama-test", "--eager", "--quantize", "int8",
+                           "--rounds", "2", "--new-tokens", "4")
+    lines = done.stdout.splitlines()
+    assert "groups merged" in lines[0] and int(lines[0].split(";")[-1].split()[0]) > 0, lines[0]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines
+            if line.split()[:1] in (["alone"], ["merged"]) and "/" not in line}
+    assert set(rows) == {"alone", "merged"} and all(v > 0 for r in rows.values() for v in r), rows
+    ratio = next(line for line in lines if line.startswith("merged / alone"))
+    assert float(ratio.split("next ")[1].split(",")[0]) > 0 and float(ratio.split("first ")[1]) > 0, ratio
+    assert "same tokens: True" in done.stdout
