@@ -144,3 +144,21 @@ def test_two_ranks_compiled_give_the_same_tokens_merged(family, quantize):
         assert r["logits_equal"] and r["greedy_equal"] and r["beam_equal"], (rank, r)
         assert r["groups"] and r["groups_when_off"] == [], r
     assert results[0]["groups"] == results[1]["groups"]
+
+
+def test_a_replaced_weight_breaks_the_group_up():
+    """A layer whose tensor is replaced after merging (load_state_dict with assign=True) no longer
+    matches the group's buffer: the group dissolves and every layer multiplies its own weights,
+    so the outputs follow the new weight (the unmerged model given the same state agrees; the
+    old outputs, which the stale buffer would give, differ)."""
+    alone, merged = sharded("llama", None, False), sharded("llama", None, True)
+    before = logits(merged)
+    state = {k: v.clone() for k, v in alone.state_dict().items()}
+    key = "model.layers.0.self_attn.k_proj.weight"
+    state[key] = -state[key]  # other keys
+    alone.load_state_dict(state, assign=True)
+    merged.load_state_dict(state, assign=True)
+    assert merged.model.layers[0].self_attn.k_proj.siblings is not None
+    after = logits(merged)
+    assert torch.equal(logits(alone), after) and not torch.equal(before, after)
+    assert groups(merged) == []

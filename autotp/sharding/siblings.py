@@ -121,6 +121,8 @@ class Siblings:
             setattr(self.whole, name, whole)
         for i, m in enumerate(called):
             m.siblings, m.sibling_index = self, i
+        self._held = [(m, name, getattr(m, name)) for m in layout for name in (*_TENSORS, "bias")
+                      if getattr(m, name, None) is not None]
         self._x: torch.Tensor | None = None
         self._version = -1
         self._outputs: tuple[torch.Tensor, ...] = ()
@@ -130,6 +132,9 @@ class Siblings:
         others' columns for them; a later member given the same input (the same tensor, not
         written since) takes its columns, any other call multiplies its own weights."""
         i = layer.sibling_index
+        if not torch.compiler.is_compiling() and any(getattr(m, name) is not p for m, name, p in self._held):
+            self.dissolve()  # a layer's tensor was replaced (load_state_dict(assign=True), say): the buffer is stale
+            return layer.matmul(x, layer.bias)
         if i == 0:
             y = self.format.matmul(self.whole, x, self.whole.bias)
             outputs = tuple(y.narrow(-1, *self.columns[id(m)]).contiguous() for m in self.called)
@@ -143,6 +148,12 @@ class Siblings:
                 self._x, self._outputs = None, ()
             return out
         return layer.matmul(x, layer.bias)
+
+    def dissolve(self) -> None:
+        """Each layer alone again (its tensors stay where they are)."""
+        for m in self.called:
+            m.siblings, m.sibling_index = None, 0
+        self._x, self._outputs = None, ()
 
 
 def _mergeable(m: nn.Module) -> bool:
