@@ -126,7 +126,7 @@ def test_switched_off_nothing_is_merged_and_a_failing_probe_merges_nothing(monke
         raise TypeError("needs pixel_values")
 
     monkeypatch.setattr(model, "forward", broken)
-    assert sib.merge_siblings(model, ColumnParallelLinear, Runtime()) == 0
+    assert sib.merge_siblings(model, Runtime()) == 0
     assert groups(model) == []
 
 

@@ -83,7 +83,7 @@ def _independent(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t for i, t in enumerate(tensors) if i not in clash]
 
 
-_ARENAS: set[int] = set()  # storages whose tensors stay where they are (arenas made here, keep_in_place)
+_ARENAS: set[int] = set()  # storages whose tensors stay where they are (every Arena's)
 _ALIGN = 64  # bytes between two tensors of an arena (a cache line: the kernels' vector loads)
 
 
@@ -107,28 +107,47 @@ def place_on_huge_pages(model: nn.Module, min_bytes: int = 1 << 20) -> int:
     return _into_one_arena(chosen, lambda i, place: setattr(chosen[i], "data", place))
 
 
-def keep_in_place(tensor: torch.Tensor) -> None:
-    """Leave ``tensor``'s storage where it is: :func:`place_on_huge_pages` moves none of the
-    tensors in it (views of one buffer that must stay views of it, autotp.sharding.siblings)."""
-    _ARENAS.add(tensor.untyped_storage().data_ptr())
+class Arena:
+    """One buffer handed out in order, each piece at a cache line (``take``); its storage is
+    kept where it is: :func:`place_on_huge_pages` moves none of its tensors (pieces that must
+    stay views of it, autotp.sharding.siblings, or that are on huge pages already)."""
+
+    def __init__(self, raw: torch.Tensor) -> None:
+        self.raw, self.offset = raw, 0
+        _ARENAS.add(raw.untyped_storage().data_ptr())
+
+    @classmethod
+    def new(cls, nbytes: int, huge_pages: bool = True) -> "Arena":
+        """An arena of ``nbytes``: on huge pages where asked and offered, else from the allocator."""
+        raw = empty(nbytes) if huge_pages else None
+        return cls(raw if raw is not None else torch.empty(nbytes, dtype=torch.uint8))
+
+    @staticmethod
+    def span(nbytes: int) -> int:
+        """Bytes a piece of ``nbytes`` takes, up to the next piece."""
+        return -(-nbytes // _ALIGN) * _ALIGN
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The next piece, uninitialised, as a tensor of ``shape`` and ``dtype``."""
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        out = self.raw[self.offset:self.offset + nbytes].view(dtype).view(shape)
+        self.offset += self.span(nbytes)
+        return out
 
 
 def _into_one_arena(tensors: list[torch.Tensor], put: Callable[[int, torch.Tensor], None]) -> int:
     """Copies of ``tensors`` in one new huge-page arena, each handed to ``put(i, copy)`` as soon
     as it is made (so that the caller can drop tensor i before the next is copied). Returns the
     arena's bytes; 0 (and no call) where there are no huge pages."""
-    spans = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in tensors]
-    arena = empty(sum(spans))
-    if arena is None:
+    raw = empty(sum(Arena.span(t.numel() * t.element_size()) for t in tensors))
+    if raw is None:
         return 0
-    _ARENAS.add(arena.untyped_storage().data_ptr())
-    offset = 0
-    for i, (t, span) in enumerate(zip(tensors, spans)):
-        place = arena[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    arena = Arena(raw)
+    for i, t in enumerate(tensors):
+        place = arena.take(tuple(t.shape), t.dtype)
         place.copy_(t.detach())
         put(i, place)
-        offset += span
-    return offset
+    return arena.offset
 
 
 def place_cache_on_huge_pages(cache) -> int:

@@ -35,6 +35,7 @@ from autotp import kernels
 from autotp.kernels import pages
 from autotp.runtime import Runtime
 from autotp.sharding import attention
+from autotp.sharding.siblings import merge_siblings
 
 
 # Inductor's checks, before every call of a compiled step, of the size, stride, alignment and
@@ -106,10 +107,7 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     weights move onto huge pages (``runtime.huge_pages``, autotp.kernels.pages): a step streams
     them all."""
     if runtime.merge_siblings:
-        from autotp.sharding.layers import ColumnParallelLinear
-        from autotp.sharding.siblings import merge_siblings
-
-        merge_siblings(model, ColumnParallelLinear, runtime)
+        merge_siblings(model, runtime)
     if runtime.huge_pages:
         pages.place_on_huge_pages(model)
     config = getattr(model, "config", None)

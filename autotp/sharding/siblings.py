@@ -33,6 +33,7 @@ from torch import nn
 from autotp import kernels
 from autotp.kernels import pages
 from autotp.runtime import Runtime
+from autotp.sharding.layers import ColumnParallelLinear
 
 log = logging.getLogger(__name__)
 
@@ -47,50 +48,25 @@ class _Whole:
         self.in_features, self.out_features = in_features, out_features
 
 
-_ALIGN = 64  # bytes between two buffers of the arena (a cache line)
-
-
-def _span(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return -(-torch.Size(shape).numel() * dtype.itemsize // _ALIGN) * _ALIGN
-
-
-class _Arena:
-    """One buffer for every group's tensors (on huge pages where asked and offered: one mapping,
-    not one per tensor rounded up to a huge page), handed out in order. Its pages are touched,
-    so backed, only as each group is copied in, while the layers' old tensors go."""
-
-    def __init__(self, nbytes: int, huge_pages: bool) -> None:
-        raw = pages.empty(nbytes) if huge_pages else None
-        self.raw = raw if raw is not None else torch.empty(nbytes, dtype=torch.uint8)
-        pages.keep_in_place(self.raw)  # the views stay views: place_on_huge_pages must not copy them apart
-        self.offset = 0
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        out = self.raw[self.offset:self.offset + nbytes].view(dtype).view(shape)
-        self.offset += _span(shape, dtype)
-        return out
-
-
-def _offsets(layout: list[nn.Module]) -> list[int]:
+def _offsets(layers: list[nn.Module]) -> list[int]:
     """Each layer's first output column in the group: the packed layouts hold 64 columns per
     leading index, the last partly padding where a layer's outputs are not a multiple of 64."""
     starts, start = [], 0
-    for m in layout:
+    for m in layers:
         starts.append(start)
         start += -(-m.out_features // kernels.GROUP_N) * kernels.GROUP_N
     return starts
 
 
-def _parts(layout: list[nn.Module]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+def _parts(layers: list[nn.Module]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """(name, shape, dtype) of each of the group's buffers: the packed tensors one after another
     along dim 0, then the biases (where any layer has one) at each layer's offset."""
-    first = layout[0]
-    parts = [(name, (sum(getattr(m, name).shape[0] for m in layout), *getattr(first, name).shape[1:]),
+    first = layers[0]
+    parts = [(name, (sum(getattr(m, name).shape[0] for m in layers), *getattr(first, name).shape[1:]),
               getattr(first, name).dtype) for name in _TENSORS if getattr(first, name, None) is not None]
-    biases = [m.bias for m in layout if m.bias is not None]
+    biases = [m.bias for m in layers if m.bias is not None]
     if biases:
-        parts.append(("bias", (_offsets(layout)[-1] + layout[-1].out_features,), biases[0].dtype))
+        parts.append(("bias", (_offsets(layers)[-1] + layers[-1].out_features,), biases[0].dtype))
     return parts
 
 
@@ -99,19 +75,19 @@ class Siblings:
     their tensors laid out one after another in that order in ``arena``, each layer's
     parameters views of its part. ``output`` is each member's forward."""
 
-    def __init__(self, called: list[nn.Module], arena: _Arena) -> None:
-        self.called = layout = called
-        starts = _offsets(layout)
-        self.columns = {id(m): (start, m.out_features) for m, start in zip(layout, starts)}
-        self.format = layout[0].weight_format
-        self.whole = _Whole(layout[0].in_features, starts[-1] + layout[-1].out_features)
+    def __init__(self, called: list[nn.Module], arena: pages.Arena) -> None:
+        self.called = called
+        starts = _offsets(called)
+        self.columns = {id(m): (start, m.out_features) for m, start in zip(called, starts)}
+        self.format = called[0].weight_format
+        self.whole = _Whole(called[0].in_features, starts[-1] + called[-1].out_features)
         self.whole.bias = None
-        for name, shape, dtype in _parts(layout):
+        for name, shape, dtype in _parts(called):
             whole = arena.take(shape, dtype)
             if name == "bias":  # zeros where a layer has none, and in the padding (the same sums: only -0 becomes +0)
                 whole.zero_()
             row = 0
-            for m, start in zip(layout, starts):
+            for m, start in zip(called, starts):
                 t = getattr(m, name)
                 if t is not None:
                     part = whole[start:start + m.out_features] if name == "bias" else whole[row:row + t.shape[0]]
@@ -121,7 +97,7 @@ class Siblings:
             setattr(self.whole, name, whole)
         for i, m in enumerate(called):
             m.siblings, m.sibling_index = self, i
-        self._held = [(m, name, getattr(m, name)) for m in layout for name in (*_TENSORS, "bias")
+        self._held = [(m, name, getattr(m, name)) for m in called for name in (*_TENSORS, "bias")
                       if getattr(m, name, None) is not None]
         self._x: torch.Tensor | None = None
         self._version = -1
@@ -132,10 +108,10 @@ class Siblings:
         others' columns for them; a later member given the same input (the same tensor, not
         written since) takes its columns, any other call multiplies its own weights."""
         i = layer.sibling_index
-        if not torch.compiler.is_compiling() and any(getattr(m, name) is not p for m, name, p in self._held):
-            self.dissolve()  # a layer's tensor was replaced (load_state_dict(assign=True), say): the buffer is stale
-            return layer.matmul(x, layer.bias)
         if i == 0:
+            if not torch.compiler.is_compiling() and any(getattr(m, name) is not p for m, name, p in self._held):
+                self.dissolve()  # a layer's tensor was replaced (load_state_dict(assign=True), say): the buffer is stale
+                return layer.matmul(x, layer.bias)
             y = self.format.matmul(self.whole, x, self.whole.bias)
             outputs = tuple(y.narrow(-1, *self.columns[id(m)]).contiguous() for m in self.called)
             self._x, self._outputs = x, outputs
@@ -161,8 +137,8 @@ def _mergeable(m: nn.Module) -> bool:
     return fmt is not None and fmt.packed and getattr(m, "siblings", None) is None
 
 
-def find_siblings(model: nn.Module, column_type: type) -> list[list[nn.Module]]:
-    """Groups of ``column_type`` layers (in the order a forward calls them) that read the same
+def find_siblings(model: nn.Module) -> list[list[nn.Module]]:
+    """Groups of column-parallel layers (in the order a forward calls them) that read the same
     input tensor, unchanged, once each per forward, with packed weights of one format and input
     width: from one forward over PROBE_TOKENS tokens (every rank at once: it runs the model's
     collectives). None found where that forward fails."""
@@ -172,7 +148,7 @@ def find_siblings(model: nn.Module, column_type: type) -> list[list[nn.Module]]:
         if args and isinstance(args[0], torch.Tensor):
             calls.append((module, args[0], args[0]._version))
 
-    layers = [m for m in model.modules() if isinstance(m, column_type) and _mergeable(m)]
+    layers = [m for m in model.modules() if isinstance(m, ColumnParallelLinear) and _mergeable(m)]
     hooks = [m.register_forward_pre_hook(record) for m in layers]
     vocab = model.config.get_text_config().vocab_size
     ids = torch.arange(1, PROBE_TOKENS + 1).clamp(max=vocab - 1)[None]
@@ -197,13 +173,15 @@ def find_siblings(model: nn.Module, column_type: type) -> list[list[nn.Module]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def merge_siblings(model: nn.Module, column_type: type, runtime: Runtime) -> int:
+def merge_siblings(model: nn.Module, runtime: Runtime) -> int:
     """Merge each group :func:`find_siblings` finds into one :class:`Siblings`, all groups'
     tensors in one arena (on huge pages with ``runtime.huge_pages``). Returns the layers merged."""
-    groups = find_siblings(model, column_type)
+    groups = find_siblings(model)
     if not groups:
         return 0
-    arena = _Arena(sum(_span(shape, dtype) for g in groups for _, shape, dtype in _parts(g)), runtime.huge_pages)
+    nbytes = sum(pages.Arena.span(torch.Size(shape).numel() * dtype.itemsize)
+                 for g in groups for _, shape, dtype in _parts(g))
+    arena = pages.Arena.new(nbytes, runtime.huge_pages)
     for called in groups:
         Siblings(called, arena)
     return sum(len(g) for g in groups)
