@@ -359,7 +359,7 @@ def compare_merged_siblings(rank: int, world_size: int, family: str, quantize: s
     inputs, wide = zoo.batch(), zoo.batch(copies=3)
     out = {}
     for merge in (False, True):
-        runtime = autotp.Runtime.from_env().replace(merge_siblings=merge, compile=True)
+        runtime = autotp.Runtime.from_env().replace(kernels="native", merge_siblings=merge, compile=True)
         model = autotp.shard(copy.deepcopy(base), world_size, quantize=quantize, runtime=runtime)
         with torch.no_grad():
             logits = model(**inputs).logits

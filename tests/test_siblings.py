@@ -24,8 +24,10 @@ pytestmark = needs_extension
 
 
 def sharded(family: str, quantize: str | None, merge: bool, **runtime) -> torch.nn.Module:
+    """``family`` sharded on 1 rank with its layers on the native kernels (the generic table too,
+    which is all a CPU without x86 tables has): merging applies to packed weights only."""
     model = zoo.build(family, torch.bfloat16)
-    return autotp.shard(model, 1, quantize=quantize, runtime=Runtime.from_env().replace(merge_siblings=merge, **runtime))
+    return autotp.shard(model, 1, quantize=quantize, runtime=Runtime.from_env().replace(kernels="native", merge_siblings=merge, **runtime))
 
 
 def groups(model) -> list[list[str]]:
