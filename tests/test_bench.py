@@ -183,8 +183,9 @@ def test_the_decode_profile_accounts_for_the_whole_step(beams):
                            "--beams", str(beams)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
+    profiled, _, clocked = done.stdout.partition("unprofiled, by autotp's op clock")
     rows = {}
-    for line in done.stdout.splitlines():
+    for line in profiled.splitlines():
         parts = line.split()
         if len(parts) >= 3 and parts[-2].endswith("%"):
             rows[" ".join(parts[:-2])] = float(parts[-2].rstrip("%"))
@@ -193,6 +194,27 @@ def test_the_decode_profile_accounts_for_the_whole_step(beams):
     assert sum(rows.values()) == pytest.approx(100.0, abs=0.5) and rows["GEMMs"] > 0 and rows["attention"] > 0
     assert (rows["beam search"] > 0) == (beams > 1), done.stdout
     assert f"beam {beams}" in done.stdout if beams > 1 else "greedy" in done.stdout
+    from autotp import kernels
+
+    if not kernels.extension_loaded():
+        assert not clocked, done.stdout  # the op clock is the extension's
+        return
+    shares, calls = {}, {}
+    for line in clocked.splitlines():
+        name, sep, rest = line.partition("%")
+        if sep and rest.split():
+            label, share = name.rsplit(maxsplit=1)
+            shares[label] = float(share)
+            calls[label] = int(rest.split()[1]) if len(rest.split()) > 1 else None
+    assert set(shares) == {"GEMMs (lm_head included)", "all-reduce / all-gather (waits included)",
+                           "attention (decode_attention)", "outside autotp's ops"}, done.stdout
+    assert sum(shares.values()) == pytest.approx(100.0, abs=0.5), done.stdout
+    assert calls["all-reduce / all-gather (waits included)"] == 0, done.stdout  # one rank: no collective
+    if kernels.status()[0]:  # the native GEMMs and attention run (not where auto leaves them to torch)
+        # llama-test, 2 layers: per step q/k/v merged, o, gate/up merged and down per layer (8
+        # calls, and the lm_head's where it is packed), and one attention call a layer
+        assert calls["attention (decode_attention)"] == 2, done.stdout
+        assert calls["GEMMs (lm_head included)"] in (8, 9) and shares["GEMMs (lm_head included)"] > 0, done.stdout
 
 
 def run_native_tool(name: str, *args: str):

@@ -24,6 +24,7 @@ def test_shm_all_reduce_equals_gloo_and_the_exact_sum(world_size):
         assert r["backends"] == ["shm", "shm"]
         assert r["left_in_dev_shm"] == [], "segment names must be removed once mapped"
         assert r["in_a_row"]
+        assert r["clock"]["collective"][1] == 300 and r["clock"]["gemm"] == (0.0, 0), r["clock"]
         for case in r["cases"]:
             assert case["exact"], (rank, case)  # fp32: the exact sum; bf16: it rounded once
             assert case["op_exact"] and case["op_input_kept"], (rank, case)

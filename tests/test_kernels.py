@@ -176,6 +176,44 @@ def test_weight_prefetch_switch_changes_no_value(isa):
         kernels.weight_prefetch(before)
 
 
+@paths
+def test_op_clock_counts_each_op_by_kind_only_while_on(isa):
+    """kernels.op_clock: while on, each bf16 / INT8 / INT4 product is one GEMM call and each
+    decode_attention one attention call, their time inside the wall time around them; reading
+    resets; while off (the negative control) the same calls add nothing."""
+    n, k = 70, 256
+    w = bf16(n, k, seed=5)
+    packed = kernels.prepack(w)
+    q8, s8 = kernels.prepack_int8(*kernels.quantize_int8(w.float(), 128))
+    q4, s4, z4 = kernels.prepack_int4(*kernels.quantize_int4(w.float(), 128))
+    x = bf16(2, k, seed=6)
+    q, key, value = bf16(1, 2, 4, 64, seed=7), bf16(1, 2, 9, 64, seed=8), bf16(1, 2, 9, 64, seed=9)
+
+    def calls() -> float:
+        import time
+
+        start = time.perf_counter()
+        for _ in range(3):
+            kernels.linear(x, packed, None, n, torch.float32, isa)
+        kernels.linear_int8(x, q8, s8, None, n, 128, isa=isa)
+        kernels.linear_int4(x, q4, s4, z4, None, n, 128, isa=isa)
+        kernels.decode_attention(q.float(), key, value, None, 0.125, isa)
+        return time.perf_counter() - start
+
+    kernels.op_clock(False)
+    try:
+        kernels.op_clock(True)
+        wall = calls()
+        read = kernels.op_clock()
+        assert [read[kind][1] for kind in kernels.OP_KINDS] == [5, 0, 1], read
+        assert 0 < read["gemm"][0] and 0 < read["attention"][0] and read["gemm"][0] + read["attention"][0] <= wall
+        assert kernels.op_clock(False) == {kind: (0.0, 0) for kind in kernels.OP_KINDS}  # the read reset it
+        calls()
+        assert kernels.op_clock() == {kind: (0.0, 0) for kind in kernels.OP_KINDS}  # off: nothing added
+    finally:
+        kernels.op_clock(False)
+
+
 @pytest.mark.skipif(not PATHS, reason="extension unavailable")
 def test_weight_prefetch_default_is_off_on_amd_only():
     """The switch's default, in a fresh process: off where /proc/cpuinfo names AMD (the CPUs

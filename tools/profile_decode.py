@@ -8,7 +8,11 @@ left to plain transformers on one rank, for comparison), fed a prompt, and then
 decoded token by token: first a few steps timed without the profiler (the step time quoted),
 then ``--steps`` steps under torch.profiler, whose op times are sorted into the categories. Op
 times under the profiler carry its overhead; the table gives each category's share of the
-profiled step and scales it to the unprofiled median. Rank 0 prints.
+profiled step and scales it to the unprofiled median. A second table splits the unprofiled
+steps themselves by autotp's op clock (autotp.kernels.op_clock: the time inside its GEMM,
+collective and attention ops, and what is left), which adds no cost to the ops and no profiler
+to the rest: the shares of the first table move with the profiler's own cost per op, those of
+the second do not. Rank 0 prints (``--every-rank``: each rank in turn).
 
 With ``--beams N`` the prompt is N rows and each step is beam search's: the forward over N rows,
 log-softmax and top-N over every beam's continuations ("beam search"), and the cache reordered
@@ -165,6 +169,26 @@ class BeamStep:
         return token[:, None], cache, position[-1:] + 1
 
 
+CLOCK_ROWS = {"gemm": "GEMMs (lm_head included)", "collective": "all-reduce / all-gather (waits included)",
+              "attention": "attention (decode_attention)"}
+
+
+def print_clock_table(times: list[float], clocks: list[dict[str, tuple[float, int]]]) -> None:
+    """The timed (unprofiled) steps split by autotp's op clock (autotp.kernels.op_clock): medians
+    per step of the time inside each kind of op, and of what is left ("outside autotp's ops": the
+    compiled graph's own code and fused loops, the small eager ops, Python, the step's
+    argmax or beam search)."""
+    step = statistics.median(times)
+    rows = {name: statistics.median(c[kind][0] for c in clocks) for kind, name in CLOCK_ROWS.items()}
+    rows["outside autotp's ops"] = statistics.median(t - sum(s for s, _ in c.values()) for t, c in zip(times, clocks))
+    calls = {name: statistics.median(c[kind][1] for c in clocks) for kind, name in CLOCK_ROWS.items()}
+    print(f"unprofiled, by autotp's op clock (median of {len(times)} steps):")
+    print(f"{'category':<42} {'share':>6} {'ms / step':>10} {'calls':>6}")
+    for name, seconds in rows.items():
+        count = f"{calls[name]:>6.0f}" if name in calls else f"{'':>6}"
+        print(f"{name:<42} {seconds / step:>6.1%} {seconds * 1e3:>10.2f} {count}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-1b", help=f"a bench shape: {', '.join(shapes.SHAPES)}")
@@ -219,11 +243,18 @@ def main() -> None:
         for _ in range(4):  # warm-up (compiling, with --compile)
             token, cache, position = decode(forward, token, cache, position)
         warmup = time.perf_counter() - start
-        times = []
+        times, clocks = [], []
+        clocked = not args.plain and autotp.kernels.extension_loaded()
+        if clocked:
+            autotp.kernels.op_clock(True)
         for _ in range(args.timed):
             start = time.perf_counter()
             token, cache, position = decode(forward, token, cache, position)
             times.append(time.perf_counter() - start)
+            if clocked:
+                clocks.append(autotp.kernels.op_clock())
+        if clocked:
+            autotp.kernels.op_clock(False)
         if args.compile:
             # The timed steps ran the step as generate compiles it. The profiled ones run it
             # compiled again with each fused loop named for the profiler: inductor then wraps every
@@ -262,6 +293,8 @@ def main() -> None:
         for name in CATEGORIES:
             share = per_step.get(name, 0.0) / profiled
             print(f"{name:<30} {share:>6.1%} {share * plain * 1e3:>10.2f}", flush=True)
+        if clocks:
+            print_clock_table(times, clocks)
         if args.ops:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops), flush=True)
     if dist.is_initialized():

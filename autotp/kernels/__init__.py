@@ -236,6 +236,20 @@ def weight_prefetch(on: bool | None = None) -> bool:
     return bool(torch.ops.autotp.weight_prefetch(-1 if on is None else int(bool(on))))
 
 
+OP_KINDS = ("gemm", "collective", "attention")
+
+
+def op_clock(on: bool | None = None) -> dict[str, tuple[float, int]]:
+    """Seconds spent inside autotp's ops and calls made, by kind, since the last read (which
+    resets them), then starts (``on=True``) or stops (``on=False``) the clock (None: leaves it).
+    Kinds (OP_KINDS): ``gemm`` (linear_bf16 / int8 / int4: the lm_head too, where autotp runs
+    it), ``collective`` (the shared-memory all-reduce and all-gather, waiting for the other ranks
+    included), ``attention`` (decode_attention). The clock is off until started; while off the
+    ops add nothing. Needs the extension built (:func:`extension_loaded`)."""
+    read = torch.ops.autotp.op_clock(-1 if on is None else int(bool(on)))
+    return {kind: (read[2 * i] * 1e-9, int(read[2 * i + 1])) for i, kind in enumerate(OP_KINDS)}
+
+
 def reorder_rows_(tensors: list[torch.Tensor], sources: torch.Tensor, length: int,
                   starts: torch.Tensor | None = None) -> None:
     """Beam search's cache reorder, in place: row ``b`` (dim 0) of every contiguous

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernel_table.h"
+#include "op_clock.h"
 
 namespace autotp {
 
@@ -112,6 +113,7 @@ void reorder_rows_(at::TensorList tensors, const at::Tensor& sources, int64_t le
 // empty; -> [B, KVH, G, D] fp32. Threads over (batch row, KV head).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key, const at::Tensor& value,
                             const std::optional<at::Tensor>& bias, double scale, const std::string& isa) {
+  OpTimer timer(kOpAttention);
   const char* op = "autotp::decode_attention";
   TORCH_CHECK(q.device().is_cpu() && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
                   q.dim() == 4,

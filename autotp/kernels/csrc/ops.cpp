@@ -12,6 +12,8 @@
 //   serving_isa(isa, weight, x_dtype, M) -> the table that serves such a call started at `isa`
 //   weight_prefetch(on) -> whether the bf16 / INT8 tiles prefetch their weights (on: -1 keeps, 0 / 1 sets;
 //   the process-wide switch and its per-CPU default: kernel_table.h)
+//   op_clock(on) -> [ns, calls] of the GEMM, collective and attention ops since the last read, which
+//   it resets (on: -1 keeps the clock as it is, 0 / 1 stops / starts it: op_clock.h)
 // `isa` names the kernel table to start from ("" = the best this CPU runs; an ISA it cannot run
 // is an error); the call runs on the first table from there down that serves it (a table may
 // serve only bf16 activations, or only from some number of rows: kernel_table.h). The Python
@@ -32,6 +34,7 @@
 #include <type_traits>
 
 #include "kernel_table.h"
+#include "op_clock.h"
 #include "scratch.h"
 #include "shm_comm.h"
 
@@ -142,6 +145,7 @@ LinearCall begin_linear(const at::Tensor& x, const std::optional<at::Tensor>& bi
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                        int64_t N, std::optional<at::ScalarType> out_dtype, const std::string& isa) {
+  OpTimer timer(kOpGemm);
   LinearCall call = begin_linear(x, bias, N, out_dtype, isa, "autotp::linear_bf16");
   const int64_t K = call.K, M = call.M;
   check_packed(packed, N, K, "autotp::linear_bf16");
@@ -252,6 +256,7 @@ void int8_bytes(const int16_t* xq, int64_t ldq, int64_t M, int64_t K, int64_t G,
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qpacked, const at::Tensor& spacked,
                        const std::optional<at::Tensor>& bias, int64_t N, int64_t group_size, int64_t group_offset,
                        std::optional<at::ScalarType> out_dtype, const std::string& isa, int64_t activation_bits) {
+  OpTimer timer(kOpGemm);
   TORCH_CHECK(activation_bits == 16 || activation_bits == 8,
               "autotp::linear_int8: activation_bits must be 16 or 8 (Runtime int8_activations \"int16\" or "
               "\"int8\"), got ", activation_bits);
@@ -302,6 +307,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qpacked, const at:
                        const std::optional<at::Tensor>& zpacked, const std::optional<at::Tensor>& bias, int64_t N,
                        int64_t group_size, int64_t group_offset, std::optional<at::ScalarType> out_dtype,
                        const std::string& isa) {
+  OpTimer timer(kOpGemm);
   const char* op = "autotp::linear_int4";
   LinearCall call = begin_linear(x, bias, N, out_dtype, isa, op);
   const int64_t K = call.K, M = call.M, G = group_size, O = group_offset;
@@ -368,6 +374,18 @@ std::string serving_isa(const std::string& isa, const std::string& weight, at::S
   return serving_table(kernel_table(isa), kind, M).name;
 }
 
+std::vector<int64_t> op_clock_op(int64_t on) {
+  TORCH_CHECK(on >= -1 && on <= 1, "autotp::op_clock: on is -1 (keep), 0 (stop) or 1 (start), got ", on);
+  OpClockTotals& t = op_clock_totals();
+  std::vector<int64_t> read;
+  for (int k = 0; k < kOpKinds; ++k) {
+    read.push_back(t.ns[k].exchange(0));
+    read.push_back(t.calls[k].exchange(0));
+  }
+  if (on >= 0) t.on.store(on == 1);
+  return read;
+}
+
 bool weight_prefetch_op(int64_t on) {
   TORCH_CHECK(on >= -1 && on <= 1, "autotp::weight_prefetch: on is -1 (keep), 0 (off) or 1 (on), got ", on);
   if (on >= 0) set_weight_prefetch(on == 1);
@@ -381,6 +399,11 @@ std::vector<std::string> cpu_isas() {
 }
 
 }  // namespace
+
+OpClockTotals& op_clock_totals() {
+  static OpClockTotals totals;
+  return totals;
+}
 }  // namespace autotp
 
 TORCH_LIBRARY(autotp, m) {
@@ -404,6 +427,7 @@ TORCH_LIBRARY(autotp, m) {
   m.def("read_probe(Tensor buffer, str isa=\"\") -> int");
   m.def("cpu_isas() -> str[]", &autotp::cpu_isas);
   m.def("weight_prefetch(int on=-1) -> bool", &autotp::weight_prefetch_op);
+  m.def("op_clock(int on=-1) -> int[]", &autotp::op_clock_op);
   m.def("serving_isa(str isa, str weight, ScalarType x_dtype, int rows) -> str", &autotp::serving_isa);
 }
 

@@ -1,5 +1,6 @@
 // Shared-memory all-reduce (see shm_comm.h).
 #include "shm_comm.h"
+#include "op_clock.h"
 
 #include <ATen/ops/empty.h>
 
@@ -176,6 +177,7 @@ void ShmComm::wait_all(int which, int64_t target) {
 at::Tensor ShmComm::all_reduce(at::Tensor tensor) { return all_reduce_into(tensor, tensor); }
 
 at::Tensor ShmComm::all_reduce_into(const at::Tensor& tensor, at::Tensor out) {
+  OpTimer timer(kOpCollective);
   TORCH_CHECK(!broken_, "autotp shared-memory all-reduce: an earlier all-reduce of this group failed; "
               "the group cannot be used again");
   TORCH_CHECK(tensor.device().is_cpu() && tensor.is_contiguous() &&
@@ -211,6 +213,7 @@ at::Tensor ShmComm::all_reduce_into(const at::Tensor& tensor, at::Tensor out) {
 }
 
 at::Tensor ShmComm::all_gather_last_dim(const at::Tensor& tensor, at::IntArrayRef sizes) {
+  OpTimer timer(kOpCollective);
   TORCH_CHECK(!broken_, "autotp shared-memory all-gather: an earlier collective of this group failed; "
               "the group cannot be used again");
   TORCH_CHECK(static_cast<int64_t>(sizes.size()) == size_ && tensor.device().is_cpu() && tensor.dim() >= 1 &&
