@@ -3,6 +3,7 @@ its definition, the ops under torch.library.opcheck, and the dispatch of the par
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -190,8 +191,6 @@ def test_op_clock_counts_each_op_by_kind_only_while_on(isa):
     q, key, value = bf16(1, 2, 4, 64, seed=7), bf16(1, 2, 9, 64, seed=8), bf16(1, 2, 9, 64, seed=9)
 
     def calls() -> float:
-        import time
-
         start = time.perf_counter()
         for _ in range(3):
             kernels.linear(x, packed, None, n, torch.float32, isa)

@@ -21,18 +21,19 @@ struct OpClockTotals {
   std::atomic<int64_t> calls[kOpKinds] = {};
 };
 
-OpClockTotals& op_clock_totals();
+// One per process (constant-initialized: no guard on the ops' path).
+inline OpClockTotals op_clock_totals;
 
 // Adds the time from its construction to its destruction to `kind`'s sum while the clock is on.
 class OpTimer {
  public:
-  explicit OpTimer(OpKind kind) : kind_(kind), on_(op_clock_totals().on.load(std::memory_order_relaxed)) {
+  explicit OpTimer(OpKind kind) : kind_(kind), on_(op_clock_totals.on.load(std::memory_order_relaxed)) {
     if (on_) start_ = std::chrono::steady_clock::now();
   }
   ~OpTimer() {
     if (!on_) return;
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start_);
-    OpClockTotals& t = op_clock_totals();
+    OpClockTotals& t = op_clock_totals;
     t.ns[kind_].fetch_add(ns.count(), std::memory_order_relaxed);
     t.calls[kind_].fetch_add(1, std::memory_order_relaxed);
   }

@@ -376,7 +376,7 @@ std::string serving_isa(const std::string& isa, const std::string& weight, at::S
 
 std::vector<int64_t> op_clock_op(int64_t on) {
   TORCH_CHECK(on >= -1 && on <= 1, "autotp::op_clock: on is -1 (keep), 0 (stop) or 1 (start), got ", on);
-  OpClockTotals& t = op_clock_totals();
+  OpClockTotals& t = op_clock_totals;
   std::vector<int64_t> read;
   for (int k = 0; k < kOpKinds; ++k) {
     read.push_back(t.ns[k].exchange(0));
@@ -399,11 +399,6 @@ std::vector<std::string> cpu_isas() {
 }
 
 }  // namespace
-
-OpClockTotals& op_clock_totals() {
-  static OpClockTotals totals;
-  return totals;
-}
 }  // namespace autotp
 
 TORCH_LIBRARY(autotp, m) {
