@@ -247,6 +247,81 @@ needs_extension = pytest.mark.skipif(not kernels.available_isas(autotp.Runtime.f
                                      reason=f"extension unavailable: {kernels.status()[1]}")
 
 
+@needs_extension
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_the_compiled_step_names_its_weights_by_number(quantize, monkeypatch):
+    """A compiled decoding step calls its GEMMs on weights the extension holds by number
+    (decode.hold_weights): none of the packed tensors is among the graph's inputs (all of them
+    are when holding is off), and the decode steps' logits equal those of the step that takes
+    them as inputs, bit for bit; after a layer's weights are replaced, the next generate holds
+    the new ones and the two agree again. Negative control: one layer's number given another
+    layer's tensors changes the logits. (1 rank, bf16 or INT8 weights, native kernels.)"""
+    from torch._inductor import compile_fx as inductor
+
+    from autotp.kernels.formats import HELD
+    from autotp.sharding import decode
+
+    inputs = zoo.batch()
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    graph_inputs, compile_fx = [], inductor.compile_fx
+
+    def recording(gm, example_inputs, *args, **kw):
+        graph_inputs.append({t.data_ptr() for t in example_inputs if isinstance(t, torch.Tensor)})
+        return compile_fx(gm, example_inputs, *args, **kw)
+
+    monkeypatch.setattr(inductor, "compile_fx", recording)
+    runtime = autotp.Runtime.from_env().replace(kernels="native", compile=True)
+    base = zoo.build("llama", torch.bfloat16)
+    held = autotp.shard(copy.deepcopy(base), 1, quantize=quantize, runtime=runtime)
+    with monkeypatch.context() as off:
+        off.setattr(decode, "hold_weights", lambda model: 0)
+        plain = autotp.shard(copy.deepcopy(base), 1, quantize=quantize, runtime=runtime)
+        with torch.no_grad():
+            want = plain.generate(**inputs, **kwargs).logits
+    with torch.no_grad():
+        got = held.generate(**inputs, **kwargs).logits
+    compiles = len(graph_inputs)  # (inductor's cpp_wrapper compiles by calling compile_fx again: 2 a graph)
+    assert compiles in (2, 4) and graph_inputs[0] != graph_inputs[-1], [len(g) for g in graph_inputs]
+    holders = decode._packed_holders(held)
+    assert len(holders) >= 9 and all(HELD in h.__dict__ for h, _ in holders)
+    ptrs = {t.data_ptr() for h, fmt in holders for t in fmt.tensors(h)}
+    # what the plain step multiplies: each layer, a merged group as one (its members' tensors are views of it)
+    plain_ptrs = {t.data_ptr() for h, fmt in decode._packed_holders(plain) if getattr(h, "siblings", None) is None
+                  for t in fmt.tensors(h)}
+    assert not ptrs & graph_inputs[-1] and plain_ptrs <= graph_inputs[0]
+    assert len(graph_inputs[-1]) <= len(graph_inputs[0]) - len(plain_ptrs)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    def replace(model):  # new tensors for one row layer (its scales doubled, or its bf16 weights)
+        layer = model.model.layers[1].mlp.down_proj
+        name = "weight_scale" if quantize else "weight"
+        setattr(layer, name, torch.nn.Parameter(getattr(layer, name).data * 2, requires_grad=False))
+
+    with monkeypatch.context() as off:
+        off.setattr(decode, "hold_weights", lambda model: 0)
+        replace(plain)
+        with torch.no_grad():
+            want = plain.generate(**inputs, **kwargs).logits
+    replace(held)
+    with torch.no_grad():
+        got = held.generate(**inputs, **kwargs).logits
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert len(graph_inputs) == compiles  # neither recompiled
+
+    first, second = held.model.layers[0].mlp.down_proj, held.model.layers[1].mlp.down_proj
+    first_number = first.__dict__[HELD]
+    second.weight_format.hold(second, first_number)  # the negative control: layer 0's number, layer 1's tensors
+    try:
+        with monkeypatch.context() as off:
+            off.setattr(decode, "hold_weights", lambda model: 0)  # (else the next prompt would mend it)
+            with torch.no_grad():
+                swapped = held.generate(**inputs, **kwargs).logits
+    finally:
+        first.weight_format.hold(first, first_number)
+    assert torch.equal(swapped[0], want[0])  # the prompt runs eagerly, on the layers' own tensors
+    assert not all(torch.equal(a, b) for a, b in zip(swapped[1:], want[1:]))
+
+
 def attention_reference(q, k, v, bias, scale):
     """The native op's definition in float64: softmax(q k^T * scale + bias) v per KV head's group."""
     s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale
