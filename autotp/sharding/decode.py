@@ -12,9 +12,7 @@ about twice as long, then it is cached like the rest). The model's ``forward`` r
 each call: a decoding step (one new position per sequence over a static cache: greedy,
 sampling and beam search alike; transformers' own compilation covers only the first two) to
 the compiled function, anything else (the prompt) to the eager forward. autotp's own ops (the GEMMs, the shared-memory all-reduce and all-gather) are custom
-ops with shape functions, so a compiled step calls them without breaking the graph; its GEMMs
-name their weights by the number the extension holds them under (:func:`hold_weights`), so
-that the weights are not among the compiled function's inputs.
+ops with shape functions, so a compiled step calls them without breaking the graph.
 
 Compilation happens on the first decoding step of a new shape (about 20-50 s for a 1 B model
 on two cores; a second shape makes the graph dynamic) and is cached on disk by inductor
