@@ -213,55 +213,6 @@ def test_op_clock_counts_each_op_by_kind_only_while_on(isa):
         kernels.op_clock(False)
 
 
-@paths
-def test_a_held_layer_multiplies_as_its_own_op_does(isa):
-    """kernels.linear_held of a layer held by number (kernels.hold_linear: bf16, INT8, INT4 with
-    and without zero points, a bias given at the call) returns what linear / linear_int8 /
-    linear_int4 return for its tensors, bit for bit; held anew under its number it reads the new
-    tensors; another layer's number gives other values (the negative control); a released
-    number, a wrong width, a wrong kind or count of tensors are refused by name."""
-    n, k = 70, 256
-    w, other = bf16(n, k, seed=11), bf16(n, k, seed=12)
-    x, bias = bf16(3, k, seed=13), bf16(n, seed=14)
-    q8, s8 = kernels.prepack_int8(*kernels.quantize_int8(w.float(), 128))
-    q4, s4, z4 = kernels.prepack_int4(*kernels.quantize_int4(w.float(), 128, symmetric=False))
-    p4, t4, _ = kernels.prepack_int4(*kernels.quantize_int4(w.float(), 128))
-    cases = {
-        "bf16": ("bf16", [kernels.prepack(w)], {}, lambda b: kernels.linear(x, kernels.prepack(w), b, n, isa=isa)),
-        "int8": ("int8", [q8, s8], dict(group_size=128, activation_bits=16),
-                 lambda b: kernels.linear_int8(x, q8, s8, b, n, 128, isa=isa)),
-        "int4": ("int4", [q4, s4, z4], dict(group_size=128), lambda b: kernels.linear_int4(x, q4, s4, z4, b, n, 128, isa=isa)),
-        "int4_symmetric": ("int4", [p4, t4], dict(group_size=128),
-                           lambda b: kernels.linear_int4(x, p4, t4, None, b, n, 128, isa=isa)),
-    }
-    numbers = []
-    try:
-        for name, (kind, parts, extra, own) in cases.items():
-            held = kernels.hold_linear(kind, parts, n, isa=isa, **extra)
-            numbers.append(held)
-            for b in (None, bias):
-                assert torch.equal(kernels.linear_held(x, held, b, n), own(b)), name
-        plain = kernels.hold_linear("bf16", [kernels.prepack(other)], n, isa=isa)
-        numbers.append(plain)
-        assert not torch.equal(kernels.linear_held(x, plain, None, n), cases["bf16"][3](None))  # negative control
-        assert kernels.hold_linear("bf16", [kernels.prepack(w)], n, isa=isa, held=plain) == plain  # held anew
-        assert torch.equal(kernels.linear_held(x, plain, None, n), cases["bf16"][3](None))
-        with pytest.raises(RuntimeError, match="has 70 output features, the call asked for 71"):
-            kernels.linear_held(x, plain, None, n + 1)
-        with pytest.raises(RuntimeError, match="kind must be bf16, int8 or int4"):
-            kernels.hold_linear("fp8", [q8], n)
-        with pytest.raises(RuntimeError, match="a layer of kind int8 holds 2 tensors, got 1"):
-            kernels.hold_linear("int8", [q8], n)
-        with pytest.raises(RuntimeError, match="no layer held as number"):
-            kernels.hold_linear("bf16", [kernels.prepack(w)], n, held=max(numbers) + 1000)
-        kernels.release_linear(plain)
-        with pytest.raises(RuntimeError, match=f"no layer held as number {plain} "):
-            kernels.linear_held(x, plain, None, n)
-    finally:
-        for held in numbers:
-            kernels.release_linear(held)
-
-
 @pytest.mark.skipif(not PATHS, reason="extension unavailable")
 def test_weight_prefetch_default_is_off_on_amd_only():
     """The switch's default, in a fresh process: off where /proc/cpuinfo names AMD (the CPUs

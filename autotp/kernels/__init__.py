@@ -405,32 +405,6 @@ def linear_int8(x: torch.Tensor, qpacked: torch.Tensor, spacked: torch.Tensor, b
                                         out_dtype, isa, activation_bits)
 
 
-# -- layers held by number (a compiled decoding step's GEMMs: autotp.sharding.decode) ----------
-
-def hold_linear(kind: str, parts: list[torch.Tensor], out_features: int, group_size: int = 0,
-                group_offset: int = 0, isa: str = "", activation_bits: int = 16, held: int = 0) -> int:
-    """Hold a packed layer's tensors under a number that :func:`linear_held` multiplies by:
-    ``kind`` "bf16" (``parts`` = [packed]), "int8" ([qpacked, spacked]) or "int4" ([qpacked,
-    spacked] or with zpacked), with the arguments of :func:`linear`, :func:`linear_int8` or
-    :func:`linear_int4`. ``held=0`` takes a new number; an existing number is given the new
-    tensors in place of its old ones (what calls name it then read them). The extension keeps
-    references to the tensors until :func:`release_linear`. Needs the extension built."""
-    return int(torch.ops.autotp.hold_linear(kind, list(parts), out_features, group_size, group_offset, isa,
-                                            activation_bits, held))
-
-
-def release_linear(held: int) -> None:
-    """Drop what number ``held`` holds (nothing if it holds nothing)."""
-    torch.ops.autotp.release_linear(held)
-
-
-def linear_held(x: torch.Tensor, held: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """The GEMM of the layer held as number ``held`` (:func:`hold_linear`): x @ W^T + bias in x's
-    dtype, what the layer's own op returns. A graph that calls this names its weights by the
-    number, so they are not among its inputs."""
-    return torch.ops.autotp.linear_held(x, held, bias, out_features)
-
-
 def _register_fakes() -> None:
     """Shape functions, so the ops trace under torch.compile / FakeTensor (and pass opcheck).
     Called once, by the extension handle, right after the extension loads."""
@@ -451,10 +425,6 @@ def _register_fakes() -> None:
     def _(x, qpacked, spacked, bias, out_features, group_size, group_offset=0, out_dtype=None, isa="",
           activation_bits=16):
         return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)
-
-    @torch.library.register_fake("autotp::linear_held")
-    def _(x, held, bias, out_features):
-        return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake("autotp::linear_int4")
     def _(x, qpacked, spacked, zpacked, bias, out_features, group_size, group_offset=0, out_dtype=None, isa=""):

@@ -14,9 +14,6 @@ format is a small immutable object that knows what those tensors mean:
 
 ``pack`` turns a plain format into its packed one where ``autotp.kernels`` says the native
 GEMM runs under the runtime, replacing the layer's tensors (one copy: the plain one is dropped).
-A packed format can also ``hold`` a layer's tensors in the extension under a number (kept on the
-layer as ``_autotp_held``): traced by torch.compile, its matmul then calls the held op with that
-number, so that a compiled step does not take the weights as inputs (autotp.sharding.decode).
 """
 from __future__ import annotations
 
@@ -31,7 +28,6 @@ from autotp import kernels
 from autotp.runtime import Runtime
 
 Release = Callable[[torch.Tensor], None]  # given a plain tensor once it has been copied
-HELD = "_autotp_held"  # the attribute of a layer whose packed tensors the extension holds: their number
 
 
 class Holder(Protocol):
@@ -40,12 +36,6 @@ class Holder(Protocol):
     weight: nn.Parameter
     in_features: int
     out_features: int
-
-
-def _held(layer: Holder) -> bool:
-    """Whether a packed format's matmul calls the held op: while torch.compile traces it, for a
-    layer whose tensors the extension holds (``hold``)."""
-    return torch.compiler.is_compiling() and getattr(layer, HELD, None) is not None
 
 
 def _param(tensor: torch.Tensor) -> nn.Parameter:
@@ -94,20 +84,10 @@ class PackedBf16:
     quantized = False
 
     def matmul(self, layer: Holder, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if _held(layer):
-            return kernels.linear_held(x, getattr(layer, HELD), bias, layer.out_features)
         return kernels.linear(x, layer.weight, bias, layer.out_features, isa=self.isa)
 
     def unpacked(self, layer: Holder) -> torch.Tensor:
         return kernels.unpack(layer.weight, layer.out_features, layer.in_features)
-
-    def tensors(self, layer: Holder) -> list[torch.Tensor]:
-        """The layer's packed tensors, as :meth:`hold` holds them."""
-        return [layer.weight.data]
-
-    def hold(self, layer: Holder, held: int = 0) -> int:
-        """Hold the layer's packed tensors under a number (``held``'s, where given): kernels.hold_linear."""
-        return kernels.hold_linear("bf16", self.tensors(layer), layer.out_features, isa=self.isa, held=held)
 
     def pack(self, layer: Holder, runtime: Runtime, release: Release | None = None) -> "PackedBf16":
         return self
@@ -162,18 +142,7 @@ class PackedInt8(Int8Weight):
         return kernels.unpack_int8(layer.weight, layer.weight_scale, layer.out_features,  # type: ignore[attr-defined]
                                    layer.in_features)  # type: ignore[attr-defined]
 
-    def tensors(self, layer: Holder) -> list[torch.Tensor]:
-        """The layer's packed tensors, as :meth:`hold` holds them."""
-        return [layer.weight.data, layer.weight_scale.data]  # type: ignore[attr-defined]
-
-    def hold(self, layer: Holder, held: int = 0) -> int:
-        """Hold the layer's packed tensors under a number (``held``'s, where given): kernels.hold_linear."""
-        return kernels.hold_linear("int8", self.tensors(layer), layer.out_features, self.group_size,
-                                   self.group_offset, self.isa, self.activation_bits, held)
-
     def matmul(self, layer: Holder, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if _held(layer):
-            return kernels.linear_held(x, getattr(layer, HELD), bias, layer.out_features)
         return kernels.linear_int8(x, layer.weight, layer.weight_scale, bias,  # type: ignore[attr-defined]
                                    layer.out_features, self.group_size, self.group_offset, isa=self.isa,
                                    activation_bits=self.activation_bits)
@@ -237,19 +206,7 @@ class PackedInt4(Int4Weight):
         return kernels.unprepack_int4(layer.weight, layer.weight_scale, self._zeros(layer),  # type: ignore[attr-defined]
                                       layer.out_features, layer.in_features)
 
-    def tensors(self, layer: Holder) -> list[torch.Tensor]:
-        """The layer's packed tensors, as :meth:`hold` holds them."""
-        zeros = self._zeros(layer)
-        return [layer.weight.data, layer.weight_scale.data] + ([] if zeros is None else [zeros.data])  # type: ignore[attr-defined]
-
-    def hold(self, layer: Holder, held: int = 0) -> int:
-        """Hold the layer's packed tensors under a number (``held``'s, where given): kernels.hold_linear."""
-        return kernels.hold_linear("int4", self.tensors(layer), layer.out_features, self.group_size,
-                                   self.group_offset, self.isa, held=held)
-
     def matmul(self, layer: Holder, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if _held(layer):
-            return kernels.linear_held(x, getattr(layer, HELD), bias, layer.out_features)
         return kernels.linear_int4(x, layer.weight, layer.weight_scale, self._zeros(layer),  # type: ignore[attr-defined]
                                    bias, layer.out_features, self.group_size, self.group_offset, isa=self.isa)
 

@@ -26,7 +26,6 @@ import inspect
 import re
 import sys
 import warnings
-import weakref
 from typing import Callable
 
 import torch
@@ -34,7 +33,6 @@ from torch import nn
 
 from autotp import kernels
 from autotp.kernels import pages
-from autotp.kernels.formats import HELD
 from autotp.runtime import Runtime
 from autotp.sharding import attention
 from autotp.sharding.siblings import merge_siblings
@@ -133,8 +131,6 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
                       "AUTOTP_COMPILE leaves it decoding eagerly on its dynamic cache", stacklevel=3)
         return model
     gen.cache_implementation = "static"
-    if kernels.extension_loaded(runtime):
-        hold_weights(model)
     forward = model.forward  # the class's, bound
     compiled = torch.compile(_own_step(forward), dynamic=None,
                              options={"guard_filter_fn": _inputs_only, "cpp_wrapper": True, **_NO_RUNTIME_ASSERTS})
@@ -153,8 +149,6 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
         if _decoding_step(args, kwargs) and not torch.compiler.is_compiling():
             with torch.compiler.config.patch(cache_key_tag=tag):
                 return compiled(*args, **kwargs)
-        if not torch.compiler.is_compiling() and kernels.extension_loaded(runtime):
-            hold_weights(model)  # once per generate: a layer whose tensors were replaced is held anew
         cache = given_cache(kwargs)
         if Lineage.ATTR in getattr(cache, "__dict__", {}):  # a prompt's rows share no past (but prompt_once's)
             delattr(cache, Lineage.ATTR)
@@ -170,50 +164,6 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     if not hasattr(type(model), "_reorder_cache") and kernels.extension_loaded(runtime):
         model._reorder_cache = reorder_cache  # generate's beam search calls it when the model has one
     return model
-
-
-def _packed_holders(model: nn.Module) -> list[tuple[object, object]]:
-    """(holder, format) of every packed GEMM ``model`` runs: its packed layers, and each merged
-    group of siblings as the one layer its first member multiplies (autotp.sharding.siblings)."""
-    found = []
-    for m in model.modules():
-        fmt = getattr(m, "weight_format", None)
-        if getattr(fmt, "packed", False):
-            found.append((m, fmt))
-        group = getattr(m, "siblings", None)
-        if group is not None and m.sibling_index == 0 and getattr(group.format, "packed", False):
-            found.append((group.whole, group.format))
-    return found
-
-
-def hold_weights(model: nn.Module) -> int:
-    """Have the extension hold the packed tensors of every GEMM of ``model`` by number
-    (formats.HELD), so that the compiled step names them by it rather than taking them as inputs;
-    holders whose tensors were replaced since (``load_state_dict(assign=True)``, say) are given
-    the new ones under their old number, which compiled steps already name. Returns the number
-    of GEMMs held. The numbers go with the holders (weakref.finalize).
-
-    Why: a compiled step's inputs are handed in and out of inductor's C++ wrapper one by one
-    (a handle made and a Python reference taken and dropped each), and dynamo fetches each from
-    its module first; with the weights, a llama-1b step has 215 inputs, without them 86. The
-    fetching touches memory the weight stream has evicted since the last step (measured on an
-    Intel Xeon with AMX, llama-1b INT8, 2 ranks x 1 thread: 1.1-1.5 ms a step less outside
-    autotp's ops, 41.2 against 43.5 ms a step in alternating runs)."""
-    count = 0
-    for holder, fmt in _packed_holders(model):
-        tensors = fmt.tensors(holder)
-        kept = holder.__dict__.get("_autotp_held_tensors")
-        if kept is not None and len(kept) == len(tensors) and all(a is b for a, b in zip(kept, tensors)):
-            count += 1
-            continue
-        held = holder.__dict__.get(HELD, 0)
-        number = fmt.hold(holder, held)
-        if not held:
-            weakref.finalize(holder, kernels.release_linear, number)
-        holder.__dict__[HELD] = number  # plain attributes: not a module's submodules or parameters
-        holder.__dict__["_autotp_held_tensors"] = tensors
-        count += 1
-    return count
 
 
 def reorder_cache(cache, beam_idx: torch.Tensor):

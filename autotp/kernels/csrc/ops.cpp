@@ -5,8 +5,6 @@
 //   linear_bf16(x[..., K], packed, bias?, N, out_dtype?, isa) -> y[..., N] = x W^T + bias
 //   linear_int8(x[..., K], qpacked, spacked, bias?, N, G, O, out_dtype?, isa, activation_bits)
 //     -> y[..., N] = x (Q S)^T + bias (x as int16 per segment, or int8 with activation_bits = 8)
-//   hold_linear(kind, parts, N, G, O, isa, activation_bits, held) -> number; release_linear(number)
-//   linear_held(x, number, bias?, N) -> y = the held layer's GEMM of x    (compiled steps: decode.py)
 //   read_probe(buffer, isa) -> checksum                   (read bandwidth, for benchmarks)
 //   (the KV-cache ops of a decoding step, reorder_rows_ and decode_attention: decode_ops.cpp)
 //   class ShmComm(name, rank, size, slot_bytes, create, timeout_s, isa): all_reduce(t), unlink(), name()
@@ -31,10 +29,7 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <optional>
-#include <unordered_map>
 #include <string>
 #include <type_traits>
 
@@ -379,70 +374,6 @@ std::string serving_isa(const std::string& isa, const std::string& weight, at::S
   return serving_table(kernel_table(isa), kind, M).name;
 }
 
-// Linear layers held by number (hold_linear / release_linear / linear_held): a compiled
-// decoding step names each GEMM's weights by an int in its graph instead of taking them as
-// graph inputs, so that a step does not hand a few hundred weight tensors in and out of the
-// compiled function (autotp/sharding/decode.py). An entry holds the packed tensors (references:
-// the layer keeps its own) and what the GEMM call needs besides the activations and the bias.
-struct HeldLinear {
-  std::string kind;  // "bf16", "int8", "int4"
-  std::vector<at::Tensor> parts;  // bf16: packed; int8: qpacked, spacked; int4: qpacked, spacked[, zpacked]
-  int64_t out_features, group_size, group_offset, activation_bits;
-  std::string isa;
-};
-std::mutex held_mutex;
-std::unordered_map<int64_t, std::shared_ptr<const HeldLinear>>& held_linears() {
-  static std::unordered_map<int64_t, std::shared_ptr<const HeldLinear>> held;
-  return held;
-}
-int64_t held_next = 1;
-
-// Holds a layer's packed tensors under a new number (held = 0), or in place of what number
-// `held` holds (a layer whose tensors were replaced: the compiled steps that name it read the
-// new ones). Returns the number.
-int64_t hold_linear(const std::string& kind, std::vector<at::Tensor> parts, int64_t out_features, int64_t group_size,
-                    int64_t group_offset, const std::string& isa, int64_t activation_bits, int64_t held) {
-  const size_t need = kind == "bf16" ? 1 : kind == "int8" ? 2 : kind == "int4" ? 2 : 0;
-  TORCH_CHECK(need > 0, "autotp::hold_linear: kind must be bf16, int8 or int4, got ", kind);
-  TORCH_CHECK(parts.size() == need || (kind == "int4" && parts.size() == 3), "autotp::hold_linear: a layer of kind ", kind,
-              " holds ", need, kind == "int4" ? " or 3" : "", " tensors, got ", parts.size());
-  kernel_table(isa);  // an ISA this CPU cannot run fails here, not at the first step
-  auto entry = std::make_shared<const HeldLinear>(
-      HeldLinear{kind, std::move(parts), out_features, group_size, group_offset, activation_bits, isa});
-  std::lock_guard<std::mutex> lock(held_mutex);
-  TORCH_CHECK(held == 0 || held_linears().count(held), "autotp::hold_linear: no layer held as number ", held);
-  const int64_t id = held == 0 ? held_next++ : held;
-  held_linears()[id] = std::move(entry);
-  return id;
-}
-
-void release_linear(int64_t held) {
-  std::lock_guard<std::mutex> lock(held_mutex);
-  held_linears().erase(held);
-}
-
-// x @ W^T + bias with W the layer held as number `held`, in x's dtype: what linear_bf16 /
-// linear_int8 / linear_int4 return for the held tensors.
-at::Tensor linear_held(const at::Tensor& x, int64_t held, const std::optional<at::Tensor>& bias, int64_t out_features) {
-  std::shared_ptr<const HeldLinear> w;
-  {
-    std::lock_guard<std::mutex> lock(held_mutex);
-    auto it = held_linears().find(held);
-    TORCH_CHECK(it != held_linears().end(), "autotp::linear_held: no layer held as number ", held,
-                " (released with its model: a compiled step outlived the model it was traced from)");
-    w = it->second;
-  }
-  TORCH_CHECK(w->out_features == out_features, "autotp::linear_held: layer ", held, " has ", w->out_features,
-              " output features, the call asked for ", out_features);
-  const auto& p = w->parts;
-  if (w->kind == "bf16") return linear_bf16(x, p[0], bias, out_features, std::nullopt, w->isa);
-  if (w->kind == "int8")
-    return linear_int8(x, p[0], p[1], bias, out_features, w->group_size, w->group_offset, std::nullopt, w->isa,
-                       w->activation_bits);
-  return linear_int4(x, p[0], p[1], p.size() > 2 ? std::optional<at::Tensor>(p[2]) : std::nullopt, bias, out_features,
-                     w->group_size, w->group_offset, std::nullopt, w->isa);
-}
-
 std::vector<int64_t> op_clock_op(int64_t on) {
   TORCH_CHECK(on >= -1 && on <= 1, "autotp::op_clock: on is -1 (keep), 0 (stop) or 1 (start), got ", on);
   OpClockTotals& t = op_clock_totals;
@@ -488,10 +419,6 @@ TORCH_LIBRARY(autotp, m) {
         "int group_offset=0, ScalarType? out_dtype=None, str isa=\"\", int activation_bits=16) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor qpacked, Tensor spacked, Tensor? zpacked, Tensor? bias, int out_features, "
         "int group_size, int group_offset=0, ScalarType? out_dtype=None, str isa=\"\") -> Tensor");
-  m.def("hold_linear(str kind, Tensor[] parts, int out_features, int group_size=0, int group_offset=0, "
-        "str isa=\"\", int activation_bits=16, int held=0) -> int", &autotp::hold_linear);
-  m.def("release_linear(int held) -> ()", &autotp::release_linear);
-  m.def("linear_held(Tensor x, int held, Tensor? bias, int out_features) -> Tensor");
   m.def("read_probe(Tensor buffer, str isa=\"\") -> int");
   m.def("cpu_isas() -> str[]", &autotp::cpu_isas);
   m.def("weight_prefetch(int on=-1) -> bool", &autotp::weight_prefetch_op);
@@ -505,7 +432,6 @@ TORCH_LIBRARY_IMPL(autotp, CPU, m) {
   m.impl("linear_bf16", &autotp::linear_bf16);
   m.impl("linear_int8", &autotp::linear_int8);
   m.impl("linear_int4", &autotp::linear_int4);
-  m.impl("linear_held", &autotp::linear_held);
   m.impl("read_probe", &autotp::read_probe);
   m.impl("shm_all_reduce", &autotp::shm_all_reduce);
   m.impl("shm_all_reduce_", &autotp::shm_all_reduce_);
