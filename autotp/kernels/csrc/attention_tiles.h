@@ -143,9 +143,19 @@ void score_block_across(const uint32_t* qt, const float* q, const uint16_t* k, i
   typename V::F acc[NH];
   for (int h = 0; h < NH; ++h) acc[h] = V::zero();
   const bool fetch = g0 == 0 && l0 + (kAcrossAhead + 1) * W <= L;
+  const uint16_t* ahead = k + (l0 + kAcrossAhead * W) * D;
   for (int64_t j = 0; j < Dv; j += P) {
-    if (fetch)
-      for (int r = 0; r < W; ++r) __builtin_prefetch(k + (l0 + kAcrossAhead * W + r) * D + j, 0, 2);
+    if (fetch) {
+      // one pointer stepped by the row stride, opaque to the compiler: else it keeps the kWidth
+      // row addresses as loop invariants, which (with 8 accumulators and 16 transposed words
+      // live) go to the stack and are reloaded for every prefetch
+      const uint16_t* row = ahead + j;
+      for (int r = 0; r < W; ++r) {
+        __builtin_prefetch(row, 0, 2);
+        row += D;
+        asm("" : "+r"(row));
+      }
+    }
     typename V::I t[W];
     for (int r = 0; r < W; ++r) t[r] = V::load_words(reinterpret_cast<const uint8_t*>(k + (l0 + r) * D + j));
     V::transpose_words(t);
