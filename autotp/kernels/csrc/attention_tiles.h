@@ -143,7 +143,7 @@ void score_block_across(const uint32_t* qt, const float* q, const uint16_t* k, i
   typename V::F acc[NH];
   for (int h = 0; h < NH; ++h) acc[h] = V::zero();
   const bool fetch = g0 == 0 && l0 + (kAcrossAhead + 1) * W <= L;
-  const uint16_t* ahead = k + (l0 + kAcrossAhead * W) * D;
+  const uint16_t* ahead = fetch ? k + (l0 + kAcrossAhead * W) * D : k;  // (only ever a row of the cache)
   for (int64_t j = 0; j < Dv; j += P) {
     if (fetch) {
       // one pointer stepped by the row stride, opaque to the compiler: else it keeps the kWidth
