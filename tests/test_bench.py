@@ -194,18 +194,17 @@ def test_the_decode_profile_accounts_for_the_whole_step(beams):
     assert sum(rows.values()) == pytest.approx(100.0, abs=0.5) and rows["GEMMs"] > 0 and rows["attention"] > 0
     assert (rows["beam search"] > 0) == (beams > 1), done.stdout
     assert f"beam {beams}" in done.stdout if beams > 1 else "greedy" in done.stdout
-    from autotp import kernels
-
     if not kernels.extension_loaded():
         assert not clocked, done.stdout  # the op clock is the extension's
         return
     shares, calls = {}, {}
     for line in clocked.splitlines():
         name, sep, rest = line.partition("%")
-        if sep and rest.split():
+        fields = rest.split()  # ms / step, then the calls (none for "outside")
+        if sep and fields:
             label, share = name.rsplit(maxsplit=1)
             shares[label] = float(share)
-            calls[label] = int(rest.split()[1]) if len(rest.split()) > 1 else None
+            calls[label] = int(fields[1]) if len(fields) > 1 else None
     assert set(shares) == {"GEMMs (lm_head included)", "all-reduce / all-gather (waits included)",
                            "attention (decode_attention)", "outside autotp's ops"}, done.stdout
     assert sum(shares.values()) == pytest.approx(100.0, abs=0.5), done.stdout
@@ -223,8 +222,6 @@ def run_native_tool(name: str, *args: str):
     import subprocess
     import sys
     from pathlib import Path
-
-    from autotp import kernels
 
     if not kernels.extension_loaded():
         pytest.skip(f"native kernels unavailable: {kernels.status()[1]}")
