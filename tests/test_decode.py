@@ -329,30 +329,58 @@ def test_native_decode_attention_of_a_bf16_query_against_float64(isa, shape, mas
 
 
 @needs_extension
-@pytest.mark.skipif("avx512_bf16" not in kernels.available_isas(autotp.Runtime.from_env()),
-                    reason="this CPU has no AVX512-BF16 (vdpbf16ps): the keys-across-lanes scores do not run here")
-def test_a_bf16_query_of_many_heads_takes_the_bf16_pair_products():
-    """Which path scored is seen from what only vdpbf16ps does: it reads bf16 denormals as 0.
-    One position's keys are the bf16 denormal 2^-130 in every dim, the query 2^126: a score of
-    64 * 2^-4 = 4 by the FMAs (fp32 keeps the denormal), 0 by vdpbf16ps, so that position's
-    weight (its value row of ones, the others 0) is e^4 / (e^4 + 31) or 1/32. With 4 query heads
-    per KV head and the query exactly bf16, avx512_bf16 gives 1/32 (the pair products ran);
-    with 3 heads, or the query an fp32 ulp away from bf16, it gives what the generic path gives."""
+@pytest.mark.parametrize("isa", ["avx512_bf16", "amx"])
+def test_a_bf16_query_of_many_heads_takes_the_bf16_pair_products(isa):
+    """Which path scored is seen from what only bf16 pair products do (vdpbf16ps, and AMX's
+    tdpbf16ps): they read bf16 denormals as 0. One position's keys are the bf16 denormal 2^-130
+    in every dim, the query 2^126: a score of 64 * 2^-4 = 4 by the FMAs (fp32 keeps the
+    denormal), 0 by the pair products, so that position's weight (its value row of ones, the
+    others 0) is e^4 / (e^4 + 31) or 1/32. With 4 query heads per KV head and the query exactly
+    bf16, avx512_bf16 (keys across lanes) and amx (tile scores up to 16 heads, keys across lanes
+    beyond) give 1/32; with 3 heads, or the query an fp32 ulp away from bf16, they give what the
+    generic path gives."""
+    if isa not in kernels.available_isas(autotp.Runtime.from_env()):
+        pytest.skip(f"this CPU does not run {isa}: its bf16 pair products are tested where it does")
+
     def case(group, query):
         q = torch.full((1, 1, group, 64), query)
         k = torch.zeros(1, 1, 32, 64, dtype=torch.bfloat16)
         v = torch.zeros(1, 1, 32, 64, dtype=torch.bfloat16)
         k[0, 0, 5], v[0, 0, 5] = 2.0 ** -130, 1.0
         assert k[0, 0, 5, 0].item() == 2.0 ** -130  # a bf16 denormal, kept exactly
-        return [kernels.decode_attention(q, k, v, None, 1.0, isa)[0, 0, :, 0] for isa in ("avx512_bf16", "generic")]
+        return [kernels.decode_attention(q, k, v, None, 1.0, path)[0, 0, :, 0] for path in (isa, "generic")]
 
     fmas = math.exp(4) / (math.exp(4) + 31)
-    pairs, generic = case(4, 2.0 ** 126)
-    assert torch.allclose(generic, torch.full_like(generic, fmas), rtol=1e-5)
-    assert torch.allclose(pairs, torch.full_like(pairs, 1 / 32), rtol=1e-5)
+    for group in (4, 16, 20):  # AMX: tiles to 16 heads, keys across lanes past that
+        pairs, generic = case(group, 2.0 ** 126)
+        assert torch.allclose(generic, torch.full_like(generic, fmas), rtol=1e-5)
+        assert torch.allclose(pairs, torch.full_like(pairs, 1 / 32), rtol=1e-5)
     for group, query in [(3, 2.0 ** 126), (4, 2.0 ** 126 * (1 + 2.0 ** -23))]:
         fast, generic = case(group, query)
         assert torch.allclose(fast, generic, rtol=1e-5) and abs(generic[0].item() - fmas) < 1e-4
+
+
+@needs_extension
+def test_native_decode_attention_reads_a_strided_bias_and_query_as_their_copies():
+    """The op reads a float32 bias whose positions are contiguous where it lies (the model's mask
+    is a slice of a larger one) and widens a bf16 query itself: the same bits as with contiguous
+    copies given, and as a strided query (copied inside the op); a wrong bias differs."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 2, 8, 64, generator=gen).bfloat16()
+    k, v = (torch.randn(2, 2, 40, 64, generator=gen).bfloat16() for _ in range(2))
+    big = torch.randn(2, 16, 3, 48, generator=gen)
+    big[..., 30:40] = float("-inf")
+    bias = big[:, :, -1, :40]  # [2, 16, 40], rows 144 floats apart
+    assert not bias.is_contiguous() and bias.stride(-1) == 1
+    want = kernels.decode_attention(q.float(), k, v, bias.contiguous(), 0.125)
+    assert torch.equal(kernels.decode_attention(q, k, v, bias, 0.125), want)
+    strided_q = q.float().transpose(2, 3).contiguous().transpose(2, 3)  # the same values, not contiguous
+    assert not strided_q.is_contiguous()
+    assert torch.equal(kernels.decode_attention(strided_q, k, v, bias, 0.125), want)
+    shared = big[:, :1, -1, :40]  # one row for all heads, batch rows 2304 floats apart
+    assert torch.equal(kernels.decode_attention(q, k, v, shared, 0.125),
+                       kernels.decode_attention(q, k, v, shared.contiguous(), 0.125))
+    assert not torch.equal(kernels.decode_attention(q, k, v, big[:, :, 0, :40], 0.125), want)
 
 
 @needs_extension

@@ -394,7 +394,8 @@ def test_packing_in_row_chunks_with_release_equals_whole():
 def test_each_call_goes_to_the_first_table_down_the_list_that_serves_it():
     """AVX512-BF16 adds only bf16-activation tiles, AMX those and an INT8 tile for more than
     16 rows, AVX512-VNNI only an INT8 tile: fp32 activations go to AVX-512, INT8 to AVX512-VNNI
-    where the CPU has it (AMX from 17 rows); the other tables serve all."""
+    where the CPU has it (AMX from 17 rows); the other tables serve all. Every table but
+    AVX512-VNNI's has its own decode attention."""
     int8_top = "avx512_vnni" if "avx512_vnni" in PATHS else "avx512"
     above_avx512 = ("amx", "avx512_bf16", "avx512_vnni")
     for isa in PATHS:
@@ -419,5 +420,7 @@ def test_each_call_goes_to_the_first_table_down_the_list_that_serves_it():
         assert kernels.serving_isa(isa, "int4", torch.bfloat16) == (
             "avx512_bf16" if isa == "amx" else "avx512" if isa == "avx512_vnni" else isa)
         assert kernels.serving_isa(isa, "int4", torch.float32) == ("avx512" if isa in above_avx512 else isa)
-    with pytest.raises(RuntimeError, match="weight must be bf16, int8 or int4"):
+        # decode attention: AMX's own (tile scores), AVX512-VNNI hands it to AVX-512
+        assert kernels.serving_isa(isa, "attention") == ("avx512" if isa == "avx512_vnni" else isa)
+    with pytest.raises(RuntimeError, match="weight must be bf16, int8, int4 or attention"):
         kernels.serving_isa("", "int2")

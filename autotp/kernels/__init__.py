@@ -276,7 +276,8 @@ def serving_isa(isa: str, weight: str = "bf16", x_dtype: torch.dtype = torch.bfl
     """The kernel table that serves a GEMM started at ``isa`` ("" the best this CPU runs) with
     ``weight`` ("bf16", "int8" or "int4") weights, activations of ``x_dtype`` and ``rows`` rows: a table
     that serves only bf16 activations, or only from some number of rows (AMX), hands the rest
-    to the one below it. Needs the extension built."""
+    to the one below it. ``weight="attention"``: the table that serves :func:`decode_attention`
+    (a table without its own, such as AVX512-VNNI, hands it down). Needs the extension built."""
     return torch.ops.autotp.serving_isa(isa, weight, x_dtype, rows)
 
 

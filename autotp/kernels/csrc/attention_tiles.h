@@ -118,6 +118,17 @@ struct ScoresAcross<V, std::void_t<decltype(V::transpose_words(static_cast<typen
                                    decltype((void)V::dot_pairs(V::zero(), typename V::I(), 0u))>>
     : std::true_type {};
 
+// Whether V scores a block of kWidth positions for all G heads at once on matrix tiles
+// (V::tile_scores, with V::tile_begin(G) / V::tile_end() around one call's blocks; AMX,
+// isa_amx_attention.cpp): where score_block_across would serve (a bf16 query of kAcrossHeads
+// heads or more) and G <= V::kTileHeads, the query laid out by across_query for all G heads as
+// one group.
+template <class V, class = void>
+struct ScoresTile : std::false_type {};
+template <class V>
+struct ScoresTile<V, std::void_t<decltype(V::tile_scores(nullptr, nullptr, nullptr, 0, 0, 0, 0, 0, 0.0f, nullptr,
+                                                         nullptr))>> : std::true_type {};
+
 // Query heads per KV head from which score_block_across serves the blocks of positions (its
 // transposes are shared by the heads), and the blocks ahead whose keys it prefetches
 constexpr int64_t kAcrossHeads = 4;
@@ -193,12 +204,13 @@ inline bool exact_normal_bf16(const float* x, int64_t n) {
   return ok;
 }
 
-// The query [G, D] for score_block_across: for each group of 8 heads from g0 (nh of them), the
-// bf16 pairs of the first Dv dims as 32-bit words, word g0 * Dv / 2 + i * nh + h holding
-// (q[g0 + h, 2i], q[g0 + h, 2i + 1]) as the keys' words hold a pair (the even dim in the low half)
-inline void across_query(const float* q, int64_t G, int64_t D, int64_t Dv, uint32_t* qt) {
-  for (int64_t g0 = 0; g0 < G; g0 += 8) {
-    const int64_t nh = std::min<int64_t>(8, G - g0);
+// The query [G, D] for score_block_across: for each group of `per` heads from g0 (nh of them),
+// the bf16 pairs of the first Dv dims as 32-bit words, word g0 * Dv / 2 + i * nh + h holding
+// (q[g0 + h, 2i], q[g0 + h, 2i + 1]) as the keys' words hold a pair (the even dim in the low
+// half). Groups of 8 for score_block_across; V::tile_scores takes all G heads as one group.
+inline void across_query(const float* q, int64_t G, int64_t D, int64_t Dv, uint32_t* qt, int64_t per = 8) {
+  for (int64_t g0 = 0; g0 < G; g0 += per) {
+    const int64_t nh = std::min<int64_t>(per, G - g0);
     for (int64_t h = 0; h < nh; ++h)
       for (int64_t i = 0; i < Dv / 2; ++i) {
         uint32_t even, odd;
@@ -334,7 +346,10 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
   bool across = false;  // scores with the keys across lanes (score_block_across)
   if constexpr (ScoresAcross<V>::value)
     across = G >= kAcrossHeads && exact_normal_bf16(q, G * D);
-  if (across) across_query(q, G, D, Dv, qt);
+  bool tile = false;  // or on matrix tiles (V::tile_scores)
+  if constexpr (ScoresTile<V>::value)
+    tile = across && G <= V::kTileHeads && Dv > 0;
+  if (across) across_query(q, G, D, Dv, qt, tile ? G : 8);
   float* qs = out;              // the query deinterleaved the same way (out is written last)
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t i = 0; i < half; ++i) {
@@ -343,12 +358,20 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
     }
     for (int64_t d = Dv; d < D; ++d) qs[g * D + d] = q[g * D + d];
   }
+  bool tiles_set = false;  // V::tile_begin ran (at the first block the tiles score)
   for (int64_t l0 = 0; l0 < L;) {
     bool any = false;  // a block of kWidth positions at once where one of them is read, else one
     for (int64_t l = l0; l < std::min(L, l0 + W) && !any; ++l) any = !skip[l];
     if (any && l0 + W <= L) {
+      if constexpr (ScoresTile<V>::value) {
+        if (tile) {
+          if (!tiles_set) V::tile_begin(G);
+          tiles_set = true;
+          V::tile_scores(qt, q, k, l0, G, L, D, Dv, scale, bias, scores);
+        }
+      }
       if constexpr (ScoresAcross<V>::value)
-        if (across) score_heads_across<V>(qt, q, k, l0, G, L, D, Dv, scale, bias, scores);
+        if (across && !tile) score_heads_across<V>(qt, q, k, l0, G, L, D, Dv, scale, bias, scores);
       if (!across) score_block<V>(qs, k, l0, G, L, D, Dv, scale, bias, scores);
       for (int64_t l = l0; l < l0 + W; ++l)
         if (skip[l])
@@ -374,6 +397,8 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
     }
     ++l0;
   }
+  if constexpr (ScoresTile<V>::value)
+    if (tiles_set) V::tile_end();
   for (int64_t g = 0; g < G; ++g) {
     float* sg = scores + g * L;
     const float top = lanes_max(sg, L);

@@ -126,28 +126,54 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key, const at
                 op, ": key and value must be bfloat16 CPU tensors [", B, ", ", KVH, ", length, ", D, "], got ",
                 t->scalar_type(), " ", t->sizes());
   const int64_t L = key.size(2);
+  // The bias as it lies where its positions are contiguous (the model's mask is a slice of a
+  // larger one), its rows found by its strides; else a float32 contiguous copy.
   at::Tensor b;
+  int64_t heads_b = 0, stride_row = 0, stride_head = 0;
   if (bias.has_value() && bias->defined()) {
-    b = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(b.dim() == 3 && b.size(0) == B && (b.size(1) == 1 || b.size(1) == KVH * G) && b.size(2) == L, op,
-                ": bias must be [", B, ", 1 or ", KVH * G, ", ", L, "], got ", b.sizes());
+    const at::Tensor& given = *bias;
+    TORCH_CHECK(given.dim() == 3 && given.size(0) == B && (given.size(1) == 1 || given.size(1) == KVH * G) &&
+                    given.size(2) == L,
+                op, ": bias must be [", B, ", 1 or ", KVH * G, ", ", L, "], got ", given.sizes());
+    b = given.scalar_type() == at::kFloat && (L <= 1 || given.stride(2) == 1) ? given
+                                                                             : given.to(at::kFloat).contiguous();
+    heads_b = b.size(1), stride_row = b.stride(0), stride_head = b.stride(1);
   }
-  const at::Tensor qc = q.to(at::kFloat).contiguous(), kc = key.contiguous(), vc = value.contiguous();
-  at::Tensor out = at::empty({B, KVH, G, D}, qc.options());
+  // The query in fp32 as the kernel reads it: a contiguous bf16 query widened here into this
+  // thread's buffer. (at::Tensor::to's copy, a TensorIterator, took 50-150 us a call on a Xeon
+  // with AMX when a GEMM's weight stream had just evicted its code: more than the attention.)
+  const float* qp = nullptr;
+  at::Tensor qc;
+  if (q.scalar_type() == at::kFloat && q.is_contiguous()) {
+    qp = q.data_ptr<float>();
+  } else if (q.scalar_type() == at::kBFloat16 && q.is_contiguous()) {
+    thread_local std::vector<float> widened;
+    if (widened.size() < static_cast<size_t>(q.numel())) widened.resize(q.numel());
+    const auto* src = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+    for (int64_t i = 0; i < q.numel(); ++i) widened[i] = bf16_to_float(src[i]);
+    qp = widened.data();
+  } else {
+    qc = q.to(at::kFloat).contiguous();
+    qp = qc.data_ptr<float>();
+  }
+  const at::Tensor kc = key.contiguous(), vc = value.contiguous();
+  at::Tensor out = at::empty({B, KVH, G, D}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   const auto attend = serving_table(kernel_table(isa), CallKind::kAttention, 0).attend_bf16;
-  const float* qp = qc.data_ptr<float>();
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(kc.data_ptr<at::BFloat16>());
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(vc.data_ptr<at::BFloat16>());
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* op_out = out.data_ptr<float>();
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(G * L + 2 * G * D + L);  // attend_bf16_rows: scores, query, sums, a byte per position
+    // attend_bf16_rows' scratch (scores, query, sums, a byte per position), kept by each thread
+    thread_local std::vector<float> scratch;
+    const size_t need = G * L + 2 * G * D + L;
+    if (scratch.size() < need) scratch.resize(need);
     std::vector<const float*> rows(G);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bi = i / KVH, h = i % KVH;
       for (int64_t g = 0; g < G; ++g)
-        rows[g] = bp ? bp + (bi * b.size(1) + (b.size(1) == 1 ? 0 : h * G + g)) * L : nullptr;
+        rows[g] = bp ? bp + bi * stride_row + (heads_b == 1 ? 0 : (h * G + g) * stride_head) : nullptr;
       attend(qp + i * G * D, kp + i * L * D, vp + i * L * D, rows.data(), static_cast<float>(scale),
              op_out + i * G * D, scratch.data(), G, L, D);
     }

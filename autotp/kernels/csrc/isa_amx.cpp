@@ -9,7 +9,8 @@
 // Calls of up to 16 rows stream the weights instead (stream_tile). fp32 activations go to the
 // tables below (AVX-512; AVX512-BF16 serves only bf16 ones). INT8 calls of more than 16
 // rows (prompts, batches) take AMX-INT8's tdpbssd / tdpbusd on the packed INT8 layout as it lies
-// (int8_amx_tile below); fewer rows go to AVX512-VNNI.
+// (int8_amx_tile below); fewer rows go to AVX512-VNNI. Decode attention scores grouped query
+// heads on tiles too (isa_amx_attention.cpp).
 #include "kernel_table.h"
 
 #if AUTOTP_X86_TABLES
@@ -57,12 +58,7 @@ bool supported() {
 #pragma GCC target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw,avx512dq,avx512vl")
 
 #include "epilogue.h"
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+#include "amx_config.h"
 
 // One pass: rows [0, 32) of x (bf16, row stride ldx elements; rows past the call's M are the
 // zero padding ops.cpp leaves), `steps` steps of 16 K pairs from x and from the group rows at
@@ -385,7 +381,8 @@ const KernelTable& amx_table() {
   const KernelTable& below = avx512_bf16_table();
   const KernelTable& avx512 = avx512_table();  // INT8's activations: the AVX-512 copy
   static const KernelTable table{"amx", supported, nullptr, bf16x_tile, kMinRows, kUnitRows, kAmxStreamRows, kUnitBlocks,
-                                 int8_tile, nullptr, nullptr, below.sum_bf16, below.sum_f32, below.stream_read, nullptr,
+                                 int8_tile, nullptr, nullptr, below.sum_bf16, below.sum_f32, below.stream_read,
+                                 amx_attend_bf16(),
                                  avx512.int8_x_bf16, avx512.int8_x_f32, int8_u8_tile,
                                  amx_int8() ? kAmxInt8MinRows : LLONG_MAX};  // no AMX-INT8: no INT8 call
   return table;

@@ -28,16 +28,7 @@ bool supported() {
 
 #include "avx512_vector.h"
 
-// Decode attention (attention_tiles.h) as the AVX-512 table computes it, but where a KV head
-// serves several query heads and the query is exactly bf16 (a bf16 model's), the scores are
-// vdpbf16ps products of the transposed key pairs and the query's pair: half the product
-// instructions of the FMAs, no widening (score_block_across)
-struct Avx512Bf16Attention : Avx512 {
-  static F dot_pairs(F acc, I keys, uint32_t pair) {
-    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(keys), reinterpret_cast<__m512bh>(_mm512_set1_epi32(
-                                                                          static_cast<int>(pair))));
-  }
-};
+#include "avx512_bf16_attention.h"
 
 // acc[i][j] (+)= sum over `pairs` K pairs of x[i, 2p + s] * W[block j, p, s]: MT rows of bf16
 // x (row stride ldx), NB blocks of the group rows at w. 6 x 4 accumulators, 4 weights, 1 pair.

@@ -127,6 +127,10 @@ template <typename T>
 using Int8ActivationRows = void (*)(const T* x, int64_t m0, int64_t m1, int64_t K, int64_t G, int64_t O,
                                     int16_t* xq, int64_t ldq, float* xs, int64_t segs, int16_t x_max);
 
+// decode attention over a bf16 KV cache for one (batch row, KV head) (KernelTable::attend_bf16)
+using AttendBf16Fn = void (*)(const float* q, const uint16_t* k, const uint16_t* v, const float* const* bias,
+                              float scale, float* out, float* scratch, int64_t G, int64_t L, int64_t D);
+
 // What one instruction set provides. Tiles compute rows [m0, m1) (at most kBlockM) and blocks
 // of 16 columns [b0, b1) (b0 a multiple of 4, at most kMaxItemBlocks; a bf16x tile may ask for
 // other limits) of the bf16 GEMM, or
@@ -163,8 +167,7 @@ struct KernelTable {
   // decode attention over a bf16 KV cache for one (batch row, KV head), attention_tiles.h (scratch:
   // G * L + G * D + L floats); null:
   // the next table down serves it
-  void (*attend_bf16)(const float* q, const uint16_t* k, const uint16_t* v, const float* const* bias, float scale,
-                      float* out, float* scratch, int64_t G, int64_t L, int64_t D);
+  AttendBf16Fn attend_bf16;
   // INT8's activations from bf16 or fp32 x (int8_activations.h), compiled for this table's
   // instruction set; every table with an int8_tile has them
   Int8ActivationRows<uint16_t> int8_x_bf16;
@@ -193,6 +196,7 @@ const KernelTable& avx512_table();
 const KernelTable& avx512_vnni_table();
 const KernelTable& avx512_bf16_table();
 const KernelTable& amx_table();
+AttendBf16Fn amx_attend_bf16();  // AMX's decode attention (isa_amx_attention.cpp)
 #endif
 
 // The tables this build holds, best first (generic last), and those this CPU runs.

@@ -364,11 +364,13 @@ int64_t read_probe(const at::Tensor& buffer, const std::string& isa) {
   return static_cast<int64_t>(sum.load());
 }
 
-// The table that serves a GEMM call started at `isa` (see serving_table), for tests and benchmarks.
+// The table that serves a GEMM call started at `isa` (see serving_table), or with weight
+// "attention" a decode_attention call, for tests and benchmarks.
 std::string serving_isa(const std::string& isa, const std::string& weight, at::ScalarType x_dtype, int64_t M) {
-  TORCH_CHECK(weight == "bf16" || weight == "int8" || weight == "int4",
-              "autotp::serving_isa: weight must be bf16, int8 or int4, got ", weight);
-  const CallKind kind = weight == "int8"   ? CallKind::kInt8
+  TORCH_CHECK(weight == "bf16" || weight == "int8" || weight == "int4" || weight == "attention",
+              "autotp::serving_isa: weight must be bf16, int8, int4 or attention, got ", weight);
+  const CallKind kind = weight == "attention" ? CallKind::kAttention
+                        : weight == "int8"   ? CallKind::kInt8
                         : weight == "int4" ? (x_dtype == at::kBFloat16 ? CallKind::kInt4Bf16X : CallKind::kInt4)
                         : x_dtype == at::kBFloat16 ? CallKind::kBf16Bf16X : CallKind::kBf16Fp32X;
   return serving_table(kernel_table(isa), kind, M).name;
