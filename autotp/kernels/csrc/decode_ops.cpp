@@ -2,6 +2,7 @@
 // library's definition and the GEMMs):
 //   reorder_rows_(tensors, sources, length, starts?)   (beam search's cache reorder, in place)
 //   decode_attention(q, key, value, bias?, scale, isa)  (one query position over a bf16 cache, fp32 math)
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -157,7 +158,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key, const at
     qp = qc.data_ptr<float>();
   }
   const at::Tensor kc = key.contiguous(), vc = value.contiguous();
-  at::Tensor out = at::empty({B, KVH, G, D}, q.options().dtype(at::kFloat));
+  at::Tensor out = at::detail::empty_cpu({B, KVH, G, D}, at::kFloat);  // (begin_linear's reason, ops.cpp)
   if (out.numel() == 0) return out;
   const auto attend = serving_table(kernel_table(isa), CallKind::kAttention, 0).attend_bf16;
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(kc.data_ptr<at::BFloat16>());

@@ -18,6 +18,7 @@
 // is an error); the call runs on the first table from there down that serves it (a table may
 // serve only bf16 activations, or only from some number of rows: kernel_table.h). The Python
 // side picks `isa` from the Runtime.
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>
@@ -138,7 +139,9 @@ LinearCall begin_linear(const at::Tensor& x, const std::optional<at::Tensor>& bi
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   const int64_t M = x.numel() / std::max<int64_t>(K, 1);
-  at::Tensor out = at::empty(out_shape, x.options().dtype(odt));
+  // (at::detail::empty_cpu: the allocation without the dispatcher's round trip, whose code a
+  // decode step's weight stream evicts between calls)
+  at::Tensor out = at::detail::empty_cpu(out_shape, odt);
   if (M > 0 && N > 0 && K == 0) out.zero_().add_(b.defined() ? b.to(odt) : at::zeros({N}, out.options()));
   return {K, M, out, b, M == 0 || N == 0 || K == 0, &table};
 }

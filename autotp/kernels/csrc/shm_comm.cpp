@@ -2,6 +2,7 @@
 #include "shm_comm.h"
 #include "op_clock.h"
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 
 
@@ -62,7 +63,8 @@ ShmComm& ShmComm::lookup(int64_t id) {
 
 at::Tensor shm_all_reduce(const at::Tensor& tensor, int64_t comm) {
   const at::Tensor in = tensor.contiguous();
-  return ShmComm::lookup(comm).all_reduce_into(in, at::empty(in.sizes(), in.options()));  // no clone of x first
+  // no clone of x first; at::detail::empty_cpu: begin_linear's reason (ops.cpp)
+  return ShmComm::lookup(comm).all_reduce_into(in, at::detail::empty_cpu(in.sizes(), in.scalar_type()));
 }
 
 at::Tensor shm_all_reduce_(at::Tensor tensor, int64_t comm) { return ShmComm::lookup(comm).all_reduce(tensor); }
@@ -230,7 +232,7 @@ at::Tensor ShmComm::all_gather_last_dim(const at::Tensor& tensor, at::IntArrayRe
   const int64_t total = offsets[size_], elem = tensor.element_size();
   auto shape = tensor.sizes().vec();
   shape.back() = total;
-  at::Tensor out = at::empty(shape, tensor.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::detail::empty_cpu(shape, tensor.scalar_type());  // contiguous
   const at::Tensor part = tensor.contiguous();
   const int64_t rows = out.numel() / std::max<int64_t>(total, 1);
   if (size_ == 1 || widest * elem > slot_bytes_) {  // one rank, or a row wider than a slot: a zeroed whole, summed
