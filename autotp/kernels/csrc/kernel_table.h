@@ -165,7 +165,7 @@ struct KernelTable {
   // the XOR of every 8-byte word of [data, data + bytes), the bytes past the last 32 one by one
   uint64_t (*stream_read)(const uint8_t* data, int64_t bytes);
   // decode attention over a bf16 KV cache for one (batch row, KV head), attention_tiles.h (scratch:
-  // G * L + G * D + L floats); null:
+  // G * L + 2 * G * D + L floats); null:
   // the next table down serves it
   AttendBf16Fn attend_bf16;
   // INT8's activations from bf16 or fp32 x (int8_activations.h), compiled for this table's
