@@ -358,18 +358,14 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
     }
     for (int64_t d = Dv; d < D; ++d) qs[g * D + d] = q[g * D + d];
   }
-  bool tiles_set = false;  // V::tile_begin ran (at the first block the tiles score)
+  if constexpr (ScoresTile<V>::value)
+    if (tile) V::tile_begin(G);
   for (int64_t l0 = 0; l0 < L;) {
     bool any = false;  // a block of kWidth positions at once where one of them is read, else one
     for (int64_t l = l0; l < std::min(L, l0 + W) && !any; ++l) any = !skip[l];
     if (any && l0 + W <= L) {
-      if constexpr (ScoresTile<V>::value) {
-        if (tile) {
-          if (!tiles_set) V::tile_begin(G);
-          tiles_set = true;
-          V::tile_scores(qt, q, k, l0, G, L, D, Dv, scale, bias, scores);
-        }
-      }
+      if constexpr (ScoresTile<V>::value)
+        if (tile) V::tile_scores(qt, q, k, l0, G, L, D, Dv, scale, bias, scores);
       if constexpr (ScoresAcross<V>::value)
         if (across && !tile) score_heads_across<V>(qt, q, k, l0, G, L, D, Dv, scale, bias, scores);
       if (!across) score_block<V>(qs, k, l0, G, L, D, Dv, scale, bias, scores);
@@ -398,7 +394,7 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
     ++l0;
   }
   if constexpr (ScoresTile<V>::value)
-    if (tiles_set) V::tile_end();
+    if (tile) V::tile_end();
   for (int64_t g = 0; g < G; ++g) {
     float* sg = scores + g * L;
     const float top = lanes_max(sg, L);
