@@ -372,3 +372,29 @@ def compare_merged_siblings(rank: int, world_size: int, family: str, quantize: s
             "greedy_equal": torch.equal(out[False][1], out[True][1]),
             "beam_equal": torch.equal(out[False][2], out[True][2]),
             "groups": out["groups_True"], "groups_when_off": out["groups_False"]}
+
+
+def compiled_collectives(rank: int, world_size: int) -> dict:
+    """A compiled graph's shared-memory all-reduce and all-gather, compiled with autotp's C shim
+    table (autotp.kernels.shims): whether the C++ wrapper calls their C functions, and whether
+    the results equal the eager collectives' bit for bit (bf16 sums, uneven gathered parts)."""
+    from torch._inductor.utils import run_and_get_cpp_code
+
+    from autotp.comm import TPGroup
+    from autotp.kernels import shims
+
+    group = TPGroup.from_torch(world_size, runtime=autotp.Runtime.from_env().replace(comm="shm"))
+    sizes = [5 + r for r in range(world_size)]
+
+    def fn(x, part):
+        return group.all_reduce(x * 2), group.all_gather_last_dim(part + 1, sizes)
+
+    gen = torch.Generator().manual_seed(rank)
+    x, part = torch.randn(3, 64, generator=gen).bfloat16(), torch.randn(2, sizes[rank], generator=gen)
+    want = (group.all_reduce((x * 2).clone()), group.all_gather_last_dim(part + 1, sizes))
+    torch._dynamo.reset()
+    with torch._inductor.config.patch({"aot_inductor.custom_ops_to_c_shims": shims.c_shims(), "fx_graph_cache": False}):
+        got, code = run_and_get_cpp_code(torch.compile(fn, options={"cpp_wrapper": True}), x, part)
+    return {"shims_called": all(f"aoti_torch_cpu_{op}(" in code for op in ("shm_all_reduce", "shm_all_gather_last_dim")),
+            "equal": all(torch.equal(g, w) for g, w in zip(got, want)),
+            "other_rank_differs": not torch.equal(want[0], (x * 2 * world_size))}

@@ -227,7 +227,8 @@ def weight_prefetch(on: bool | None = None) -> bool:
     """Whether the native GEMM tiles that only stream their weights prefetch them in software,
     after setting it to ``on`` (None: leave it): the AVX512-BF16 bf16 tile, and the INT8 and
     bf16 tiles of at most 2 activation rows (tiles of more rows, INT4's and AMX's always
-    prefetch). One switch for the whole process; the results are the same either way, only
+    prefetch), and decode attention's read-ahead of the KV cache (csrc/attention_tiles.h). One
+    switch for the whole process; the results are the same either way, only
     the speed differs. The default is the CPU's: off on AMD CPUs, where the hardware
     prefetchers keep ahead of such a stream and the extra instructions cost time (AMD EPYC
     Zen 4, 2 ranks: 0.80-1.00x the time off), on elsewhere (csrc/kernel_table.h).

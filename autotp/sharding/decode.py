@@ -8,7 +8,8 @@ of the modules runs once, at tracing, instead of every token. The graph is calle
 inductor's C++ wrapper (``cpp_wrapper``), not its Python one: the few hundred kernel and op
 calls of a step cost no Python each (measured on an AMD EPYC Zen 4, llama-1b shape, 2 ranks x
 1 thread, interleaved in one process: 2.5-6 ms less per step; its first compilation takes
-about twice as long, then it is cached like the rest). The model's ``forward`` routes
+about twice as long, then it is cached like the rest); autotp's own ops in it are called as
+C functions, not through the dispatcher (autotp.kernels.shims). The model's ``forward`` routes
 each call: a decoding step (one new position per sequence over a static cache: greedy,
 sampling and beam search alike; transformers' own compilation covers only the first two) to
 the compiled function, anything else (the prompt) to the eager forward. autotp's own ops (the GEMMs, the shared-memory all-reduce and all-gather) are custom
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from autotp import kernels
-from autotp.kernels import pages
+from autotp.kernels import pages, shims
 from autotp.runtime import Runtime
 from autotp.sharding import attention
 from autotp.sharding.siblings import merge_siblings
@@ -132,8 +133,10 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
         return model
     gen.cache_implementation = "static"
     forward = model.forward  # the class's, bound
-    compiled = torch.compile(_own_step(forward), dynamic=None,
-                             options={"guard_filter_fn": _inputs_only, "cpp_wrapper": True, **_NO_RUNTIME_ASSERTS})
+    options = {"guard_filter_fn": _inputs_only, "cpp_wrapper": True, **_NO_RUNTIME_ASSERTS}
+    if kernels.extension_loaded(runtime):  # autotp's ops called as C functions (autotp.kernels.shims)
+        options["aot_inductor.custom_ops_to_c_shims"] = shims.c_shims()
+    compiled = torch.compile(_own_step(forward), dynamic=None, options=options)
     # inductor's caches key a graph by its text, in which an op's defaulted arguments do not
     # appear: a step cached before the extension's op signatures changed would call them with
     # the old arguments (a crash). The build's name, a hash of its sources, goes into the key.

@@ -242,17 +242,57 @@ void score_heads_across(const uint32_t* qt, const float* q, const uint16_t* k, i
   }
 }
 
+// Software read-ahead over what one call streams, in the order it reads it: the keys' live rows,
+// the values' live rows, then the next call's keys (the caller's next (batch row, KV head), or
+// none). The hardware's L2 streamer stops at every 4 KiB page and starts again only after a few
+// misses, and each stream here is short (a head's rows: 36-72 KB for a 1 B model's cache at 288
+// positions), so each page and each stream began with misses the stream waited for.
+// fetch_to(n) prefetches every line of the first n bytes of that concatenation not yet asked for.
+struct ReadAhead {
+  const char* base[3];
+  int ranges;
+  int64_t size;  // bytes of each range
+  int64_t done = 0;  // bytes asked for so far
+  int range = 0;
+  const char* at;
+  const char* range_end;
+
+  ReadAhead(const uint16_t* k, const uint16_t* v, const uint16_t* next_k, int64_t bytes)
+      : base{reinterpret_cast<const char*>(k), reinterpret_cast<const char*>(v), reinterpret_cast<const char*>(next_k)},
+        ranges(next_k ? 3 : 2), size(bytes), at(base[0]), range_end(base[0] + bytes) {}
+
+  void fetch_to(int64_t n) {
+    for (; done < n && range < ranges; done += 64) {
+      __builtin_prefetch(at, 0, 3);
+      at += 64;
+      if (at >= range_end && ++range < ranges) {
+        at = base[range];
+        range_end = at + size;
+        done = range * size - 64;  // (a range's last line may run past its end: the next starts on its own)
+      }
+    }
+  }
+};
+
+// How far ahead ReadAhead asks, where the process prefetches its weights (weight_prefetch(),
+// kernel_table.h: on Intel, off on AMD, whose L2 prefetcher crosses pages). On the Xeon with AMX,
+// one thread, tools/bench_attention.py's caches from memory (4 beams x 288 positions, 16 layers),
+// read-ahead on / off interleaved in one process: GPT-J-1B's 75 MB 0.93-0.97x, Llama-1B's 9.4 MB
+// 0.91-0.96x the time at 2 KB (1 KB: 0.96-0.97x, 4 KB: 0.97x).
+inline int64_t attention_read_ahead() { return weight_prefetch() ? 2048 : 0; }
+
 // acc[g0 + h, chunks c] = sum over the positions read of scores[g0 + h, l] * v[l, chunk c], for
 // HB heads and C chunks of 2 * kWidth dims from j: 2 * HB * C accumulators in registers, each
 // value row's C chunks (contiguous) widened once for all HB heads.
 template <class V, int HB, int C>
 void value_chunks(const float* scores, const uint16_t* v, const uint8_t* skip, int64_t g0, int64_t L, int64_t D,
-                  int64_t j, int64_t half, float* acc) {
+                  int64_t j, int64_t half, float* acc, ReadAhead* reads, int64_t ahead) {
   constexpr int64_t P = 2 * V::kWidth;
   typename V::F ae[HB][C], ao[HB][C];
   for (int h = 0; h < HB; ++h)
     for (int c = 0; c < C; ++c) ae[h][c] = ao[h][c] = V::zero();
   for (int64_t l = 0; l < L; ++l) {
+    if (reads) reads->fetch_to((L + l + 1) * D * 2 + ahead);
     if (skip[l]) continue;
     const uint16_t* row = v + l * D + j;  // rows in memory order: the hardware prefetchers keep ahead
     typename V::F e[C], o[C];
@@ -280,11 +320,11 @@ constexpr int pow2_floor(int n) { return n >= 2 ? 2 * pow2_floor(n / 2) : 1; }
 // value_chunks over `chunks` chunks (a power of two, at most C) from j
 template <class V, int HB, int C = pow2_floor(V::kAttnAccumulators / 2 / HB)>
 void value_pass(int64_t chunks, const float* scores, const uint16_t* v, const uint8_t* skip, int64_t g0, int64_t L,
-                int64_t D, int64_t j, int64_t half, float* acc) {
+                int64_t D, int64_t j, int64_t half, float* acc, ReadAhead* reads, int64_t ahead) {
   if constexpr (C > 1) {
-    if (chunks < C) return value_pass<V, HB, C / 2>(chunks, scores, v, skip, g0, L, D, j, half, acc);
+    if (chunks < C) return value_pass<V, HB, C / 2>(chunks, scores, v, skip, g0, L, D, j, half, acc, reads, ahead);
   }
-  value_chunks<V, HB, C>(scores, v, skip, g0, L, D, j, half, acc);
+  value_chunks<V, HB, C>(scores, v, skip, g0, L, D, j, half, acc, reads, ahead);
 }
 
 // chunks per pass for `heads` heads with `left` chunks to go: the largest power of two that
@@ -331,10 +371,10 @@ inline int64_t live_positions(const uint8_t* skip, int64_t L) {
 }
 
 // q [G, D] fp32, k / v [L, D] bf16 (row stride D), bias[g] a row of L fp32 or null,
-// out [G, D] fp32; scratch: G * L + 2 * G * D + L floats.
+// out [G, D] fp32; scratch: G * L + 2 * G * D + L floats; next_k as AttendBf16Fn (kernel_table.h).
 template <class V>
 void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, const float* const* bias, float scale,
-                      float* out, float* scratch, int64_t G, int64_t L, int64_t D) {
+                      float* out, float* scratch, int64_t G, int64_t L, int64_t D, const uint16_t* next_k) {
   constexpr int64_t W = V::kWidth, P = 2 * V::kWidth;  // bf16 values per even / odd load pair
   uint8_t* skip = reinterpret_cast<uint8_t*>(scratch + G * L + 2 * G * D);  // [L]: a position no head reads
   unread_positions(bias, G, L, skip);
@@ -360,7 +400,11 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
   }
   if constexpr (ScoresTile<V>::value)
     if (tile) V::tile_begin(G);
+  const int64_t ahead = attention_read_ahead(), row_bytes = D * 2;
+  ReadAhead reads(k, v, next_k, L * row_bytes);
+  if (ahead > 0) reads.fetch_to(ahead);
   for (int64_t l0 = 0; l0 < L;) {
+    if (ahead > 0) reads.fetch_to((l0 + W) * row_bytes + ahead);
     bool any = false;  // a block of kWidth positions at once where one of them is read, else one
     for (int64_t l = l0; l < std::min(L, l0 + W) && !any; ++l) any = !skip[l];
     if (any && l0 + W <= L) {
@@ -410,11 +454,12 @@ void attend_bf16_rows(const float* q, const uint16_t* k, const uint16_t* v, cons
     const int64_t heads = std::min<int64_t>(4, G - g0);
     for (int64_t j = 0; j < Dv;) {
       const int64_t chunks = chunks_per_pass<V>(heads, (Dv - j) / P);
+      ReadAhead* r = ahead > 0 && g0 == 0 && j == 0 ? &reads : nullptr;  // the first pass streams the values
       switch (heads) {
-        case 1: value_pass<V, 1>(chunks, scores, v, skip, g0, L, D, j, half, acc); break;
-        case 2: value_pass<V, 2>(chunks, scores, v, skip, g0, L, D, j, half, acc); break;
-        case 3: value_pass<V, 3>(chunks, scores, v, skip, g0, L, D, j, half, acc); break;
-        default: value_pass<V, 4>(chunks, scores, v, skip, g0, L, D, j, half, acc); break;
+        case 1: value_pass<V, 1>(chunks, scores, v, skip, g0, L, D, j, half, acc, r, ahead); break;
+        case 2: value_pass<V, 2>(chunks, scores, v, skip, g0, L, D, j, half, acc, r, ahead); break;
+        case 3: value_pass<V, 3>(chunks, scores, v, skip, g0, L, D, j, half, acc, r, ahead); break;
+        default: value_pass<V, 4>(chunks, scores, v, skip, g0, L, D, j, half, acc, r, ahead); break;
       }
       j += chunks * P;
     }

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -176,7 +177,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key, const at
       for (int64_t g = 0; g < G; ++g)
         rows[g] = bp ? bp + bi * stride_row + (heads_b == 1 ? 0 : (h * G + g) * stride_head) : nullptr;
       attend(qp + i * G * D, kp + i * L * D, vp + i * L * D, rows.data(), static_cast<float>(scale),
-             op_out + i * G * D, scratch.data(), G, L, D);
+             op_out + i * G * D, scratch.data(), G, L, D, i + 1 < end ? kp + (i + 1) * L * D : nullptr);
     }
   });
   return out;
@@ -192,4 +193,18 @@ TORCH_LIBRARY_FRAGMENT(autotp, m) {
 TORCH_LIBRARY_IMPL(autotp, CPU, m) {
   m.impl("reorder_rows_", &autotp::reorder_rows_);
   m.impl("decode_attention", &autotp::decode_attention);
+}
+
+// decode_attention's C entry point for a compiled step (ops.cpp's shims say why)
+extern "C" AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle key,
+                                                          AtenTensorHandle value, AtenTensorHandle* bias,
+                                                          double scale, const char* isa, AtenTensorHandle* ret0) {
+  using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    std::optional<at::Tensor> b;
+    if (bias) b = *tensor_handle_to_tensor_pointer(*bias);
+    *ret0 = torch::aot_inductor::new_tensor_handle(
+        autotp::decode_attention(*tensor_handle_to_tensor_pointer(q), *tensor_handle_to_tensor_pointer(key),
+                                 *tensor_handle_to_tensor_pointer(value), b, scale, isa));
+  });
 }

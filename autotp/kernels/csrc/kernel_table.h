@@ -127,9 +127,11 @@ template <typename T>
 using Int8ActivationRows = void (*)(const T* x, int64_t m0, int64_t m1, int64_t K, int64_t G, int64_t O,
                                     int16_t* xq, int64_t ldq, float* xs, int64_t segs, int16_t x_max);
 
-// decode attention over a bf16 KV cache for one (batch row, KV head) (KernelTable::attend_bf16)
+// decode attention over a bf16 KV cache for one (batch row, KV head) (KernelTable::attend_bf16);
+// next_k: the keys the caller's next call reads (prefetched as this one ends), or null
 using AttendBf16Fn = void (*)(const float* q, const uint16_t* k, const uint16_t* v, const float* const* bias,
-                              float scale, float* out, float* scratch, int64_t G, int64_t L, int64_t D);
+                              float scale, float* out, float* scratch, int64_t G, int64_t L, int64_t D,
+                              const uint16_t* next_k);
 
 // What one instruction set provides. Tiles compute rows [m0, m1) (at most kBlockM) and blocks
 // of 16 columns [b0, b1) (b0 a multiple of 4, at most kMaxItemBlocks; a bf16x tile may ask for
