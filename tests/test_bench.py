@@ -169,18 +169,19 @@ def test_a_run_on_a_tiny_model_reports_every_number(tmp_path, isa):
     assert accuracy[bf16]["logits_err"] <= 2 * own  # bf16 sharded: at most twice the unsharded error
 
 
-@pytest.mark.parametrize("beams", [1, 3])
-def test_the_decode_profile_accounts_for_the_whole_step(beams):
+@pytest.mark.parametrize("beams, compiled", [(1, False), (3, False), (1, True)])
+def test_the_decode_profile_accounts_for_the_whole_step(beams, compiled):
     """tools/profile_decode.py on a tiny model, autotp on one rank: every category printed, the
     shares add up to the whole step (the rest is what no op claims), and the GEMMs are seen
-    (the native or torch linear ops); with beams, beam search's work and the cache's reorder too."""
+    (the native or torch linear ops; in a compiled step the C functions it calls them by,
+    autotp.kernels.shims); with beams, beam search's work and the cache's reorder too."""
     import subprocess
     import sys
     from pathlib import Path
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "profile_decode.py"
     done = subprocess.run([sys.executable, str(tool), "--model", "llama-test", "--steps", "2", "--timed", "2",
-                           "--beams", str(beams)],
+                           "--beams", str(beams), *(["--compile"] if compiled else [])],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     profiled, _, clocked = done.stdout.partition("unprofiled, by autotp's op clock")
