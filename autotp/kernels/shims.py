@@ -4,7 +4,7 @@ Inductor's C++ wrapper calls a custom op through the dispatcher: each call packs
 into a stack of IValues, finds the op, passes torch's autograd fallback and is unboxed again
 before it reaches the kernel. For an op listed in its ``aot_inductor.custom_ops_to_c_shims``
 it calls a C function instead, ``aoti_torch_cpu_<op>`` with the C shim calling convention
-(csrc/ops.cpp, csrc/decode_ops.cpp define them). A decoding step makes about a hundred such
+(csrc/c_shims.cpp defines them). A decoding step makes about a hundred such
 calls (every GEMM, all-reduce and attention), each after a GEMM's weight stream has evicted the
 code it runs, so the shorter path is paid for in cache misses avoided, not only in instructions.
 

@@ -6,7 +6,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,6 +16,7 @@
 
 #include "kernel_table.h"
 #include "op_clock.h"
+#include "ops.h"
 
 namespace autotp {
 
@@ -195,16 +195,3 @@ TORCH_LIBRARY_IMPL(autotp, CPU, m) {
   m.impl("decode_attention", &autotp::decode_attention);
 }
 
-// decode_attention's C entry point for a compiled step (ops.cpp's shims say why)
-extern "C" AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle key,
-                                                          AtenTensorHandle value, AtenTensorHandle* bias,
-                                                          double scale, const char* isa, AtenTensorHandle* ret0) {
-  using torch::aot_inductor::tensor_handle_to_tensor_pointer;
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    std::optional<at::Tensor> b;
-    if (bias) b = *tensor_handle_to_tensor_pointer(*bias);
-    *ret0 = torch::aot_inductor::new_tensor_handle(
-        autotp::decode_attention(*tensor_handle_to_tensor_pointer(q), *tensor_handle_to_tensor_pointer(key),
-                                 *tensor_handle_to_tensor_pointer(value), b, scale, isa));
-  });
-}

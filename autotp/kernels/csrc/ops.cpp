@@ -24,7 +24,6 @@
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -36,6 +35,7 @@
 #include <type_traits>
 
 #include "kernel_table.h"
+#include "ops.h"
 #include "op_clock.h"
 #include "scratch.h"
 #include "shm_comm.h"
@@ -147,6 +147,8 @@ LinearCall begin_linear(const at::Tensor& x, const std::optional<at::Tensor>& bi
   return {K, M, out, b, M == 0 || N == 0 || K == 0, &table};
 }
 
+}  // namespace
+
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                        int64_t N, std::optional<at::ScalarType> out_dtype, const std::string& isa) {
   OpTimer timer(kOpGemm);
@@ -204,6 +206,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   return out;
 }
 
+namespace {
+
 void check_int8_packed(const at::Tensor& qpacked, const at::Tensor& spacked, int64_t N, int64_t K, int64_t G,
                        int64_t O, const char* op) {
   const int64_t NG = ceil_div(N, kInt8Group);
@@ -253,6 +257,8 @@ void int8_bytes(const int16_t* xq, int64_t ldq, int64_t M, int64_t K, int64_t G,
     }
   });
 }
+
+}  // namespace
 
 // x: [..., K] bf16/fp32   qpacked: [ceil(N/64), ceil(K/2), 128] int8   spacked: [ceil(N/64), ceil(K/G), 64] fp32
 // y: [..., N] = x (Q * S)^T + bias with x as int16 per segment, or int8 with activation_bits = 8
@@ -352,6 +358,8 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qpacked, const at:
   return out;
 }
 
+namespace {
+
 // Reads every byte of `buffer` once, split over the threads: a benchmark's measure of the read
 // bandwidth the GEMM's weight streaming can be compared with. Returns a checksum (the XOR of
 // every 8-byte word, the same on every ISA).
@@ -444,65 +452,3 @@ TORCH_LIBRARY_IMPL(autotp, CPU, m) {
   m.impl("shm_all_gather_last_dim", &autotp::shm_all_gather_last_dim);
 }
 
-// C entry points of the ops a compiled decoding step calls (autotp.sharding.decode): inductor's
-// C++ wrapper calls an op named in its custom_ops_to_c_shims directly, by the name
-// aoti_torch_cpu_<op> and with its C shim arguments (a tensor as a handle, an optional one as a
-// pointer to a handle or null, an optional dtype as a pointer to an int32, a string as a C
-// string), where otherwise each call packs its arguments into a stack of IValues and goes
-// through the dispatcher and torch's autograd fallback. Declarations: autotp/kernels/shims.py.
-namespace {
-inline at::Tensor& shim_tensor(AtenTensorHandle h) { return *torch::aot_inductor::tensor_handle_to_tensor_pointer(h); }
-inline std::optional<at::Tensor> shim_optional(AtenTensorHandle* h) {
-  return h ? std::optional<at::Tensor>(shim_tensor(*h)) : std::nullopt;
-}
-inline std::optional<at::ScalarType> shim_dtype(int32_t* d) {
-  return d ? std::optional<at::ScalarType>(static_cast<at::ScalarType>(*d)) : std::nullopt;
-}
-}  // namespace
-
-extern "C" {
-AOTITorchError aoti_torch_cpu_linear_bf16(AtenTensorHandle x, AtenTensorHandle packed, AtenTensorHandle* bias,
-                                          int64_t out_features, int32_t* out_dtype, const char* isa,
-                                          AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *ret0 = torch::aot_inductor::new_tensor_handle(autotp::linear_bf16(
-        shim_tensor(x), shim_tensor(packed), shim_optional(bias), out_features, shim_dtype(out_dtype), isa));
-  });
-}
-
-AOTITorchError aoti_torch_cpu_linear_int8(AtenTensorHandle x, AtenTensorHandle qpacked, AtenTensorHandle spacked,
-                                          AtenTensorHandle* bias, int64_t out_features, int64_t group_size,
-                                          int64_t group_offset, int32_t* out_dtype, const char* isa,
-                                          int64_t activation_bits, AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *ret0 = torch::aot_inductor::new_tensor_handle(autotp::linear_int8(
-        shim_tensor(x), shim_tensor(qpacked), shim_tensor(spacked), shim_optional(bias), out_features, group_size,
-        group_offset, shim_dtype(out_dtype), isa, activation_bits));
-  });
-}
-
-AOTITorchError aoti_torch_cpu_linear_int4(AtenTensorHandle x, AtenTensorHandle qpacked, AtenTensorHandle spacked,
-                                          AtenTensorHandle* zpacked, AtenTensorHandle* bias, int64_t out_features,
-                                          int64_t group_size, int64_t group_offset, int32_t* out_dtype,
-                                          const char* isa, AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *ret0 = torch::aot_inductor::new_tensor_handle(autotp::linear_int4(
-        shim_tensor(x), shim_tensor(qpacked), shim_tensor(spacked), shim_optional(zpacked), shim_optional(bias),
-        out_features, group_size, group_offset, shim_dtype(out_dtype), isa));
-  });
-}
-
-AOTITorchError aoti_torch_cpu_shm_all_reduce(AtenTensorHandle tensor, int64_t comm, AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *ret0 = torch::aot_inductor::new_tensor_handle(autotp::shm_all_reduce(shim_tensor(tensor), comm));
-  });
-}
-
-AOTITorchError aoti_torch_cpu_shm_all_gather_last_dim(AtenTensorHandle tensor, int64_t comm, const int64_t* sizes,
-                                                      int64_t sizes_len, AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *ret0 = torch::aot_inductor::new_tensor_handle(
-        autotp::shm_all_gather_last_dim(shim_tensor(tensor), comm, at::IntArrayRef(sizes, sizes_len)));
-  });
-}
-}  // extern "C"
