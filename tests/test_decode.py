@@ -262,3 +262,49 @@ def test_register_sends_bf16_decoding_to_the_native_op_unless_the_kernels_are_to
     finally:
         attention.register()
     assert (native.float() - torch_ops.float()).abs().max().item() <= 2 ** -7 * torch_ops.float().abs().max().item()
+
+
+@needs_extension
+def test_a_compiled_steps_inputs_are_held_by_cpp_references_renewed_with_each_prompt(monkeypatch):
+    """Every tensor a compiled step takes (parameters, buffers, the merged siblings' buffers, the
+    static cache's keys, values and lengths) has a second C++ reference while the model
+    decodes, so inductor's wrapper, running without the GIL, never takes the GIL back to
+    release one (autotp.sharding.decode.hold_in_cpp). A Python list of the same tensors adds
+    none (the negative control: the count can tell). Taken anew with each prompt: a buffer
+    added since is held, a buffer removed since is let go. (torch.compile replaced by a
+    recorder that runs the step eagerly: what is held does not depend on the graph.)"""
+    from autotp.runtime import Runtime
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    runtime = Runtime.from_env().replace(kernels="native", merge_siblings=True)
+    model = autotp.shard(zoo.build("llama", torch.bfloat16), 1, runtime=runtime)
+    prepare_decoding(model, runtime.replace(compile=True))
+    groups = {id(m.siblings): m.siblings for m in model.modules() if getattr(m, "siblings", None) is not None}
+    assert groups  # q, k and v merged
+    inputs = zoo.batch()
+
+    def generate():
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+    generate()
+    held = model._autotp_step_inputs
+    wanted = [*model.parameters(), *model.buffers(), *(t for g in groups.values() for t in g.tensors())]
+    assert {id(t) for t in wanted} <= {id(t) for t in held}
+    cache_layers = [t for t in held if t.dim() == 4]  # keys and values: [batch, kv heads, length, dim]
+    assert len(cache_layers) == 2 * model.config.num_hidden_layers
+    counts = [t._use_count() for t in wanted + cache_layers]
+    assert min(counts) >= 2, counts
+    python_list = list(wanted)  # no C++ reference: the counts stay
+    assert [t._use_count() for t in python_list] == counts[:len(python_list)]
+    del held
+    model._autotp_step_inputs = None
+    assert [t._use_count() for t in wanted] == [c - 1 for c in counts[:len(wanted)]]
+
+    model.register_buffer("added", torch.zeros(3))
+    generate()
+    assert model.added._use_count() == 2
+    added = model.added
+    del model.added
+    generate()
+    assert added._use_count() == 1 and all(t is not added for t in model._autotp_step_inputs)

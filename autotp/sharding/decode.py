@@ -158,8 +158,10 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
         out = prompt_once(forward, kwargs) if not args and not torch.compiler.is_compiling() else None
         if out is None:
             out = forward(*args, **kwargs)
-        if runtime.huge_pages and isinstance(cache, StaticCache) and not torch.compiler.is_compiling():
-            pages.place_cache_on_huge_pages(cache)  # allocated by its first forward; every step reads it
+        if isinstance(cache, StaticCache) and not torch.compiler.is_compiling():
+            if runtime.huge_pages:
+                pages.place_cache_on_huge_pages(cache)  # allocated by its first forward; every step reads it
+            model._autotp_step_inputs = hold_in_cpp(model, cache)  # the steps to come read them
         return out
 
     model.forward = decode_or_prompt  # an instance attribute: nn.Module.__call__ finds it first
@@ -167,6 +169,32 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     if not hasattr(type(model), "_reorder_cache") and kernels.extension_loaded(runtime):
         model._reorder_cache = reorder_cache  # generate's beam search calls it when the model has one
     return model
+
+
+def hold_in_cpp(model: nn.Module, cache) -> object:
+    """A C++ reference to each tensor a compiled step of ``model`` over ``cache`` takes as an
+    input (the parameters and buffers, the merged siblings' tensors, the cache layers' keys,
+    values and lengths), held while the result is. In torch 2.13 a tensor that only Python
+    holds increfs its Python object when a C++ reference to it is taken and decrefs it when
+    the count falls back to one, under the GIL; inductor's C++ wrapper runs a step with the GIL
+    released and drops each input's reference after its last use, so each of the ~150 inputs
+    of a 1 B model's step took the GIL back once a step, its lines cold after a GEMM's weight
+    stream (``ConcretePyInterpreterVTable::decref`` under ``aoti_torch_delete_tensor_object``:
+    about 1% of a llama-1b bf16 step's samples on a Xeon with AMX, 2 ranks x 1 thread). With a
+    second C++ reference held here, the wrapper's never move a count to or from one. Taken
+    again with every prompt (tensors may have been replaced since), so no replaced tensor is
+    kept past the next ``generate``. The holder is TorchScript's list (``torch._C.ScriptList``,
+    a ``c10::List`` of the tensors); where a torch lacks it, a Python list (no C++ references:
+    the steps are as before, only slower)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        group = getattr(module, "siblings", None)
+        if group is not None and module.sibling_index == 0:
+            tensors.extend(group.tensors())
+    for layer in getattr(cache, "layers", None) or []:
+        tensors.extend(t for t in vars(layer).values() if isinstance(t, torch.Tensor))
+    script_list = getattr(torch._C, "ScriptList", None)
+    return script_list(tensors) if script_list is not None else tensors
 
 
 def reorder_cache(cache, beam_idx: torch.Tensor):

@@ -125,6 +125,10 @@ class Siblings:
             return out
         return layer.matmul(x, layer.bias)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The group's own tensors (its members' parameters are views of them)."""
+        return [t for t in vars(self.whole).values() if isinstance(t, torch.Tensor)]
+
     def dissolve(self) -> None:
         """Each layer alone again (its tensors stay where they are)."""
         for m in self.called:
