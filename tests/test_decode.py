@@ -308,3 +308,5 @@ def test_a_compiled_steps_inputs_are_held_by_cpp_references_renewed_with_each_pr
     del model.added
     generate()
     assert added._use_count() == 1 and all(t is not added for t in model._autotp_step_inputs)
+    copied = copy.deepcopy(model._autotp_step_inputs)  # a copied model's holder holds nothing
+    assert not list(copied) and [t._use_count() for t in wanted[:3]] == counts[:3]

@@ -171,7 +171,28 @@ def prepare_decoding(model: nn.Module, runtime: Runtime) -> nn.Module:
     return model
 
 
-def hold_in_cpp(model: nn.Module, cache) -> object:
+class HeldInCpp:
+    """C++ references to tensors (``refs``: TorchScript's list, a ``c10::List`` of them), held
+    while this object is. A copy or pickle of it holds nothing (a copied model's tensors are
+    other tensors; its next prompt takes its own)."""
+
+    __slots__ = ("refs",)
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        script_list = getattr(torch._C, "ScriptList", None)  # absent: a Python list, no C++ reference
+        self.refs = script_list(tensors) if script_list is not None else list(tensors)
+
+    def __iter__(self):
+        return iter(self.refs)
+
+    def __deepcopy__(self, memo: dict) -> "HeldInCpp":
+        return HeldInCpp([])
+
+    def __reduce__(self):
+        return HeldInCpp, ([],)
+
+
+def hold_in_cpp(model: nn.Module, cache) -> HeldInCpp:
     """A C++ reference to each tensor a compiled step of ``model`` over ``cache`` takes as an
     input (the parameters and buffers, the merged siblings' tensors, the cache layers' keys,
     values and lengths), held while the result is. In torch 2.13 a tensor that only Python
@@ -182,10 +203,9 @@ def hold_in_cpp(model: nn.Module, cache) -> object:
     stream (``ConcretePyInterpreterVTable::decref`` under ``aoti_torch_delete_tensor_object``:
     about 1% of a llama-1b bf16 step's samples on a Xeon with AMX, 2 ranks x 1 thread). With a
     second C++ reference held here, the wrapper's never move a count to or from one. Taken
-    again with every prompt (tensors may have been replaced since), so no replaced tensor is
-    kept past the next ``generate``. The holder is TorchScript's list (``torch._C.ScriptList``,
-    a ``c10::List`` of the tensors); where a torch lacks it, a Python list (no C++ references:
-    the steps are as before, only slower)."""
+    again with every prompt (tensors may have been replaced since), so a replaced tensor is
+    kept until the next ``generate`` at most (one replaced during a ``generate``: a cache layer
+    that transformers' own beam reorder copies, where autotp's in-place one does not serve)."""
     tensors = [*model.parameters(), *model.buffers()]
     for module in model.modules():
         group = getattr(module, "siblings", None)
@@ -193,8 +213,7 @@ def hold_in_cpp(model: nn.Module, cache) -> object:
             tensors.extend(group.tensors())
     for layer in getattr(cache, "layers", None) or []:
         tensors.extend(t for t in vars(layer).values() if isinstance(t, torch.Tensor))
-    script_list = getattr(torch._C, "ScriptList", None)
-    return script_list(tensors) if script_list is not None else tensors
+    return HeldInCpp(tensors)
 
 
 def reorder_cache(cache, beam_idx: torch.Tensor):
