@@ -9,7 +9,8 @@ inductor's C++ wrapper (``cpp_wrapper``), not its Python one: the few hundred ke
 calls of a step cost no Python each (measured on an AMD EPYC Zen 4, llama-1b shape, 2 ranks x
 1 thread, interleaved in one process: 2.5-6 ms less per step; its first compilation takes
 about twice as long, then it is cached like the rest); autotp's own ops in it are called as
-C functions, not through the dispatcher (autotp.kernels.shims). The model's ``forward`` routes
+C functions, not through the dispatcher (autotp.kernels.shims), and its inputs are held by C++
+references while the model decodes (:func:`hold_in_cpp`). The model's ``forward`` routes
 each call: a decoding step (one new position per sequence over a static cache: greedy,
 sampling and beam search alike; transformers' own compilation covers only the first two) to
 the compiled function, anything else (the prompt) to the eager forward. autotp's own ops (the GEMMs, the shared-memory all-reduce and all-gather) are custom
