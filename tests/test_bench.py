@@ -57,6 +57,28 @@ def test_fusion_matters_only_where_attention_and_mlp_run_in_parallel():
     assert not shapes.fusion_matters(shapes.shape_config("llama-test"), 2)
 
 
+def test_the_bandwidth_probe_reads_several_times_the_largest_cache(tmp_path):
+    """The probe's size from a sysfs cache tree: 512 MB where the caches are small, 4 x the
+    largest where it is large (a 480 MiB L3 reported by a Xeon guest); no tree, no bound."""
+    def tree(*sizes):
+        root = tmp_path / "-".join(sizes)
+        for i, size in enumerate(sizes):
+            (root / f"index{i}").mkdir(parents=True)
+            (root / f"index{i}" / "size").write_text(size + "\n")
+        return root
+
+    small = worker.last_level_cache_bytes(tree("32K", "512K", "32768K"))
+    assert small == 32 << 20
+    assert worker.probe_bytes(small) == 512 << 20
+    large = worker.last_level_cache_bytes(tree("48K", "2048K", "491520K"))
+    assert large == 480 << 20
+    assert worker.probe_bytes(large) == 4 * (480 << 20)  # negative control: not the fixed 512 MB
+    assert worker.last_level_cache_bytes(tree("1M", "2G")) == 2 << 30
+    assert worker.last_level_cache_bytes(tmp_path / "absent") == 0
+    assert worker.last_level_cache_bytes(tree("?", "")) == 0
+    assert worker.probe_bytes() >= max(512 << 20, 4 * worker.last_level_cache_bytes())
+
+
 def test_token_verdict_finds_the_first_disagreement():
     ref = [{"beams": 1, "input": 8, "tokens": [[5, 6, 7, 8]]}, {"beams": 4, "input": 8, "tokens": [[1, 2, 3]]}]
     same = json.loads(json.dumps(ref))
