@@ -101,15 +101,20 @@ def test_two_runtimes_in_one_process_each_give_their_own_kernels():
 
 
 @pytest.mark.skipif(not kernels.extension_loaded(), reason=f"extension unavailable: {kernels.status()[1]}")
-def test_read_probe_portable_path_matches_the_vector_one():
-    """The read probe runs on any CPU: the portable loop (forced with isa="generic") and the
-    AVX-512 one (where the CPU has it) compute the same XOR of every 8-byte word; a changed
-    byte changes it (negative control)."""
+@pytest.mark.parametrize("tail", [0, 200 + 5])  # whole blocks; a tail of whole words and loose bytes
+def test_read_probe_portable_path_matches_the_vector_ones(tail):
+    """The read probe runs on any CPU: the portable loop (forced with isa="generic") and each
+    vector one this CPU runs (AVX-512, AVX2) compute the same XOR of every 8-byte word (the
+    bytes past the last whole 32 one by one); a changed byte changes it (negative control)."""
     gen = torch.Generator().manual_seed(3)
-    buf = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8, generator=gen)  # whole 256-byte blocks
-    expect = int(np.bitwise_xor.reduce(buf.numpy().view(np.int64)))
-    portable = kernels.read_probe(buf, Runtime(isa="generic"))
-    assert portable == expect
-    assert kernels.read_probe(buf, Runtime()) == expect  # AVX-512 where the CPU has it, else portable again
+    buf = torch.randint(0, 256, ((3 << 20) + tail,), dtype=torch.uint8, generator=gen)
+    whole = (buf.numel() // 32) * 32
+    expect = int(np.bitwise_xor.reduce(buf[:whole].numpy().view(np.int64)))
+    for byte in buf[whole:].tolist():
+        expect ^= byte
+    assert kernels.read_probe(buf, Runtime(isa="generic")) == expect
+    for name in kernels.available_isas():
+        assert kernels.read_probe(buf, Runtime(isa=name)) == expect, name
     buf[12345] ^= 1
-    assert kernels.read_probe(buf, Runtime(isa="generic")) != expect
+    for name in ["generic", *kernels.available_isas()]:
+        assert kernels.read_probe(buf, Runtime(isa=name)) != expect, name
