@@ -257,18 +257,21 @@ def run_native_tool(name: str, *args: str):
 
 def test_the_prefetch_tool_times_every_kind_both_ways():
     """tools/bench_prefetch.py on a tiny model, one rank: a row per weight kind and row count,
-    with both times and their ratio, and the default it found named."""
+    with the time off and at each distance asked, each distance's ratio, and the defaults it
+    found named."""
     from autotp import kernels
 
     done = run_native_tool("bench_prefetch.py", "--model", "llama-test", "--kinds", "bf16", "int8", "int4",
-                           "--rows", "1", "3", "--rounds", "2")
+                           "--rows", "1", "3", "--rounds", "2", "--ahead", "4", "16")
     rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["bf16"], ["int8"], ["int4"])]
     assert sorted((r[0], r[1]) for r in rows) == sorted((k, m) for k in ("bf16", "int8", "int4") for m in ("1", "3"))
     for r in rows:
-        on, off, ratio = float(r[4]), float(r[6]), float(r[8])
-        assert on > 0 and off > 0 and ratio > 0, r
+        assert len(r) == 6 + 2 * 3, r
+        off, on4, ratio4, on16, ratio16 = float(r[4]), float(r[6]), float(r[8]), float(r[9]), float(r[11])
+        assert min(off, on4, ratio4, on16, ratio16) > 0, r
     default = "on" if kernels.weight_prefetch() else "off"
-    assert f"default prefetch here: {default}" in done.stdout
+    assert f"default prefetch here: {default}, {kernels.weight_prefetch_pairs()} pairs ahead" in done.stdout
+    assert "on 4 ms" in done.stdout and "on 16 ms" in done.stdout
 
 
 def test_the_tables_tool_times_two_tables_beside_the_probes():

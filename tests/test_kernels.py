@@ -159,12 +159,18 @@ def test_weight_prefetch_switch_changes_no_value(isa):
                     kernels.linear_int4(x, q4, s4, z4, None, n, 128, isa=isa)]
         return out
 
-    before = kernels.weight_prefetch()
+    before, before_pairs = kernels.weight_prefetch(), kernels.weight_prefetch_pairs()
     try:
         results = {on: (kernels.weight_prefetch(on), products(packed))[1] for on in (True, False)}
         assert kernels.weight_prefetch() is False
         for i, (a, b) in enumerate(zip(results[True], results[False])):
             assert torch.equal(a, b), f"{isa}: product {i} differs with the prefetch off"
+        kernels.weight_prefetch(True)
+        for pairs in (0, 4, 256):  # the distance too (past the end of the weights at 256)
+            assert kernels.weight_prefetch_pairs(pairs) == pairs
+            for i, (a, b) in enumerate(zip(products(packed), results[False])):
+                assert torch.equal(a, b), f"{isa}: product {i} differs {pairs} pairs ahead"
+        kernels.weight_prefetch(False)
         for m, x in xs.items():
             expect, bound = reference(x, w, None)
             got = results[False][4 * list(xs).index(m)]
@@ -173,8 +179,11 @@ def test_weight_prefetch_switch_changes_no_value(isa):
         nudged.view(torch.int16)[n // 2, k // 3] += 1
         assert not torch.equal(kernels.linear(xs[1], kernels.prepack(nudged), None, n, torch.float32, isa),
                                results[False][0])
+        with pytest.raises(RuntimeError, match="weight_prefetch_pairs: pairs is -1"):
+            kernels.weight_prefetch_pairs(257)
     finally:
         kernels.weight_prefetch(before)
+        kernels.weight_prefetch_pairs(before_pairs)
 
 
 @paths
@@ -214,14 +223,17 @@ def test_op_clock_counts_each_op_by_kind_only_while_on(isa):
 
 
 @pytest.mark.skipif(not PATHS, reason="extension unavailable")
-def test_weight_prefetch_default_is_off_on_amd_only():
-    """The switch's default, in a fresh process: off where /proc/cpuinfo names AMD (the CPUs
-    where the streaming tiles were measured faster without it), on elsewhere."""
-    vendor = cpuinfo("vendor_id")
-    code = "from autotp import kernels; assert kernels.extension_loaded(); print(kernels.weight_prefetch())"
+def test_weight_prefetch_default_is_off_on_amd_with_avx512_only():
+    """The switch's defaults, in a fresh process: off where /proc/cpuinfo names AMD and AVX-512
+    (Zen 4: the streaming tiles measured faster without it), on elsewhere; the bf16 streaming
+    distance 4 pairs on AMD without AVX-512 (Zen 1-3), 16 elsewhere."""
+    vendor, flags = cpuinfo("vendor_id"), cpuinfo("flags").split()
+    amd, avx512 = vendor == "AuthenticAMD", "avx512f" in flags
+    code = ("from autotp import kernels; assert kernels.extension_loaded(); "
+            "print(kernels.weight_prefetch(), kernels.weight_prefetch_pairs())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == str(vendor != "AuthenticAMD"), (vendor, out.stdout)
+    assert out.stdout.split() == [str(not (amd and avx512)), "4" if amd and not avx512 else "16"], (vendor, out.stdout)
 
 
 @paths

@@ -11,9 +11,11 @@ median over rounds of off / on time (below 1.00: off is faster). The switch reac
 tiles that stream (``autotp.kernels.weight_prefetch``): INT4's and those of more than 2 rows
 (bar AVX512-BF16's bf16 tile) always prefetch, so their rows show it doing nothing (off / on
 near 1.00, up to the machine's noise).
-``--isa`` forces a lower kernel table (AUTOTP_ISA), to measure its tiles too.
+``--isa`` forces a lower kernel table (AUTOTP_ISA), to measure its tiles too; ``--ahead`` times
+the prefetch at several distances (``autotp.kernels.weight_prefetch_pairs``, K pairs of packed
+weight; the AVX2 and AVX-512 tiles), each against off.
 
-    autotp-run --nproc 2 --bind-cores tools/bench_prefetch.py --model llama-1b [--kinds bf16 int8 int4] [--isa avx2]
+    autotp-run --nproc 2 --bind-cores tools/bench_prefetch.py --model llama-1b [--kinds bf16 int8 int4] [--isa avx2] [--ahead 4 8 16]
     python tools/bench_prefetch.py --model llama-test      # one rank
 """
 from __future__ import annotations
@@ -103,15 +105,24 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8", "int4"],
                         help="weight formats to measure (each shards the model once)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4], help="activation rows per GEMM")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds of (on, off) passes per kind and rows")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of (on at each distance, off) passes per kind and rows")
     parser.add_argument("--isa", default="", help="kernel table to start from (default: the best this CPU runs)")
+    parser.add_argument("--ahead", type=int, nargs="+", default=None, metavar="PAIRS",
+                        help="prefetch distances to time with the prefetch on, in K pairs of packed weight "
+                             "(autotp.kernels.weight_prefetch_pairs; default: this CPU's own)")
     args = parser.parse_args()
 
     world, rank = start_ranks("bench_prefetch")
-    default = kernels.weight_prefetch()
+    default, default_pairs = kernels.weight_prefetch(), kernels.weight_prefetch_pairs()
+    aheads = args.ahead or [default_pairs]
     runtime = autotp.Runtime.from_env()
     if args.isa:
         runtime = runtime.replace(isa=args.isa)
+
+    def switch(pairs: int | None) -> None:  # None: off
+        kernels.weight_prefetch(pairs is not None)
+        kernels.weight_prefetch_pairs(default_pairs if pairs is None else pairs)
+
     rows_out = []
     for kind in args.kinds:
         layers = sharded_gemms("bench_prefetch", args.model, kind, world, runtime)
@@ -120,21 +131,22 @@ def main() -> None:
             xs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in {layer.in_features for layer in layers}}
             one_pass(layers, xs)  # warm-up
             times = alternate(layers, xs, world, args.rounds,
-                              {on: functools.partial(kernels.weight_prefetch, on) for on in (True, False)})
+                              {pairs: functools.partial(switch, pairs) for pairs in [*aheads, None]})
             kernels.weight_prefetch(default)
-            ratio = statistics.median(off / on for on, off in zip(times[True], times[False]))
-            row = (kind, m, nbytes, statistics.median(times[True]), statistics.median(times[False]), ratio)
-            rows_out.append(gather(row, world))
+            kernels.weight_prefetch_pairs(default_pairs)
+            ons = [(statistics.median(times[d]), statistics.median(off / on for on, off in zip(times[d], times[None])))
+                   for d in aheads]
+            rows_out.append(gather((kind, m, nbytes, statistics.median(times[None]), ons), world))
         del layers
     if rank == 0:
         print(f"{args.model}, {world} rank(s) x {torch.get_num_threads()} thread(s), ISA {kernels.isa(runtime)}, "
-              f"default prefetch here: {'on' if default else 'off'}; {args.rounds} rounds")
-        print(f"{'weights':<8} {'rows':>4} {'rank':>4} {'MB':>7} {'on ms':>8} {'GB/s':>6} {'off ms':>8} {'GB/s':>6} "
-              f"{'off / on':>9}")
+              f"default prefetch here: {'on' if default else 'off'}, {default_pairs} pairs ahead; {args.rounds} rounds")
+        heads = "".join(f" {f'on {d} ms':>10} {'GB/s':>6} {'off / on':>9}" for d in aheads)
+        print(f"{'weights':<8} {'rows':>4} {'rank':>4} {'MB':>7} {'off ms':>8} {'GB/s':>6}{heads}")
         for gathered in rows_out:
-            for r, (kind, m, nbytes, on, off, ratio) in enumerate(gathered):
-                print(f"{kind:<8} {m:>4} {r:>4} {nbytes / 1e6:>7.0f} {on * 1e3:>8.2f} {nbytes / on / 1e9:>6.1f} "
-                      f"{off * 1e3:>8.2f} {nbytes / off / 1e9:>6.1f} {ratio:>9.3f}")
+            for r, (kind, m, nbytes, off, ons) in enumerate(gathered):
+                cells = "".join(f" {on * 1e3:>10.2f} {nbytes / on / 1e9:>6.1f} {ratio:>9.3f}" for on, ratio in ons)
+                print(f"{kind:<8} {m:>4} {r:>4} {nbytes / 1e6:>7.0f} {off * 1e3:>8.2f} {nbytes / off / 1e9:>6.1f}{cells}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -229,12 +229,24 @@ def weight_prefetch(on: bool | None = None) -> bool:
     bf16 tiles of at most 2 activation rows (tiles of more rows, INT4's and AMX's always
     prefetch), and decode attention's read-ahead of the KV cache (csrc/attention_tiles.h). One
     switch for the whole process; the results are the same either way, only
-    the speed differs. The default is the CPU's: off on AMD CPUs, where the hardware
-    prefetchers keep ahead of such a stream and the extra instructions cost time (AMD EPYC
-    Zen 4, 2 ranks: 0.80-1.00x the time off), on elsewhere (csrc/kernel_table.h).
+    the speed differs. The default is the CPU's: off on AMD CPUs with AVX-512, where the
+    hardware prefetchers keep ahead of such a stream and the extra instructions cost time (AMD
+    EPYC Zen 4, 2 ranks: 0.80-1.00x the time off), on elsewhere, AMD Zen 1-3 included, whose
+    AVX2 tiles gain from it (Zen 3: bf16 1.06x at 4 pairs ahead, :func:`weight_prefetch_pairs`;
+    INT8 1.08-1.14x) (csrc/kernel_table.h).
     ``tools/bench_prefetch.py`` measures both on the machine at hand. Needs the extension
     built (:func:`extension_loaded`)."""
     return bool(torch.ops.autotp.weight_prefetch(-1 if on is None else int(bool(on))))
+
+
+def weight_prefetch_pairs(pairs: int | None = None) -> int:
+    """How many K pairs of packed weight ahead (rows of 256 bytes) the AVX2 and AVX-512 bf16
+    GEMM tiles of at most 2 activation rows prefetch when they do (:func:`weight_prefetch`),
+    after setting it to ``pairs`` (None: leave it; 0-256); more rows, INT8 and the other tiles
+    keep their own distances. The default is the CPU's: 4 on AMD CPUs without AVX-512 (Zen
+    1-3), 16 elsewhere (csrc/kernel_table.h). Results are the same at any distance. Needs the
+    extension built (:func:`extension_loaded`)."""
+    return int(torch.ops.autotp.weight_prefetch_pairs(-1 if pairs is None else int(pairs)))
 
 
 OP_KINDS = ("gemm", "collective", "attention")

@@ -26,7 +26,7 @@
 
 #include "epilogue.h"
 
-constexpr int64_t kPrefetchPairs = 16;  // bf16 rows (256 B each) ahead: 4 KB
+constexpr int64_t kPrefetchPairs = 16;  // bf16 rows (256 B each) ahead: 4 KB (at most kStreamRows rows: weight_prefetch_pairs())
 constexpr int64_t kPrefetchPairs8 = 16; // INT8 pair rows (128 B each) ahead: 2 KB
 constexpr int64_t kPanelK = 256;        // K per dequantised INT4 panel (64 KB of fp32)
 
@@ -40,10 +40,11 @@ void bf16_micro(const float* x, int64_t ldx, const uint16_t* w, int64_t pairs, f
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NB * R; ++j) acc[i][j] = accumulate ? V::load(c + i * ldc + j * V::kWidth) : V::zero();
   const bool ahead = prefetch_for_rows(MT);
+  const int64_t distance = (MT <= kStreamRows ? weight_prefetch_pairs() : kPrefetchPairs) * kGroupRow;
   for (int64_t p = 0; p < pairs; ++p) {
     const uint16_t* row = w + p * kGroupRow;
     if (ahead)
-      for (int j = 0; j < NB; ++j) V::prefetch(row + kPrefetchPairs * kGroupRow + j * kRowElems);
+      for (int j = 0; j < NB; ++j) V::prefetch(row + distance + j * kRowElems);
     // even K first, then odd: only NB * R weight registers live beside the accumulators
     typename V::F wv[NB * R];
     for (int j = 0; j < NB; ++j)

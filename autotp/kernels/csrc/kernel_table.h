@@ -215,7 +215,7 @@ const KernelTable& serving_table(const KernelTable& start, CallKind kind, int64_
 inline bool takes_bf16x(const KernelTable& t, int64_t M) { return t.bf16x_tile != nullptr && M >= t.bf16x_min_rows; }
 
 // Software prefetch of the weight stream the GEMM tiles read (each tile names its distance):
-// weight_prefetch() is the process-wide switch, on by default except on AMD CPUs. It turns
+// weight_prefetch() is the process-wide switch, on by default except on AMD CPUs with AVX-512. It turns
 // off the prefetch of the tiles that only stream: the AVX512-BF16 bf16 tile (any rows) and
 // the INT8 and fp32-activation bf16 tiles of at most kStreamRows rows, and VNNI's INT8 byte tile
 // in units of at most kInt8DirectM rows (isa_avx512_vnni.cpp); tiles of more rows
@@ -230,9 +230,19 @@ inline bool takes_bf16x(const KernelTable& t, int64_t M) { return t.bf16x_tile !
 // take load slots; where it computes, prefetching overlaps the next lines with the work.
 // Intel CPUs keep it on (not measured against it since; their L2 streamer stops at each 4 KiB
 // page).
+//
+// How far ahead the fp32-activation bf16 tile of gemm_tiles.h (AVX2, AVX-512 without BF16)
+// prefetches at most kStreamRows rows: weight_prefetch_pairs() K pairs of packed weight (256-byte
+// rows), 16 (4 KB) except on AMD CPUs without AVX-512 (Zen 1-3), where the switch is also on:
+// measured on an AMD EPYC Zen 3 (AVX2) with tools/bench_prefetch.py --ahead 2 4 8 16 (2 ranks,
+// llama-1b, off / on time per rank): bf16 1 row 1.01-1.05 at 2 pairs, 1.06-1.07 at 4, 1.01-1.04
+// at 8, 0.94-0.97 at 16; 4 rows 0.91-0.95, 0.99, 1.09-1.12, 1.23 (so more rows keep 16); INT8
+// 1 row 1.01-1.02, 1.07, 1.14-1.15, 1.08-1.14 (INT8 keeps 16 pairs, 2 KB).
 constexpr int kStreamRows = 2;
 bool weight_prefetch();
 void set_weight_prefetch(bool on);
+int64_t weight_prefetch_pairs();
+void set_weight_prefetch_pairs(int64_t pairs);
 // Whether an INT8 or fp32-activation bf16 tile of `rows` rows prefetches (the rule above).
 inline bool prefetch_for_rows(int rows) { return rows > kStreamRows || weight_prefetch(); }
 

@@ -6,6 +6,7 @@
 //   serving_isa(isa, weight, x_dtype, M) -> the table that serves such a call started at `isa`
 //   weight_prefetch(on) -> whether the bf16 / INT8 tiles prefetch their weights (on: -1 keeps, 0 / 1 sets;
 //   the process-wide switch and its per-CPU default: kernel_table.h)
+//   weight_prefetch_pairs(pairs) -> how many K pairs ahead the AVX2 / AVX-512 tiles prefetch (-1 keeps)
 //   op_clock(on) -> [ns, calls] of the GEMM, collective and attention ops since the last read, which
 //   it resets (on: -1 keeps the clock as it is, 0 / 1 stops / starts it: op_clock.h)
 #include <ATen/Parallel.h>
@@ -63,6 +64,12 @@ std::vector<int64_t> op_clock_op(int64_t on) {
   return read;
 }
 
+int64_t weight_prefetch_pairs_op(int64_t pairs) {
+  TORCH_CHECK(pairs >= -1 && pairs <= 256, "autotp::weight_prefetch_pairs: pairs is -1 (keep) or 0..256, got ", pairs);
+  if (pairs >= 0) set_weight_prefetch_pairs(pairs);
+  return weight_prefetch_pairs();
+}
+
 bool weight_prefetch_op(int64_t on) {
   TORCH_CHECK(on >= -1 && on <= 1, "autotp::weight_prefetch: on is -1 (keep), 0 (off) or 1 (on), got ", on);
   if (on >= 0) set_weight_prefetch(on == 1);
@@ -82,6 +89,7 @@ TORCH_LIBRARY_FRAGMENT(autotp, m) {
   m.def("read_probe(Tensor buffer, str isa=\"\") -> int");
   m.def("cpu_isas() -> str[]", &autotp::cpu_isas);
   m.def("weight_prefetch(int on=-1) -> bool", &autotp::weight_prefetch_op);
+  m.def("weight_prefetch_pairs(int pairs=-1) -> int", &autotp::weight_prefetch_pairs_op);
   m.def("op_clock(int on=-1) -> int[]", &autotp::op_clock_op);
   m.def("serving_isa(str isa, str weight, ScalarType x_dtype, int rows) -> str", &autotp::serving_isa);
 }
