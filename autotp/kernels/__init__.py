@@ -25,7 +25,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -223,6 +223,15 @@ def read_probe(buffer: torch.Tensor, runtime: Runtime | None = None) -> int:
     return torch.ops.autotp.read_probe(buffer, isa(runtime))
 
 
+def _machine_op(name: str) -> Any:
+    """The extension's op ``name``, building the extension first where this process has not yet;
+    a clear error where it cannot be built."""
+    if not extension_loaded():
+        raise RuntimeError(f"autotp.kernels.{name}: the C++ extension is not available here ({_EXTENSION.error}); "
+                           "see autotp.kernels.status() and the README's 'Native BF16 kernels' section")
+    return getattr(torch.ops.autotp, name)
+
+
 def weight_prefetch(on: bool | None = None) -> bool:
     """Whether the native GEMM tiles that only stream their weights prefetch them in software,
     after setting it to ``on`` (None: leave it): the AVX512-BF16 bf16 tile, and the INT8 and
@@ -236,7 +245,7 @@ def weight_prefetch(on: bool | None = None) -> bool:
     INT8 1.08-1.14x) (csrc/kernel_table.h).
     ``tools/bench_prefetch.py`` measures both on the machine at hand. Needs the extension
     built (:func:`extension_loaded`)."""
-    return bool(torch.ops.autotp.weight_prefetch(-1 if on is None else int(bool(on))))
+    return bool(_machine_op("weight_prefetch")(-1 if on is None else int(bool(on))))
 
 
 def weight_prefetch_pairs(pairs: int | None = None) -> int:
@@ -246,7 +255,7 @@ def weight_prefetch_pairs(pairs: int | None = None) -> int:
     keep their own distances. The default is the CPU's: 4 on AMD CPUs without AVX-512 (Zen
     1-3), 16 elsewhere (csrc/kernel_table.h). Results are the same at any distance. Needs the
     extension built (:func:`extension_loaded`)."""
-    return int(torch.ops.autotp.weight_prefetch_pairs(-1 if pairs is None else int(pairs)))
+    return int(_machine_op("weight_prefetch_pairs")(-1 if pairs is None else int(pairs)))
 
 
 OP_KINDS = ("gemm", "collective", "attention")
@@ -259,7 +268,7 @@ def op_clock(on: bool | None = None) -> dict[str, tuple[float, int]]:
     it), ``collective`` (the shared-memory all-reduce and all-gather, waiting for the other ranks
     included), ``attention`` (decode_attention). The clock is off until started; while off the
     ops add nothing. Needs the extension built (:func:`extension_loaded`)."""
-    read = torch.ops.autotp.op_clock(-1 if on is None else int(bool(on)))
+    read = _machine_op("op_clock")(-1 if on is None else int(bool(on)))
     return {kind: (read[2 * i] * 1e-9, int(read[2 * i + 1])) for i, kind in enumerate(OP_KINDS)}
 
 
