@@ -236,6 +236,26 @@ def test_weight_prefetch_default_is_off_on_amd_with_avx512_only():
     assert out.stdout.split() == [str(not (amd and avx512)), "4" if amd and not avx512 else "16"], (vendor, out.stdout)
 
 
+@pytest.mark.skipif(not PATHS, reason="extension unavailable")
+def test_any_kernels_call_may_come_first(monkeypatch):
+    """A fresh process whose first autotp.kernels call is prepack (or the prefetch switch)
+    builds the extension then, as status() would; where it cannot be built the call says so
+    and names the op (negative control: a build that fails)."""
+    code = ("import torch; from autotp import kernels; "
+            "p = kernels.prepack(torch.ones(64, 64, dtype=torch.bfloat16)); "
+            "print(p.dtype, kernels.weight_prefetch_pairs() >= 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["torch.bfloat16", "True"], out.stdout
+
+    def broken(verbose: bool, portable: bool) -> list[str]:
+        raise OSError("no compiler here")
+
+    monkeypatch.setattr(kernels, "_EXTENSION", kernels.Extension(build=broken))
+    with pytest.raises(RuntimeError, match="prepack_bf16 needs the C\\+\\+ extension.*no compiler here"):
+        kernels.prepack(torch.ones(64, 64, dtype=torch.bfloat16))
+
+
 @paths
 @pytest.mark.parametrize("n,k", [(257, 1000), (130, 4200)])
 def test_few_rows_give_each_row_the_one_row_result(n, k, isa):

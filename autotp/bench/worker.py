@@ -129,7 +129,7 @@ def step_cache_bytes(per_position: int, rows: int, prompt: int, new_tokens: int)
 
 class BandwidthProbe:
     """Bytes per second this rank reads while every rank reads at once (the extension's
-    streaming probe: AVX-512 loads where the CPU has them, portable ones elsewhere). The buffer
+    streaming probe: AVX-512 or AVX2 loads where the CPU has them, portable ones elsewhere). The buffer
     is on huge pages where the system has them (autotp.kernels.pages), as autotp's weights are:
     the floor is what memory can give. It reads ``probe_bytes()``, several times the last-level
     cache, so that no sample is served from it. Sampled at load and again before every timed run (this

@@ -156,6 +156,17 @@ def extension_loaded(runtime: Runtime | None = None) -> bool:
     return _EXTENSION.load(rt.verbose_build, rt.portable_build)
 
 
+def _op(name: str) -> Any:
+    """The extension's op ``name``, building the extension first where this process has not yet
+    (so that any call may come first); a clear error where it cannot be built."""
+    if _EXTENSION.built is None:
+        extension_loaded()
+    if not _EXTENSION.built:
+        raise RuntimeError(f"autotp.kernels: {name} needs the C++ extension, which is not available here "
+                           f"({_EXTENSION.error}); see autotp.kernels.status() and the README's 'Native BF16 kernels' section")
+    return getattr(torch.ops.autotp, name)
+
+
 def available_isas(runtime: Runtime | None = None) -> list[str]:
     """The instruction sets native code may use under ``runtime``, best first: those this CPU
     runs (and the self-check kept) up to ``Runtime.isa``; empty when the extension is not built."""
@@ -220,16 +231,7 @@ def read_probe(buffer: torch.Tensor, runtime: Runtime | None = None) -> int:
     benchmarks) with the loads of ``runtime``'s ISA (portable ones with ``isa="generic"``).
     Needs the extension built (:func:`extension_loaded`); returns the XOR of every 8-byte word
     (the same on every path)."""
-    return torch.ops.autotp.read_probe(buffer, isa(runtime))
-
-
-def _machine_op(name: str) -> Any:
-    """The extension's op ``name``, building the extension first where this process has not yet;
-    a clear error where it cannot be built."""
-    if not extension_loaded():
-        raise RuntimeError(f"autotp.kernels.{name}: the C++ extension is not available here ({_EXTENSION.error}); "
-                           "see autotp.kernels.status() and the README's 'Native BF16 kernels' section")
-    return getattr(torch.ops.autotp, name)
+    return _op("read_probe")(buffer, isa(runtime))
 
 
 def weight_prefetch(on: bool | None = None) -> bool:
@@ -245,7 +247,7 @@ def weight_prefetch(on: bool | None = None) -> bool:
     INT8 1.08-1.14x) (csrc/kernel_table.h).
     ``tools/bench_prefetch.py`` measures both on the machine at hand. Needs the extension
     built (:func:`extension_loaded`)."""
-    return bool(_machine_op("weight_prefetch")(-1 if on is None else int(bool(on))))
+    return bool(_op("weight_prefetch")(-1 if on is None else int(bool(on))))
 
 
 def weight_prefetch_pairs(pairs: int | None = None) -> int:
@@ -255,7 +257,7 @@ def weight_prefetch_pairs(pairs: int | None = None) -> int:
     keep their own distances. The default is the CPU's: 4 on AMD CPUs without AVX-512 (Zen
     1-3), 16 elsewhere (csrc/kernel_table.h). Results are the same at any distance. Needs the
     extension built (:func:`extension_loaded`)."""
-    return int(_machine_op("weight_prefetch_pairs")(-1 if pairs is None else int(pairs)))
+    return int(_op("weight_prefetch_pairs")(-1 if pairs is None else int(pairs)))
 
 
 OP_KINDS = ("gemm", "collective", "attention")
@@ -268,7 +270,7 @@ def op_clock(on: bool | None = None) -> dict[str, tuple[float, int]]:
     it), ``collective`` (the shared-memory all-reduce and all-gather, waiting for the other ranks
     included), ``attention`` (decode_attention). The clock is off until started; while off the
     ops add nothing. Needs the extension built (:func:`extension_loaded`)."""
-    read = _machine_op("op_clock")(-1 if on is None else int(bool(on)))
+    read = _op("op_clock")(-1 if on is None else int(bool(on)))
     return {kind: (read[2 * i] * 1e-9, int(read[2 * i + 1])) for i, kind in enumerate(OP_KINDS)}
 
 
@@ -279,7 +281,7 @@ def reorder_rows_(tensors: list[torch.Tensor], sources: torch.Tensor, length: in
     ``length`` positions (from position ``starts[b]`` on, where given: the caller knows the rows
     agree before it); rows that keep their content are not touched, the tensors keep their
     storage. Needs the extension built (:func:`extension_loaded`)."""
-    torch.ops.autotp.reorder_rows_(tensors, sources, length, starts)
+    _op("reorder_rows_")(tensors, sources, length, starts)
 
 
 def decode_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
@@ -291,7 +293,7 @@ def decode_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bi
     ``bias`` float32 [batch, 1 or kv_heads * group, length] added to the scores (0 / -inf for a
     boolean mask; positions at -inf for every head are not read) or None; returns float32
     [batch, kv_heads, group, dim]. Needs the extension built (:func:`extension_loaded`)."""
-    return torch.ops.autotp.decode_attention(q, key, value, bias, scale, isa)
+    return _op("decode_attention")(q, key, value, bias, scale, isa)
 
 
 def serving_isa(isa: str, weight: str = "bf16", x_dtype: torch.dtype = torch.bfloat16, rows: int = 1) -> str:
@@ -300,13 +302,13 @@ def serving_isa(isa: str, weight: str = "bf16", x_dtype: torch.dtype = torch.bfl
     that serves only bf16 activations, or only from some number of rows (AMX), hands the rest
     to the one below it. ``weight="attention"``: the table that serves :func:`decode_attention`
     (a table without its own, such as AVX512-VNNI, hands it down). Needs the extension built."""
-    return torch.ops.autotp.serving_isa(isa, weight, x_dtype, rows)
+    return _op("serving_isa")(isa, weight, x_dtype, rows)
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:
     """bf16 weight [N, K] -> the packed layout [ceil(N/64), ceil(K/2), 128] the GEMM reads:
     element (g, p, 32 j + 2 i + s) = W[64 g + 16 j + i, 2 p + s], zero past N or K."""
-    return torch.ops.autotp.prepack_bf16(weight)
+    return _op("prepack_bf16")(weight)
 
 
 def packed_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
@@ -316,14 +318,14 @@ def packed_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
 
 def unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """The plain [N, K] weight back from its packed layout."""
-    return torch.ops.autotp.unpack_bf16(packed, out_features, in_features)
+    return _op("unpack_bf16")(packed, out_features, in_features)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
            out_dtype: torch.dtype | None = None, isa: str = "") -> torch.Tensor:
     """x @ W^T + bias with W packed by :func:`prepack`; fp32 accumulation, output in
     ``out_dtype`` (default: x's dtype), on the kernels of ``isa`` ("" the best this CPU runs)."""
-    return torch.ops.autotp.linear_bf16(x, packed, bias, out_features, out_dtype, isa)
+    return _op("linear_bf16")(x, packed, bias, out_features, out_dtype, isa)
 
 
 # -- weight-only INT8 ------------------------------------------------------------------------
@@ -424,7 +426,7 @@ def linear_int8(x: torch.Tensor, qpacked: torch.Tensor, spacked: torch.Tensor, b
     instruction), and exact integer products; output in ``out_dtype`` (default: x's dtype), on
     the kernels of ``isa``. ``group_size`` and ``group_offset`` are as in :func:`quantize_int8`
     (``None`` there is ``group_size=K`` here)."""
-    return torch.ops.autotp.linear_int8(x, qpacked, spacked, bias, out_features, group_size, group_offset,
+    return _op("linear_int8")(x, qpacked, spacked, bias, out_features, group_size, group_offset,
                                         out_dtype, isa, activation_bits)
 
 
