@@ -59,7 +59,8 @@ def test_fusion_matters_only_where_attention_and_mlp_run_in_parallel():
 
 def test_the_bandwidth_probe_reads_several_times_the_largest_cache(tmp_path):
     """The probe's size from a sysfs cache tree: 512 MB where the caches are small, 4 x the
-    largest where it is large (a 480 MiB L3 reported by a Xeon guest); no tree, no bound."""
+    largest where it is large (a 480 MiB L3 reported by a Xeon guest), never over 4 GiB; no
+    tree, no bound."""
     def tree(*sizes):
         root = tmp_path / "-".join(sizes)
         for i, size in enumerate(sizes):
@@ -74,6 +75,7 @@ def test_the_bandwidth_probe_reads_several_times_the_largest_cache(tmp_path):
     assert large == 480 << 20
     assert worker.probe_bytes(large) == 4 * (480 << 20)  # negative control: not the fixed 512 MB
     assert worker.last_level_cache_bytes(tree("1M", "2G")) == 2 << 30
+    assert worker.probe_bytes(2 << 30) == 4 << 30  # capped: not 8 GiB per rank
     assert worker.last_level_cache_bytes(tmp_path / "absent") == 0
     assert worker.last_level_cache_bytes(tree("?", "")) == 0
     assert worker.probe_bytes() >= max(512 << 20, 4 * worker.last_level_cache_bytes())

@@ -29,6 +29,7 @@ from autotp.sharding.decode import compiled_decoding, returned_cache
 
 PROBE_BYTES = 512 << 20  # per rank, at least
 LLC_MARGIN = 4  # the probe reads at least this many times the largest cache the CPU reports
+PROBE_CAP = 4 << 30  # per rank, at most (a guest may report a cache of any size)
 SYS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
 
 
@@ -51,9 +52,10 @@ def probe_bytes(llc: int | None = None) -> int:
     last-level cache where that is more, so that no sample, not even one taken right after
     another, is served from the cache (a decoding step streams weights many times the cache).
     With a 480 MiB L3, two ranks reading 512 MB each back to back read 13.9-14.1 GB/s against
-    13.3-13.4 over 2048 MB: a floor ~5% too low."""
+    13.3-13.4 over 2048 MB: a floor ~5% too low. At most PROBE_CAP: a virtual machine may
+    report any cache size, and each rank holds its buffer beside its weights."""
     llc = last_level_cache_bytes() if llc is None else llc
-    return max(PROBE_BYTES, LLC_MARGIN * llc)
+    return max(PROBE_BYTES, min(LLC_MARGIN * llc, PROBE_CAP))
 
 
 class StepClock(LogitsProcessor):
